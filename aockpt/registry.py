@@ -1,0 +1,199 @@
+"""The one table of torchao tensor types and attribute value types that aockpt knows.
+
+Everything that depends on a tensor's type (flatten/rebuild, the unpickling allowlist, portability
+checks, ``inspect``, the docs and the parametrized tests) reads ``TENSOR_TYPES``; a new torchao type is
+one entry here. On-disk names are stable strings chosen by us (equal to torchao's own ``_type`` names
+so that stock torchao/transformers can read the files), never ``cls.__name__`` read at run time.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedTensorError
+
+
+def _quiet_torchao_import() -> None:
+    """Import torchao once without its optional-kernel load warnings reaching users."""
+    for name in ("torchao", "torchao.quantization", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torchao.quantization  # noqa: F401
+
+
+_quiet_torchao_import()
+
+from torchao.float8.inference import Float8MMConfig  # noqa: E402
+from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
+from torchao.prototype.mx_formats.mx_tensor import MXTensor, QuantizeTensorToMXKwargs  # noqa: E402
+from torchao.prototype.mx_formats.nvfp4_tensor import (  # noqa: E402
+    NVFP4Tensor,
+    QuantizeTensorToNVFP4Kwargs,
+)
+from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
+from torchao.quantization import (  # noqa: E402
+    Float8Tensor,
+    Int4PlainInt32Tensor,
+    Int4PreshuffledTensor,
+    Int4Tensor,
+    Int4TilePackedTo4dTensor,
+    Int8Tensor,
+    IntxUnpackedToInt8Tensor,
+    MappingType,
+)
+from torchao.quantization import granularity as _g  # noqa: E402
+from torchao.quantization.quant_primitives import ZeroPointDomain  # noqa: E402
+from torchao.quantization.quantize_.common import KernelPreference  # noqa: E402
+from torchao.quantization.quantize_.workflows import (  # noqa: E402
+    QuantizeTensorToFloat8Kwargs,
+    QuantizeTensorToInt8Kwargs,
+)
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: E402
+    NF4Tensor,
+    SubclassTensorArgs,
+)
+
+
+class Portability(str, enum.Enum):
+    """Whether a tensor's bytes mean the same thing on every device."""
+
+    PORTABLE = "portable"  # plain layout: moving the bytes to another device is exact
+    PINNED = "pinned"  # packed for one device's kernel: another device needs a re-layout
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """One torchao tensor subclass as aockpt sees it."""
+
+    name: str  # stable on-disk name (torchao's `_type`)
+    cls: type
+    family: str  # int8 | float8 | int4 | intx | mx | nvfp4 | nf4
+    portability: Portability
+    packed_for: str | None  # device type whose kernel the bytes are packed for (pinned only)
+    kernels: frozenset[str]  # device types where torch/torchao 0.18 has a matmul kernel for it
+    stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
+    note: str
+
+
+def _t(name, cls, family, portability, packed_for, kernels, stock, note) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note)
+
+
+_P, _X = Portability.PORTABLE, Portability.PINNED
+
+TENSOR_TYPES: dict[str, TensorType] = {
+    t.name: t
+    for t in (
+        _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
+           "int8 per-row weight, optional int8 dynamic activation"),
+        _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
+           "float8 weight, optional float8 dynamic activation"),
+        _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
+           "int1..int8 values held unpacked in int8"),
+        _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
+           "int4 in CUDA tinygemm tile packing"),
+        _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
+           "int4 in the CPU kernel's ISA-dependent packing"),
+        _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
+           "int4 plain nibble packing (mslk kernels)"),
+        _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
+           "int4 preshuffled for mslk CUDA kernels"),
+        _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
+           "int4 packed in int32 for XPU/NPU kernels"),
+        _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
+           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales"),
+        _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
+           "NVIDIA fp4 with float8 block scales"),
+        _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
+           "QLoRA normal-float 4 with double-quantized scalers"),
+    )
+}
+
+PLAIN_TENSOR = "Tensor"  # on-disk `_type` of an ordinary torch.Tensor (torchao's convention)
+
+_BY_CLASS: dict[type, TensorType] = {t.cls: t for t in TENSOR_TYPES.values()}
+
+
+def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType | None:
+    """The registry entry for a tensor, None for a plain tensor; refuses unknown subclasses."""
+    cls = type(tensor)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
+        return None
+    entry = _BY_CLASS.get(cls)
+    if entry is None:
+        known = ", ".join(TENSOR_TYPES)
+        raise UnsupportedTensorError(
+            f"{name} is a {cls.__module__}.{cls.__qualname__}, which aockpt has no codec for; "
+            f"supported types: {known}"
+        )
+    return entry
+
+
+def tensor_type_named(type_name: str, where: str) -> TensorType:
+    """The registry entry for an on-disk type name; a name outside the table is refused."""
+    entry = TENSOR_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if entry is None:
+        raise UnsupportedTensorError(
+            f"{where} has tensor type {type_name!r}, which is not in aockpt's allowlist "
+            f"({', '.join(TENSOR_TYPES)}); upgrade aockpt or re-export the checkpoint"
+        )
+    return entry
+
+
+# Attribute values: the only classes a JSON record may name, keyed by stable on-disk names.
+VALUE_TYPES: dict[str, type] = {
+    "MappingType": MappingType,
+    "KernelPreference": KernelPreference,
+    "ScaleCalculationMode": ScaleCalculationMode,
+    "ZeroPointDomain": ZeroPointDomain,
+    "PerRow": _g.PerRow,
+    "PerTensor": _g.PerTensor,
+    "PerGroup": _g.PerGroup,
+    "PerAxis": _g.PerAxis,
+    "PerBlock": _g.PerBlock,
+    "PerToken": _g.PerToken,
+    "QuantizeTensorToInt8Kwargs": QuantizeTensorToInt8Kwargs,
+    "QuantizeTensorToFloat8Kwargs": QuantizeTensorToFloat8Kwargs,
+    "QuantizeTensorToMXKwargs": QuantizeTensorToMXKwargs,
+    "QuantizeTensorToNVFP4Kwargs": QuantizeTensorToNVFP4Kwargs,
+    "Float8MMConfig": Float8MMConfig,
+    "SubclassTensorArgs": SubclassTensorArgs,
+}
+
+VALUE_TYPE_NAMES: dict[type, str] = {cls: name for name, cls in VALUE_TYPES.items()}
+
+# dtypes by stable name; the safetensors code is None where safetensors has no code for it.
+DTYPES: dict[str, tuple[torch.dtype, str | None]] = {
+    "float64": (torch.float64, "F64"),
+    "float32": (torch.float32, "F32"),
+    "float16": (torch.float16, "F16"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+    "int64": (torch.int64, "I64"),
+    "int32": (torch.int32, "I32"),
+    "int16": (torch.int16, "I16"),
+    "int8": (torch.int8, "I8"),
+    "uint64": (torch.uint64, "U64"),
+    "uint32": (torch.uint32, "U32"),
+    "uint16": (torch.uint16, "U16"),
+    "uint8": (torch.uint8, "U8"),
+    "bool": (torch.bool, "BOOL"),
+    "float8_e4m3fn": (torch.float8_e4m3fn, "F8_E4M3"),
+    "float8_e5m2": (torch.float8_e5m2, "F8_E5M2"),
+    "float8_e4m3fnuz": (torch.float8_e4m3fnuz, "F8_E4M3FNUZ"),
+    "float8_e5m2fnuz": (torch.float8_e5m2fnuz, "F8_E5M2FNUZ"),
+    "float8_e8m0fnu": (torch.float8_e8m0fnu, "F8_E8M0"),
+    "float4_e2m1fn_x2": (torch.float4_e2m1fn_x2, "F4"),
+    "complex64": (torch.complex64, "C64"),
+    **{f"int{b}": (getattr(torch, f"int{b}"), None) for b in range(1, 8)},
+    **{f"uint{b}": (getattr(torch, f"uint{b}"), None) for b in range(1, 8)},
+}
+
+DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPES.items()}
+STORAGE_DTYPES: dict[str, torch.dtype] = {code: dt for dt, code in DTYPES.values() if code}
+STORAGE_CODES: dict[torch.dtype, str] = {dt: code for code, dt in STORAGE_DTYPES.items()}
