@@ -79,10 +79,22 @@ class TensorType:
     kernels: frozenset[str]  # device types where torch/torchao 0.18 has a matmul kernel for it
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
+    names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
+
+    def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
+        if self.names is not None:
+            return self.names
+        cls = self.cls
+        return (
+            tuple(cls.tensor_data_names),
+            tuple(getattr(cls, "optional_tensor_data_names", None) or ()),
+            tuple(cls.tensor_attribute_names) + tuple(getattr(cls, "optional_tensor_attribute_names", None) or ()),
+        )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names)
 
 
 _P, _X = Portability.PORTABLE, Portability.PINNED
@@ -111,7 +123,9 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
            "NVIDIA fp4 with float8 block scales"),
         _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
-           "QLoRA normal-float 4 with double-quantized scalers"),
+           "QLoRA normal-float 4 with double-quantized scalers",
+           (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
+            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta"))),
     )
 }
 

@@ -1,0 +1,290 @@
+"""The public operations: pack, save, unpack, load_quantized, inspect, verify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import codec, portability
+from .atomic import staged
+from .errors import CorruptCheckpointError, KeyMismatchError
+from .progress import track
+from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
+from .safetensors_io import sha256_hex
+from .sources import Source, from_state_dict, open_source
+from .writer import SourceTensor, write_packed
+
+PathLike = str | os.PathLike
+KeyFilter = Iterable[str] | Callable[[str], bool] | None
+
+
+def _source_tensors(source: Source) -> list[SourceTensor]:
+    """Rebuild every tensor of a source on CPU (zero-copy where the source allows), aliases sharing one object."""
+    built: dict[str, torch.Tensor] = {}
+    items = []
+    for name in list(source.types) + list(source.aliases):
+        target = source.aliases.get(name, name)
+        if target not in built:
+            built[target] = codec.rebuild(source.flat(target, None), f"{source.path}: {target}")
+        _, packer = source.types[target]
+        items.append(SourceTensor(name, built[target], source.made_on[target], packer))
+    return items
+
+
+def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None) -> Path:
+    """Convert any supported checkpoint into a packed folder at `dst`, atomically.
+
+    Args:
+        src: a torch pickle state dict (.pt/.bin), a model folder, or a packed/torchao safetensors checkpoint.
+        dst: the folder to create; it must not exist unless `force`.
+        max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
+    Returns:
+        The destination path.
+    Raises:
+        UnsafeCheckpointError, CorruptCheckpointError, UnsupportedTensorError, UsageError.
+    """
+    source = open_source(src)
+    try:
+        with staged(dst, force=force) as tmp:
+            write_packed(_source_tensors(source), tmp, max_shard_size=max_shard_size)
+            for extra in source.extra_files:
+                shutil.copy2(extra, tmp / extra.name)
+    finally:
+        source.close()
+    return Path(dst)
+
+
+def _state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
+    """An in-memory state dict as writer items, recording this machine's packer for pinned layouts."""
+    source = from_state_dict(state_dict, Path("<state_dict>"), "state dict")
+    items = []
+    for name in list(source.types) + list(source.aliases):
+        type_name, packer = source.types[source.aliases.get(name, name)]
+        tensor = state_dict[name]
+        items.append(SourceTensor(name, tensor, tensor.device.type,
+                                  portability.packer_here(type_name, tensor.device) or packer))
+    return items
+
+
+def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = False,
+         max_shard_size: int | str | None = None) -> Path:
+    """Pack an in-memory state dict (e.g. ``model.state_dict()`` after ``quantize_``) into a folder."""
+    with staged(dst, force=force) as tmp:
+        write_packed(_state_items(state_dict), tmp, max_shard_size=max_shard_size)
+    return Path(dst)
+
+
+def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
+                    max_shard_size: int | str | None = None) -> Path:
+    """Write a quantized transformers model as a packed folder that stock ``from_pretrained`` loads.
+
+    transformers 5.23's own ``save_pretrained`` fails on torchao 0.18 tensors on CPU (it asks the
+    wrapper subclass for a storage pointer), so this writes the config files and packed weights itself.
+    """
+    with staged(dst, force=force) as tmp:
+        write_packed(_state_items(model.state_dict()), tmp, max_shard_size=max_shard_size)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+    return Path(dst)
+
+
+def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
+    """Write a checkpoint back as one torch pickle state dict that ``torch.load(weights_only=True)`` reads."""
+    source = open_source(src)
+    try:
+        state = _build(source, _select(source, None), torch.device("cpu"), {})
+    finally:
+        source.close()
+    with staged(dst, force=force, folder=False) as tmp:
+        torch.save(state, tmp)
+    return Path(dst)
+
+
+def _select(source: Source, keys: KeyFilter) -> list[str]:
+    """Names to load; unknown names asked for are an error listing each one."""
+    names = list(source.types) + list(source.aliases)
+    if keys is None:
+        return names
+    if callable(keys):
+        return [n for n in names if keys(n)]
+    wanted = list(keys)
+    missing = sorted(set(wanted) - set(names))
+    if missing:
+        raise KeyMismatchError(f"{source.path} has no tensor named {', '.join(missing[:10])}"
+                               + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    return wanted
+
+
+def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
+                   keys: KeyFilter = None, verify: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's tensors onto `device`, every tensor checked before any is built.
+
+    Args:
+        path: any input `pack` accepts.
+        device: "cpu", "cuda", "cuda:1", a torch.device, ...
+        relayout: re-pack device-pinned int4 exactly for `device` instead of refusing it.
+        keys: names to load (a list), or a predicate on names; only those bytes are read.
+        verify: also check every loaded part against its recorded digest.
+    Returns:
+        name -> tensor (torchao subclasses rebuilt); tied names share one tensor.
+    Raises:
+        PortabilityError (naming every tensor that cannot live on `device`), CorruptCheckpointError,
+        KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
+    """
+    target = portability.parse_device(device)
+    source = open_source(path)
+    try:
+        names = _select(source, keys)
+        real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+        plan = portability.plan_loading({n: source.types[n] for n in real}, target, relayout=relayout)
+        if verify:
+            _verify_digests(source, real)
+        return _build(source, names, target, plan)
+    finally:
+        source.close()
+
+
+def _build(source: Source, names: list[str], device: torch.device,
+           converters: dict[str, portability.Converter]) -> dict[str, torch.Tensor]:
+    """Rebuild the named tensors on `device`, re-laying out those with a converter; aliases share."""
+    built = {}
+    real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+    for name in track(real, "loading", len(real)):
+        flat = source.flat(name, device)
+        if name in converters:
+            flat = converters[name](flat, device)
+        built[name] = codec.rebuild(flat, f"{source.path}: {name}", device)
+    return {n: built[source.aliases.get(n, n)] for n in names}
+
+
+def _verify_digests(source: Source, names: list[str]) -> list[str]:
+    """Check recorded digests; raise one CorruptCheckpointError naming every tensor that changed."""
+    if source.digests is None:
+        raise CorruptCheckpointError(f"{source.path} was not packed by aockpt, so it records no digests to verify")
+    bad = []
+    for name in track(names, "verifying", len(names)):
+        for inner, digest, data in source.digests(name):
+            if sha256_hex(data) != digest:
+                bad.append(f"{name} (part {inner})")
+    if bad:
+        raise CorruptCheckpointError(
+            f"{source.path}: {len(bad)} tensor part(s) do not match their recorded digest: {', '.join(bad[:10])}; "
+            "the file was modified or damaged: re-download or re-pack it"
+        )
+    return names
+
+
+@dataclass
+class TensorInfo:
+    """One tensor as `inspect` reports it."""
+
+    name: str
+    type: str
+    shape: list[int]
+    dtype: str
+    nbytes: int
+    device: str
+    portability: str
+    packer: str | None
+    alias_of: str | None = None
+    devices: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint holds, per tensor and in total."""
+
+    path: str
+    kind: str
+    format_version: str | None
+    producer: dict[str, str]
+    tensors: list[TensorInfo]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of stored tensor data (aliases counted once)."""
+        return sum(t.nbytes for t in self.tensors if t.alias_of is None)
+
+    @property
+    def bf16_bytes(self) -> int:
+        """What the same tensors would take as plain bf16, the usual unquantized baseline."""
+        return sum(2 * _numel(t.shape) for t in self.tensors if t.alias_of is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, as `aockpt inspect --json` prints it."""
+        out = asdict(self)
+        out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes)
+        return out
+
+
+def _numel(shape: list[int]) -> int:
+    """Elements in a shape."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
+    """Describe a checkpoint without loading it onto any device; `devices` adds a will-it-run verdict each."""
+    source = open_source(path)
+    try:
+        ckpt = source.checkpoint
+        tensors = []
+        for name, (type_name, packer) in source.types.items():
+            flat = source.flat(name, None)
+            if flat.shape is None:
+                flat = codec.flatten(name, codec.rebuild(flat, f"{source.path}: {name}"))
+            verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
+            tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
+                                      source.made_on[name], _portability(type_name), packer, None, verdicts))
+        by_name = {t.name: t for t in tensors}
+        for alias, target in source.aliases.items():
+            t = by_name[target]
+            tensors.append(TensorInfo(alias, t.type, t.shape, t.dtype, 0, t.device, t.portability, t.packer,
+                                      target, t.devices))
+        producer = ckpt.producer if ckpt else {}
+        return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors)
+    finally:
+        source.close()
+
+
+def _portability(type_name: str) -> str:
+    """The portability class of a type name."""
+    return "portable" if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].portability.value
+
+
+def _verdict_text(type_name: str, packer: str | None, device: str) -> str:
+    """One word and a reason: will this tensor load and run on `device`."""
+    v = portability.verdict(type_name, packer, portability.parse_device(device).type)
+    word = "runs" if v.runs else "loads" if v.loads else "no"
+    return f"{word}: {v.reason}"
+
+
+@dataclass
+class VerifyReport:
+    """A successful verification."""
+
+    path: str
+    tensors: int
+    bytes: int
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Check structure and every digest of a packed checkpoint; raise naming each tensor that is wrong."""
+    source = open_source(path)
+    try:
+        names = list(source.types)
+        _verify_digests(source, names)
+        for name in names:
+            codec.rebuild(source.flat(name, None), f"{source.path}: {name}")
+        total = sum(sum(len(d) for _, _, d in source.digests(n)) for n in names)
+        return VerifyReport(str(path), len(names) + len(source.aliases), total)
+    finally:
+        source.close()

@@ -1,0 +1,164 @@
+"""The `aockpt` command: thin click commands over the library, one error table for all of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import api, errors
+
+# exception type -> exit status; the message is always the exception's own one line.
+EXIT_CODES: dict[type, int] = {
+    errors.UsageError: 2,
+    errors.UnsafeCheckpointError: 3,
+    errors.CorruptCheckpointError: 4,
+    errors.KeyMismatchError: 4,
+    errors.PortabilityError: 5,
+    errors.UnsupportedTensorError: 6,
+    errors.HubError: 7,
+}
+
+
+class _Failure(click.ClickException):
+    """A one-line error on stderr with a chosen exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _exit_code(exc: errors.AockptError) -> int:
+    """The most specific exit status for an error."""
+    return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+
+
+class _Group(click.Group):
+    """Turns every error into one line: AockptError as itself, anything else as an internal error."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except errors.AockptError as e:
+            raise _Failure(str(e), _exit_code(e)) from e
+        except KeyboardInterrupt:
+            raise _Failure("interrupted; nothing was left at the destination", 130) from None
+        except Exception as e:
+            if os.environ.get("AOCKPT_DEBUG"):
+                raise
+            raise _Failure(f"internal error {type(e).__name__}: {e} (set AOCKPT_DEBUG=1 for the traceback "
+                           "and please report it)", 70) from e
+
+
+def _mb(n: int) -> str:
+    """Bytes as MB with two decimals."""
+    return f"{n / 1e6:,.2f} MB"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aockpt")
+def main() -> None:
+    """Safe, portable, bit-exact checkpoints for torchao-quantized models.
+
+    \b
+    aockpt pack model.pt packed/          # any torchao checkpoint -> safetensors folder
+    aockpt inspect packed/ --device cpu   # what is inside, will it run on cpu?
+    aockpt verify packed/                 # every byte matches its digest
+    aockpt unpack packed/ model.pt        # back to a torch pickle state dict
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--max-shard-size", default=None, metavar="SIZE",
+              help='Largest shard, e.g. "5GB" or "500MB" (huggingface_hub rules). Default 5GB.')
+def pack(src: str, dst: str, force: bool, max_shard_size: str | None) -> None:
+    """Convert SRC into a packed safetensors folder DST.
+
+    SRC may be a torch pickle state dict (.pt/.bin, any torchao release), a Hugging Face model folder, or
+    a torchao/aockpt safetensors checkpoint. Nothing in SRC is executed; DST appears only when complete.
+
+    \b
+    Example: aockpt pack llama-int8.pt llama-int8/
+    """
+    api.pack(src, dst, force=force, max_shard_size=max_shard_size)
+    info = api.inspect(dst)
+    click.echo(f"packed {len(info.tensors)} tensors ({_mb(info.total_bytes)}) into {dst}")
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def unpack(src: str, dst: str, force: bool) -> None:
+    """Write SRC back as one torch pickle state dict DST.
+
+    DST loads with torch.load(DST, weights_only=True) once torchao is imported, tensor subclasses included.
+
+    \b
+    Example: aockpt unpack llama-int8/ llama-int8.pt
+    """
+    api.unpack(src, dst, force=force)
+    click.echo(f"unpacked {src} into {dst}")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", "devices", multiple=True, metavar="DEV",
+              help="Also say, per tensor, whether it loads and runs on DEV (repeatable): cpu, cuda, xpu.")
+def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
+    """Show what a checkpoint holds: per tensor type, shape, dtype, bytes, origin and portability.
+
+    \b
+    Example: aockpt inspect llama-int4/ --device cpu
+    """
+    info = api.inspect(path, devices=devices)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+        return
+    click.echo(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
+    header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", *devices]
+    rows = [[t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
+             t.dtype, str(t.nbytes), t.device, t.portability + (f" ({t.packer})" if t.packer else ""),
+             *(t.devices[d] for d in devices)] for t in info.tensors]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    ratio = info.bf16_bytes / info.total_bytes if info.total_bytes else 1.0
+    click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
+               f"{_mb(info.bf16_bytes)} as bf16 ({ratio:.2f}x smaller)")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+def verify(path: str) -> None:
+    """Check a packed checkpoint's structure and every tensor's digest.
+
+    Exits non-zero naming each tensor whose bytes changed since it was packed.
+    """
+    report = api.verify(path)
+    click.echo(f"ok: {report.tensors} tensors, {_mb(report.bytes)} verified in {path}")
+
+
+def _register_optional() -> None:
+    """Add commands that live in their own modules."""
+    from .cli_hub import hook, push
+
+    main.add_command(push)
+    main.add_command(hook)
+
+
+try:
+    _register_optional()
+except ImportError:
+    pass
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The packed checkpoint's on-disk layout: keys, header records, shard plan and index.
+
+Pure functions on dicts and strings (no file or tensor I/O), so every rule here is testable alone.
+A packed checkpoint is a Hugging Face style folder: ``model.safetensors`` or shards plus
+``model.safetensors.index.json``. Each shard's header metadata holds torchao's own records (so stock
+torchao/transformers can read it) and one aockpt record (``RECORD_KEY``) that aockpt's reader follows.
+See docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptCheckpointError
+from .registry import DTYPES, PLAIN_TENSOR, Portability
+from .typed_json import dumps, loads_strict
+
+FORMAT_VERSION = "1.0.0"
+RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
+DIGEST = "sha256"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = "model{suffix}.safetensors"
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+@dataclass
+class PartEntry:
+    """One stored inner tensor of a tensor: its key in the file, declared dtype/shape, digest."""
+
+    key: str
+    dtype: str
+    shape: list[int]
+    digest: str
+
+
+@dataclass
+class TensorEntry:
+    """Everything aockpt records about one logical tensor."""
+
+    type: str
+    shape: list[int]
+    dtype: str
+    device: str
+    portability: str
+    packer: str | None
+    parts: dict[str, PartEntry]
+    attrs: dict[str, Any]
+    alias_of: str | None = None
+
+
+@dataclass
+class Record:
+    """The aockpt header record of one shard."""
+
+    format_version: str
+    producer: dict[str, str]
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+
+
+def part_key(name: str, inner: str) -> str:
+    """The torchao/transformers key of a part: ``<module>._<param>_<inner>``."""
+    module, _, param = name.rpartition(".")
+    return f"{module}._{param}_{inner}" if module else f"_{param}_{inner}"
+
+
+def record_to_json(record: Record) -> str:
+    """Serialise a record deterministically."""
+    tensors = {}
+    for name, entry in record.tensors.items():
+        if entry.alias_of is not None:
+            tensors[name] = {"alias_of": entry.alias_of}
+            continue
+        tensors[name] = {
+            "type": entry.type, "shape": entry.shape, "dtype": entry.dtype, "device": entry.device,
+            "portability": entry.portability, "packer": entry.packer, "attrs": entry.attrs,
+            "parts": {k: {"key": p.key, "dtype": p.dtype, "shape": p.shape, "digest": p.digest}
+                      for k, p in entry.parts.items()},
+        }
+    return dumps({"format_version": record.format_version, "producer": record.producer,
+                  "digest": DIGEST, "tensors": tensors})
+
+
+def _expect(obj: Any, keys: set[str], where: str) -> dict[str, Any]:
+    """A JSON object with exactly these keys; unknown or missing keys are errors."""
+    if not isinstance(obj, dict) or set(obj) != keys:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CorruptCheckpointError(f"{where}: expected keys {sorted(keys)}, got {got}")
+    return obj
+
+
+def _shape(value: Any, where: str) -> list[int]:
+    """A shape: a list of non-negative ints."""
+    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+        raise CorruptCheckpointError(f"{where}: shape must be a list of non-negative ints, got {value!r}")
+    return value
+
+
+def _str(value: Any, where: str, allowed: Any = None) -> str:
+    """A string, optionally from an allowed set."""
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
+        raise CorruptCheckpointError(f"{where}: unexpected value {value!r}")
+    return value
+
+
+def check_version(version: Any, where: str) -> str:
+    """Accept every 1.x format; refuse newer majors with advice to upgrade."""
+    match = _SEMVER.match(version) if isinstance(version, str) else None
+    if match is None:
+        raise CorruptCheckpointError(f"{where}: format_version {version!r} is not semver")
+    if int(match.group(1)) != int(FORMAT_VERSION.split(".")[0]):
+        raise CorruptCheckpointError(
+            f"{where}: format {version} is not readable by this aockpt (reads {FORMAT_VERSION.split('.')[0]}.x); "
+            "upgrade aockpt"
+        )
+    return version
+
+
+def _entry_from_json(name: str, obj: Any, where: str) -> TensorEntry:
+    """One tensor entry, every field checked."""
+    here = f"{where}: tensor {name!r}"
+    if isinstance(obj, dict) and set(obj) == {"alias_of"}:
+        return TensorEntry("", [], "", "", "", None, {}, {}, alias_of=_str(obj["alias_of"], here))
+    obj = _expect(obj, {"type", "shape", "dtype", "device", "portability", "packer", "attrs", "parts"}, here)
+    parts = obj["parts"]
+    if not isinstance(parts, dict) or not parts:
+        raise CorruptCheckpointError(f"{here}: parts must be a non-empty object")
+    if not isinstance(obj["attrs"], dict):
+        raise CorruptCheckpointError(f"{here}: attrs must be an object")
+    if obj["packer"] is not None:
+        _str(obj["packer"], here)
+    return TensorEntry(
+        type=_str(obj["type"], here), shape=_shape(obj["shape"], here),
+        dtype=_str(obj["dtype"], here, DTYPES), device=_str(obj["device"], here),
+        portability=_str(obj["portability"], here, {p.value for p in Portability}),
+        packer=obj["packer"], attrs=obj["attrs"],
+        parts={inner: _part_from_json(p, f"{here} part {inner!r}") for inner, p in parts.items()},
+    )
+
+
+def _part_from_json(obj: Any, where: str) -> PartEntry:
+    """One part entry, every field checked."""
+    obj = _expect(obj, {"key", "dtype", "shape", "digest"}, where)
+    return PartEntry(_str(obj["key"], where), _str(obj["dtype"], where, DTYPES),
+                     _shape(obj["shape"], where), _str(obj["digest"], where))
+
+
+def record_from_json(text: str, where: str) -> Record:
+    """Parse and check an aockpt record from a file header."""
+    obj = _expect(loads_strict(text, where), {"format_version", "producer", "digest", "tensors"}, where)
+    check_version(obj["format_version"], where)
+    if obj["digest"] != DIGEST:
+        raise CorruptCheckpointError(f"{where}: unknown digest algorithm {obj['digest']!r}")
+    producer = obj["producer"]
+    if not isinstance(producer, dict) or not all(isinstance(v, str) for v in producer.values()):
+        raise CorruptCheckpointError(f"{where}: producer must map names to version strings")
+    if not isinstance(obj["tensors"], dict):
+        raise CorruptCheckpointError(f"{where}: tensors must be an object")
+    tensors = {name: _entry_from_json(name, e, where) for name, e in obj["tensors"].items()}
+    return Record(obj["format_version"], producer, tensors)
+
+
+def torchao_record(entry: TensorEntry, torchao_attrs: dict[str, Any]) -> str:
+    """torchao's per-tensor JSON record (``_type``/``_data``/``_tensor_data_names``) for stock readers."""
+    if entry.type == PLAIN_TENSOR:
+        return dumps({"_type": PLAIN_TENSOR})
+    return dumps({"_type": entry.type, "_data": torchao_attrs, "_tensor_data_names": sorted(entry.parts)})
+
+
+def shard_metadata(record: Record, torchao_records: dict[str, str]) -> dict[str, str]:
+    """Header metadata of one shard: transformers' keys, torchao's records and aockpt's record."""
+    names = [n for n, e in record.tensors.items() if e.alias_of is None]
+    return {"format": "pt", "tensor_names": dumps(names), **torchao_records, RECORD_KEY: record_to_json(record)}
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A shard file name from an index must be a plain file name inside the folder."""
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or "\x00" in name
+            or name in (".", "..") or re.match(r"^[A-Za-z]:", name)):
+        raise CorruptCheckpointError(
+            f"{where}: shard file name {name!r} must be a plain file name inside the checkpoint folder"
+        )
+    return name
+
+
+def index_from_json(text: str, where: str) -> dict[str, str]:
+    """The weight map of a shard index (key -> shard file), with every shard name checked."""
+    obj = loads_strict(text, where)
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise CorruptCheckpointError(f"{where}: an index needs a 'weight_map' object")
+    return {_str(k, where): check_shard_name(v, where) for k, v in obj["weight_map"].items()}
+
+
+def index_to_json(weight_map: dict[str, str], total_size: int) -> str:
+    """The shard index transformers and huggingface_hub read."""
+    return json.dumps({"metadata": {"total_size": total_size, "format": f"aockpt-{FORMAT_VERSION}"},
+                       "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"

@@ -1,0 +1,115 @@
+"""Where a tensor's bytes can live and where a kernel can run it, decided from the registry table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .errors import PortabilityError, UsageError
+from .registry import PLAIN_TENSOR, TENSOR_TYPES, Portability
+
+if TYPE_CHECKING:
+    from .codec import FlatTensor
+
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "npu", "mps")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch.device from user input, with one clear error for a typo."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"{device!r} is not a device; use cpu, cuda, cuda:1, xpu, ...") from e
+    if parsed.type not in DEVICE_TYPES:
+        raise UsageError(f"device type {parsed.type!r} is not supported; use one of {', '.join(DEVICE_TYPES)}")
+    return parsed
+
+
+def packer_here(type_name: str, device: torch.device) -> str | None:
+    """The packer that produced a pinned tensor quantized in this process on `device`."""
+    entry = TENSOR_TYPES.get(type_name)
+    if entry is None or entry.portability is Portability.PORTABLE:
+        return None
+    if entry.packed_for == "cuda":
+        return "rocm-tinygemm" if torch.version.hip else "cuda-tinygemm"
+    if entry.packed_for == "cpu":
+        return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    return entry.packed_for
+
+
+# Packers assumed for pinned tensors read from files that do not record one (docs/portability.md):
+# tile-packed int4 is overwhelmingly CUDA-made; CPU packing depends on an unknowable ISA.
+_ASSUMED_PACKERS = {"cuda": "cuda-tinygemm", "xpu": "xpu"}
+
+
+def assumed_packer(type_name: str) -> str | None:
+    """The packer to assume for a pinned tensor whose file does not say; None means unknown."""
+    entry = TENSOR_TYPES.get(type_name)
+    if entry is None or entry.portability is Portability.PORTABLE:
+        return None
+    return _ASSUMED_PACKERS.get(entry.packed_for)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Can a tensor's bytes live on a device, and can a kernel there run it."""
+
+    loads: bool
+    runs: bool
+    reason: str
+
+
+def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
+    """Decide one tensor's fate on one device type."""
+    if type_name == PLAIN_TENSOR:
+        return Verdict(True, True, "plain tensor")
+    entry = TENSOR_TYPES[type_name]
+    runs = device_type in entry.kernels
+    if entry.portability is Portability.PORTABLE:
+        kernel = "" if runs else f"; no {device_type} kernel in torchao 0.18 (data only)"
+        return Verdict(True, runs, f"portable{kernel}")
+    if entry.packed_for == device_type:
+        return Verdict(True, runs, f"packed for {device_type} ({packer or 'unknown packer'})")
+    return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer or 'unknown packer'})")
+
+
+Converter = Callable[["FlatTensor", torch.device], "FlatTensor"]
+
+
+def _converter(type_name: str, packer: str | None, device_type: str) -> Converter | None:
+    """An exact re-layout of a pinned tensor for `device_type`, or None where none exists."""
+    from . import relayout
+
+    finder = getattr(relayout, "converter", None)
+    return finder(type_name, packer, device_type) if finder is not None else None
+
+
+def plan_loading(types: dict[str, tuple[str, str | None]], device: torch.device, *,
+                 relayout: bool) -> dict[str, Converter]:
+    """Check every tensor before any is built: converters for those that need a re-layout, or one error."""
+    stuck = {}
+    converters: dict[str, Converter] = {}
+    for name, (type_name, packer) in types.items():
+        v = verdict(type_name, packer, device.type)
+        if v.loads:
+            continue
+        conv = _converter(type_name, packer, device.type) if relayout else None
+        if conv is None:
+            stuck[name] = (type_name, v.reason)
+        else:
+            converters[name] = conv
+    if stuck:
+        raise PortabilityError(_offenders_message(stuck, device.type, relayout))
+    return converters
+
+
+def _offenders_message(stuck: dict[str, tuple[str, str]], device_type: str, relayout: bool) -> str:
+    """One line naming every tensor that cannot live on the device, and the remedy."""
+    shown = "; ".join(f"{name} is {t} ({reason})" for name, (t, reason) in list(stuck.items())[:5])
+    more = f"; and {len(stuck) - 5} more" if len(stuck) > 5 else ""
+    remedy = (f"no exact re-layout to {device_type} exists for them: load them on the device they were packed for"
+              if relayout else
+              f"pass relayout=True (CLI: --relayout) to re-pack them exactly for {device_type}")
+    return f"{len(stuck)} tensor(s) cannot load on {device_type}: {shown}{more}; {remedy}"

@@ -1,0 +1,25 @@
+"""Progress bars on a terminal, silence in pipes and CI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+import click
+
+T = TypeVar("T")
+
+
+def enabled() -> bool:
+    """Show bars only to a person: stderr is a terminal, not CI, not switched off."""
+    return sys.stderr.isatty() and not os.environ.get("CI") and not os.environ.get("AOCKPT_NO_PROGRESS")
+
+
+def track(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
+    """Iterate with a bar on stderr when a person is watching."""
+    if not enabled():
+        yield from items
+        return
+    with click.progressbar(items, length=length, label=label, file=sys.stderr) as bar:
+        yield from bar

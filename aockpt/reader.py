@@ -1,0 +1,230 @@
+"""Opening safetensors checkpoints (aockpt-packed, torchao/transformers-written, or plain) as tensor entries.
+
+aockpt files are followed through their explicit part map; torchao files through the exact keys their
+``_tensor_data_names`` imply; no structure is ever recovered by scanning key prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import codec, format as fmt
+from .errors import CorruptCheckpointError
+from .portability import assumed_packer
+from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
+from .safetensors_io import SafetensorsFile
+from .typed_json import decode, loads_strict
+
+PACKED = "aockpt"
+TORCHAO = "torchao>=0.15 safetensors (transformers 5 / flatten_tensor_state_dict)"
+PLAIN = "plain safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """An opened safetensors checkpoint: shards, where each key lives, and one entry per tensor."""
+
+    path: Path
+    flavor: str
+    shards: dict[str, SafetensorsFile]
+    key_to_shard: dict[str, str]
+    entries: dict[str, fmt.TensorEntry]
+    producer: dict[str, str] = field(default_factory=dict)
+    format_version: str | None = None
+
+    def part(self, key: str) -> torch.Tensor:
+        """The stored tensor under `key`, from whichever shard holds it."""
+        return self.shards[self.key_to_shard[key]].tensor(key)
+
+    def raw(self, key: str) -> memoryview:
+        """The stored bytes under `key`."""
+        return self.shards[self.key_to_shard[key]].raw_bytes(key)
+
+    def resolve(self, name: str) -> str:
+        """The name whose data a (possibly aliased) tensor name refers to."""
+        return self.entries[name].alias_of or name
+
+    def close(self) -> None:
+        """Release every shard file."""
+        for shard in self.shards.values():
+            shard.close()
+
+
+def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
+    """The folder and its index weight map (None for a single file), every shard kept inside the folder."""
+    if path.is_file():
+        return path.parent, None
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"{path} does not exist")
+    index = path / fmt.INDEX_NAME
+    if index.is_file():
+        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
+        root = path.resolve()
+        for name in set(weight_map.values()):
+            target = (path / name).resolve()
+            if target.parent != root or not target.is_file():
+                raise CorruptCheckpointError(f"{index}: shard {name!r} is missing or points outside {path}")
+        return path, weight_map
+    if (path / fmt.WEIGHTS_NAME).is_file():
+        return path, None
+    raise CorruptCheckpointError(f"{path} holds neither {fmt.WEIGHTS_NAME} nor {fmt.INDEX_NAME}")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and cross-check every shard of a safetensors checkpoint before any tensor is built."""
+    path = Path(path)
+    folder, weight_map = shard_files(path)
+    names = sorted(set(weight_map.values())) if weight_map else [path.name if path.is_file() else fmt.WEIGHTS_NAME]
+    shards: dict[str, SafetensorsFile] = {}
+    try:
+        for name in names:
+            shards[name] = SafetensorsFile(folder / name)
+        return _assemble(path, shards, weight_map)
+    except BaseException:
+        for shard in shards.values():
+            shard.close()
+        raise
+
+
+def _assemble(path: Path, shards: dict[str, SafetensorsFile], weight_map: dict[str, str] | None) -> Checkpoint:
+    """Join shards: each key in exactly one shard, agreeing with the index, every key claimed by a tensor."""
+    key_to_shard: dict[str, str] = {}
+    for name, shard in shards.items():
+        for key in shard.keys():
+            if key in key_to_shard:
+                raise CorruptCheckpointError(f"{path}: tensor key {key!r} is stored in two shards")
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CorruptCheckpointError(f"{path}: key {key!r} in {name} is not listed there by the index")
+            key_to_shard[key] = name
+    if weight_map is not None and set(weight_map) != set(key_to_shard):
+        missing = sorted(set(weight_map) - set(key_to_shard))[:5]
+        raise CorruptCheckpointError(f"{path}: index lists keys that no shard holds: {missing}")
+    flavor = _flavor(shards)
+    entries, producer, version = _READERS[flavor](path, shards)
+    ckpt = Checkpoint(path, flavor, shards, key_to_shard, entries, producer, version)
+    _check_parts(ckpt)
+    return ckpt
+
+
+def _flavor(shards: dict[str, SafetensorsFile]) -> str:
+    """Which writer made these shards, from their header metadata; mixed flavors are refused."""
+    flavors = set()
+    for shard in shards.values():
+        meta = shard.metadata
+        flavors.add(PACKED if fmt.RECORD_KEY in meta else TORCHAO if "tensor_names" in meta else PLAIN)
+    if len(flavors) != 1:
+        raise CorruptCheckpointError(f"shards were written by different tools ({', '.join(sorted(flavors))})")
+    return flavors.pop()
+
+
+def _read_packed(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, str]:
+    """Entries from aockpt records, one per shard."""
+    entries: dict[str, fmt.TensorEntry] = {}
+    producer, version = {}, None
+    for name, shard in shards.items():
+        record = fmt.record_from_json(shard.metadata[fmt.RECORD_KEY], f"{path}/{name}")
+        producer, version = record.producer, record.format_version
+        for tensor_name, entry in record.tensors.items():
+            if tensor_name in entries:
+                raise CorruptCheckpointError(f"{path}: tensor {tensor_name!r} is recorded in two shards")
+            entries[tensor_name] = entry
+    return entries, producer, version
+
+
+def _read_torchao(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, None]:
+    """Entries from torchao's per-tensor records; part keys computed exactly from `_tensor_data_names`."""
+    entries: dict[str, fmt.TensorEntry] = {}
+    for name, shard in shards.items():
+        where = f"{path}/{name}"
+        tensor_names = loads_strict(shard.metadata["tensor_names"], f"{where} tensor_names")
+        if not isinstance(tensor_names, list) or not all(isinstance(n, str) for n in tensor_names):
+            raise CorruptCheckpointError(f"{where}: tensor_names must be a list of strings")
+        for tensor_name in tensor_names:
+            if tensor_name not in shard.metadata:
+                raise CorruptCheckpointError(f"{where}: no record for listed tensor {tensor_name!r}")
+            record = loads_strict(shard.metadata[tensor_name], f"{where} record {tensor_name!r}")
+            entries[tensor_name] = _torchao_entry(tensor_name, record, shard, f"{where} {tensor_name!r}")
+    return entries, {}, None
+
+
+def _torchao_entry(name: str, record: Any, shard: SafetensorsFile, where: str) -> fmt.TensorEntry:
+    """One torchao record as an entry; outer shape/dtype are read from the rebuilt tensor later."""
+    if not isinstance(record, dict) or "_type" not in record:
+        raise CorruptCheckpointError(f"{where}: record has no _type")
+    if record["_type"] == PLAIN_TENSOR:
+        return _plain_entry(name)
+    entry_type = TENSOR_TYPES.get(record["_type"]) if isinstance(record["_type"], str) else None
+    if entry_type is None or set(record) != {"_type", "_data", "_tensor_data_names"}:
+        raise CorruptCheckpointError(f"{where}: unsupported torchao record type {record.get('_type')!r}")
+    inner = record["_tensor_data_names"]
+    if not isinstance(inner, list) or not all(isinstance(i, str) for i in inner) or not isinstance(record["_data"], dict):
+        raise CorruptCheckpointError(f"{where}: malformed _tensor_data_names or _data")
+    parts = {i: fmt.PartEntry(fmt.part_key(name, i), "", [], "") for i in inner}
+    portability = entry_type.portability.value
+    return fmt.TensorEntry(entry_type.name, [], "", "unknown", portability,
+                           assumed_packer(entry_type.name), parts, record["_data"])
+
+
+def _plain_entry(name: str) -> fmt.TensorEntry:
+    """An entry for an ordinary tensor stored under its own name; its dtype and shape are the stored ones."""
+    return fmt.TensorEntry(PLAIN_TENSOR, [], "", "unknown", Portability.PORTABLE.value, None,
+                           {codec.PLAIN_PART: fmt.PartEntry(name, "", [], "")}, {})
+
+
+def _read_plain(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, None]:
+    """Every key of a plain file is an ordinary tensor."""
+    entries = {}
+    for shard in shards.values():
+        for key in shard.slots:
+            entries[key] = _plain_entry(key)
+    return entries, {}, None
+
+
+_READERS: dict[str, Callable[[Path, dict[str, SafetensorsFile]], tuple[dict, dict, str | None]]] = {
+    PACKED: _read_packed,
+    TORCHAO: _read_torchao,
+    PLAIN: _read_plain,
+}
+
+
+def _check_parts(ckpt: Checkpoint) -> None:
+    """Every part key exists with its declared dtype/shape, every stored key belongs to one part, aliases resolve."""
+    claimed: dict[str, str] = {}
+    for name, entry in ckpt.entries.items():
+        if entry.alias_of is not None:
+            target = ckpt.entries.get(entry.alias_of)
+            if target is None or target.alias_of is not None:
+                raise CorruptCheckpointError(f"{ckpt.path}: {name!r} is an alias of missing {entry.alias_of!r}")
+            continue
+        for inner, part in entry.parts.items():
+            if part.key not in ckpt.key_to_shard:
+                raise CorruptCheckpointError(f"{ckpt.path}: {name} part {inner!r} (key {part.key!r}) is missing")
+            if part.key in claimed:
+                raise CorruptCheckpointError(f"{ckpt.path}: key {part.key!r} is claimed by {claimed[part.key]} and {name}")
+            claimed[part.key] = name
+            slot = ckpt.shards[ckpt.key_to_shard[part.key]].slots[part.key]
+            if part.dtype and (DTYPES[part.dtype][0] != slot.dtype or list(slot.shape) != part.shape):
+                raise CorruptCheckpointError(
+                    f"{ckpt.path}: {name} part {inner!r} is declared {part.dtype} {part.shape} but stored as "
+                    f"{DTYPE_NAMES.get(slot.dtype)} {list(slot.shape)}"
+                )
+    unclaimed = sorted(set(ckpt.key_to_shard) - set(claimed))
+    if unclaimed:
+        raise CorruptCheckpointError(f"{ckpt.path}: stored keys belong to no tensor: {unclaimed[:5]}")
+
+
+def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None) -> codec.FlatTensor:
+    """A tensor's parts (zero-copy views) and decoded attributes, ready for codec.rebuild."""
+    entry = ckpt.entries[ckpt.resolve(name)]
+    where = f"{ckpt.path}: {name}"
+    parts = {inner: ckpt.part(p.key) for inner, p in entry.parts.items()}
+    if entry.type == PLAIN_TENSOR:
+        tensor = parts[codec.PLAIN_PART]
+        return codec.FlatTensor(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, parts, {})
+    attrs = {k: decode(v, where, device) for k, v in entry.attrs.items()}
+    dtype = DTYPES[entry.dtype][0] if entry.dtype else None
+    return codec.FlatTensor(entry.type, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)

@@ -1,0 +1,222 @@
+"""The safetensors file layout, written by streaming and read through a bounded, validating parser.
+
+Writing: the header is computed from shapes and dtypes alone, then each tensor's bytes are streamed
+to the file, so peak memory is one tensor, never the whole shard. Reading: every header rule of the
+safetensors spec is checked before any tensor is touched, then tensors are views into a private
+memory map (zero copy on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import torch
+
+from .errors import CorruptCheckpointError, UnsupportedTensorError
+from .registry import STORAGE_CODES, STORAGE_DTYPES
+from .typed_json import dumps, loads_strict
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_ALIGN = 8
+_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives inside a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def storage_code(tensor: torch.Tensor, key: str) -> str:
+    """The safetensors dtype code of a tensor, refusing dtypes the format cannot hold."""
+    code = STORAGE_CODES.get(tensor.dtype)
+    if code is None:
+        raise UnsupportedTensorError(f"{key} has dtype {tensor.dtype}, which safetensors cannot store")
+    return code
+
+
+def build_header(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
+    """Header bytes (length prefix + padded JSON) for tensors laid out in the given order."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": storage_code(tensor, key), "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = dumps(header).encode("utf-8")
+    text += b" " * (-(len(text) + 8) % _ALIGN)
+    return struct.pack("<Q", len(text)) + text
+
+
+def aligned_order(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Largest element size first, so every tensor starts at an offset aligned to its element size."""
+    return sorted(items, key=lambda kv: -kv[1].element_size())
+
+
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> str:
+    """Stream one tensor's bytes in chunks and return their sha256; copies only non-contiguous or device data."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    digest = hashlib.sha256()
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = memoryview(flat[start:start + _CHUNK].numpy())
+        digest.update(chunk)
+        f.write(chunk)
+    return digest.hexdigest()
+
+
+def write_file(
+    path: Path,
+    items: list[tuple[str, torch.Tensor]],
+    make_metadata: Callable[[dict[str, str]], dict[str, str]],
+) -> dict[str, str]:
+    """Write a safetensors file in one pass over the data and fsync it; returns each key's sha256.
+
+    The metadata may embed the digests: the header is first written with placeholder digests of the
+    final length, then rewritten in place once the data has been hashed on its way to disk.
+    """
+    digests = {key: "0" * 64 for key, _ in items}
+    header = build_header(items, make_metadata(digests))
+    with open(path, "wb") as f:
+        f.write(header)
+        for key, tensor in items:
+            digests[key] = _write_tensor(f, tensor)
+        final = build_header(items, make_metadata(digests))
+        if len(final) != len(header):
+            raise RuntimeError("header length changed when digests were filled in")
+        f.seek(0)
+        f.write(final)
+        f.flush()
+        os.fsync(f.fileno())
+    return digests
+
+
+def sha256_hex(data: memoryview) -> str:
+    """The digest verify compares with the one recorded at pack time."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file; tensors are zero-copy views."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = _open_regular(self.path)
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            self.slots, self.metadata, self._data_start = _parse_header(self._file, size, self.path)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def keys(self) -> list[str]:
+        """Tensor keys in file order."""
+        return list(self.slots)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key` as a view of the mapped file (a copy only if misaligned)."""
+        slot = self.slots[key]
+        count = slot.end - slot.begin
+        if count == 0:
+            return torch.empty(slot.shape, dtype=slot.dtype)
+        offset = self._data_start + slot.begin
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=count, offset=offset)
+        if offset % torch.empty((), dtype=slot.dtype).element_size():
+            raw = raw.clone()
+        return raw.view(slot.dtype).reshape(slot.shape)
+
+    def raw_bytes(self, key: str) -> memoryview:
+        """The stored bytes of one tensor, for digests, without building a tensor."""
+        slot = self.slots[key]
+        start = self._data_start + slot.begin
+        return memoryview(self._map)[start:start + slot.end - slot.begin] if self._map else memoryview(b"")
+
+    def close(self) -> None:
+        """Release the file; tensors already returned keep the mapping alive."""
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, with one clear error for anything else."""
+    try:
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path} is not a regular file")
+        return open(path, "rb")
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorSlot], dict[str, str], int]:
+    """Read and check the header: bounded length, strict JSON, and every offset and size rule."""
+    if size < 8:
+        raise CorruptCheckpointError(f"{path} is {size} bytes, too short for a safetensors file (truncated?)")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > MAX_HEADER_BYTES or length > size - 8:
+        raise CorruptCheckpointError(
+            f"{path}: header claims {length} bytes but the file has {size - 8} after the length (limit "
+            f"{MAX_HEADER_BYTES}); the file is truncated or not safetensors"
+        )
+    header = loads_strict(f.read(length), f"{path} header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings")
+    slots = {key: _slot(key, entry, path) for key, entry in header.items()}
+    _check_offsets(slots, size - 8 - length, path)
+    return slots, metadata, 8 + length
+
+
+def _slot(key: str, entry: object, path: Path) -> TensorSlot:
+    """One header entry, checked: known dtype, non-negative shape, offsets matching dtype x shape."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptCheckpointError(f"{path}: header entry {key!r} must have exactly dtype, shape, data_offsets")
+    dtype = STORAGE_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if dtype is None:
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} has unknown dtype {entry['dtype']!r}")
+    if not _ints(shape) or not (_ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} has a malformed shape or data_offsets")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if numel * torch.empty((), dtype=dtype).element_size() != offsets[1] - offsets[0]:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {key!r} declares {entry['dtype']} {shape} but spans {offsets[1] - offsets[0]} bytes"
+        )
+    return TensorSlot(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _ints(value: object) -> bool:
+    """A list of non-negative plain ints (bools excluded)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _check_offsets(slots: dict[str, TensorSlot], data_size: int, path: Path) -> None:
+    """Tensors must tile the data area exactly: start at 0, no gaps, no overlaps, end at the file's end."""
+    position = 0
+    for slot in sorted(slots.values(), key=lambda s: (s.begin, s.end)):
+        if slot.begin != position:
+            raise CorruptCheckpointError(f"{path}: tensor data overlaps or leaves a gap at byte {position}")
+        position = slot.end
+    if position != data_size:
+        raise CorruptCheckpointError(
+            f"{path}: tensors end at byte {position} of a {data_size}-byte data area (truncated or padded file)"
+        )

@@ -1,0 +1,173 @@
+"""Every kind of input aockpt reads, behind one interface: names, types, and flat tensors on demand.
+
+Inputs: aockpt-packed folders, torchao/transformers safetensors folders or files, plain safetensors,
+torch pickles (``.pt``/``.bin``, zip or legacy container, sharded ``pytorch_model-*.bin`` with index),
+and Hugging Face model folders holding any of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import codec, format as fmt
+from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
+from .portability import assumed_packer
+from .reader import Checkpoint, open_checkpoint, read_flat
+from .registry import PLAIN_TENSOR, tensor_type_of
+
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".tar"})
+
+
+@dataclass
+class Source:
+    """An opened input: its tensor names, their (type, packer), aliases, and a way to get each flat tensor."""
+
+    path: Path
+    kind: str
+    types: dict[str, tuple[str, str | None]]
+    aliases: dict[str, str]
+    made_on: dict[str, str]
+    flat: Callable[[str, torch.device | None], codec.FlatTensor]
+    digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
+    extra_files: list[Path] = field(default_factory=list)
+    skipped_files: list[Path] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+
+    def close(self) -> None:
+        """Release files held open."""
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
+    """A safetensors checkpoint as a source: nothing is read until a tensor is asked for."""
+    types, aliases, made_on = {}, {}, {}
+    for name, entry in ckpt.entries.items():
+        if entry.alias_of is not None:
+            aliases[name] = entry.alias_of
+            continue
+        types[name] = (entry.type, entry.packer)
+        made_on[name] = entry.device
+
+    def digests(name: str) -> list[tuple[str, str, memoryview]]:
+        entry = ckpt.entries[name]
+        return [(inner, p.digest, ckpt.raw(p.key)) for inner, p in entry.parts.items()]
+
+    return Source(ckpt.path, kind, types, aliases, made_on, lambda n, d: read_flat(ckpt, n, d),
+                  digests if ckpt.flavor == "aockpt" else None, checkpoint=ckpt)
+
+
+def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str) -> Source:
+    """An in-memory state dict as a source; legacy records are migrated to current torchao tensors first."""
+    tensors = _current_tensors(state_dict, path)
+    aliases = codec.aliases(list(tensors.items()))
+    types = {}
+    for name, tensor in tensors.items():
+        if name not in aliases:
+            entry = tensor_type_of(tensor, name)
+            type_name = entry.name if entry else PLAIN_TENSOR
+            types[name] = (type_name, assumed_packer(type_name))
+    made_on = {n: "unknown" for n in types}
+    return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]))
+
+
+def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Check a loaded pickle is a flat state dict; migrate legacy torchao records it holds."""
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise UnsupportedTensorError(
+            f"{path} holds a {type(state_dict).__name__}, not a state dict of named tensors; "
+            "save model.state_dict() instead"
+        )
+    out = {}
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and not _is_legacy(value):
+            out[name] = value
+        else:
+            out[name] = _migrate(name, value, path)
+    return out
+
+
+def _is_legacy(value: Any) -> bool:
+    """Whether a value is an inert stand-in for a deleted torchao class."""
+    from . import legacy
+
+    return type(value) in set(legacy.STAND_INS.values())
+
+
+def _migrate(name: str, value: Any, path: Path) -> torch.Tensor:
+    """Turn one legacy record into the current torchao tensor computing the same thing."""
+    from . import legacy
+
+    migrate = getattr(legacy, "migrate", None)
+    if migrate is None or not (_is_legacy(value) or isinstance(value, torch.Tensor)):
+        raise UnsupportedTensorError(f"{path}: {name} is a {type(value).__name__}, not a tensor aockpt can read")
+    return migrate(name, value)
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    """Unpickle with aockpt's exact allowlist; nothing from the file runs."""
+    from .safe_load import safe_load
+
+    return safe_load(path, map_location="cpu")
+
+
+def _pickle_folder(path: Path) -> Source:
+    """A transformers folder of pytorch_model.bin or its shards."""
+    index = path / PICKLE_INDEX
+    if index.is_file():
+        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [PICKLE_WEIGHTS]
+    state: dict[str, Any] = {}
+    for name in files:
+        shard = path / name
+        if shard.resolve().parent != path.resolve():
+            raise CorruptCheckpointError(f"{index}: shard {name!r} points outside {path}")
+        for key, value in _load_pickle(shard).items():
+            if key in state:
+                raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two shards")
+            state[key] = value
+    return from_state_dict(state, path, "transformers folder (pytorch_model.bin)")
+
+
+def _safetensors_source(path: Path) -> Source:
+    """A packed, torchao or plain safetensors file or folder."""
+    ckpt = open_checkpoint(path)
+    kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor == "aockpt" else ckpt.flavor
+    return from_checkpoint(ckpt, kind)
+
+
+def _is_weight_file(p: Path) -> bool:
+    """Files that a pack rewrites rather than copies."""
+    return p.suffix == ".safetensors" or p.name in (fmt.INDEX_NAME, PICKLE_INDEX) or p.suffix in PICKLE_SUFFIXES
+
+
+def open_source(path: str | Path) -> Source:
+    """Open any supported input by what it is on disk, never by trusting its contents."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; pass a checkpoint file or folder")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _safetensors_source(path)
+        return from_state_dict(_load_pickle(path), path, "torch pickle")
+    if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
+        source = _safetensors_source(path)
+    elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_WEIGHTS).is_file():
+        source = _pickle_folder(path)
+    else:
+        raise CorruptCheckpointError(
+            f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
+        )
+    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and not p.is_symlink())
+    source.extra_files = [p for p in others if not _is_weight_file(p)]
+    source.skipped_files = [p for p in others if _is_weight_file(p) and p.suffix in PICKLE_SUFFIXES
+                            and source.checkpoint is not None]
+    return source

@@ -1,0 +1,187 @@
+"""Strict JSON for data read from files, and typed JSON for tensor attribute values.
+
+Attribute values (dtypes, enums, granularities, kwargs dataclasses, tuples, shapes, devices) are written
+as ``{"_type": NAME, "_data": ...}`` objects, the same shape torchao's safetensors records use. NAME is
+looked up in fixed tables (``registry.VALUE_TYPES``, ``registry.DTYPES``): nothing read from a file is
+ever imported or reached with ``getattr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError
+from .registry import DTYPE_NAMES, DTYPES, VALUE_TYPE_NAMES, VALUE_TYPES
+
+MAX_DEPTH = 16
+_MARKERS = frozenset({"_type", "_data"})
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook that refuses duplicate keys instead of keeping the last one."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    """json hook that refuses NaN and Infinity, which are not JSON."""
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _depth(value: Any, where: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH without recursing on attacker-chosen depth."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CorruptCheckpointError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def loads_strict(text: str | bytes, where: str) -> Any:
+    """Parse JSON from a file: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
+    _depth(value, where)
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Deterministic compact JSON for headers (sorted keys, no NaN)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def encode(value: Any, *, tuples: bool = True) -> Any:
+    """Turn an attribute value into typed JSON; tuples=False writes tuples as lists, as torchao does."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError(f"attribute value {value} is not finite")
+        return value
+    if isinstance(value, torch.dtype):
+        return {"_type": "torch.dtype", "_data": DTYPE_NAMES[value]}
+    if isinstance(value, torch.device):
+        return {"_type": "torch.device", "_data": value.type}
+    if isinstance(value, torch.Size):
+        return _sequence("torch.Size", value, tuples)
+    name = VALUE_TYPE_NAMES.get(type(value))
+    if name is not None and isinstance(value, enum.Enum):
+        return {"_type": name, "_data": value.name}
+    if name is not None:
+        return {"_type": name, "_data": {k: encode(v, tuples=tuples) for k, v in _fields(value).items()}}
+    if isinstance(value, tuple):
+        return _sequence("tuple", value, tuples)
+    if isinstance(value, list):
+        return [encode(v, tuples=tuples) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value) and "_type" not in value:
+        return {k: encode(v, tuples=tuples) for k, v in value.items()}
+    raise TypeError(f"cannot encode attribute value of type {type(value).__qualname__}")
+
+
+def _sequence(type_name: str, value: tuple, tuples: bool) -> Any:
+    """A tuple-like value as a typed list, or a bare list in torchao's dialect."""
+    items = [encode(v, tuples=tuples) for v in value]
+    return {"_type": type_name, "_data": items} if tuples else items
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """Field values of a dataclass or NamedTuple from the allowlist."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return dict(value._asdict())
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """Declared field names of an allowlisted dataclass or NamedTuple."""
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(cls._fields)
+
+
+def decode(value: Any, where: str, device: torch.device | None = None) -> Any:
+    """Rebuild an attribute value from typed JSON; ``torch.device`` values become ``device``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [decode(v, where, device) for v in value]
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{where}: unexpected JSON value {value!r}")
+    if "_type" not in value:
+        return {k: decode(v, where, device) for k, v in value.items()}
+    if set(value) != _MARKERS:
+        raise CorruptCheckpointError(f"{where}: typed value has keys {sorted(value)}, expected _type and _data")
+    return _decode_typed(value["_type"], value["_data"], where, device)
+
+
+def _decode_typed(type_name: Any, data: Any, where: str, device: torch.device | None) -> Any:
+    """Dispatch one ``{"_type", "_data"}`` object through the fixed tables."""
+    simple = _SIMPLE_DECODERS.get(type_name) if isinstance(type_name, str) else None
+    if simple is not None:
+        return simple(data, where, device)
+    cls = VALUE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise CorruptCheckpointError(f"{where}: attribute type {type_name!r} is not in aockpt's allowlist")
+    if issubclass(cls, enum.Enum):
+        if not isinstance(data, str) or data not in cls.__members__:
+            raise CorruptCheckpointError(f"{where}: {data!r} is not a member of {type_name}")
+        return cls.__members__[data]
+    expected = _field_names(cls)
+    if not isinstance(data, dict) or set(data) - set(expected):
+        raise CorruptCheckpointError(
+            f"{where}: {type_name} takes fields {list(expected)}, got {sorted(data) if isinstance(data, dict) else data!r}"
+        )
+    kwargs = {k: decode(v, where, device) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: invalid {type_name} fields ({e})") from e
+
+
+def _decode_dtype(data: Any, where: str, device: torch.device | None) -> torch.dtype:
+    """A dtype by its name in the DTYPES table."""
+    if not isinstance(data, str) or data not in DTYPES:
+        raise CorruptCheckpointError(f"{where}: unknown dtype {data!r}")
+    return DTYPES[data][0]
+
+
+def _decode_device(data: Any, where: str, device: torch.device | None) -> torch.device:
+    """The load target device (a tensor's recorded device is where it was made, not where it goes)."""
+    if not isinstance(data, str):
+        raise CorruptCheckpointError(f"{where}: device must be a string, got {data!r}")
+    return device if device is not None else torch.device("cpu")
+
+
+def _decode_sequence(ctor: type) -> Any:
+    """Decoder for tuple-like typed lists (tuple, torch.Size)."""
+
+    def decode_seq(data: Any, where: str, device: torch.device | None) -> Any:
+        if not isinstance(data, list):
+            raise CorruptCheckpointError(f"{where}: {ctor.__name__} must hold a list, got {data!r}")
+        items = [decode(v, where, device) for v in data]
+        if ctor is torch.Size and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints, got {items!r}")
+        return ctor(items)
+
+    return decode_seq
+
+
+_SIMPLE_DECODERS = {
+    "torch.dtype": _decode_dtype,
+    "torch.device": _decode_device,
+    "tuple": _decode_sequence(tuple),
+    "torch.Size": _decode_sequence(torch.Size),
+}

@@ -1,0 +1,82 @@
+"""Flatten/rebuild is exact for every registry type, and refuses what a type does not declare."""
+
+import pytest
+import torch
+
+from aockpt import codec, registry
+from aockpt.errors import CorruptCheckpointError, UnsupportedTensorError
+from conftest import CASES, assert_same_tensor
+
+
+def test_every_registry_type_has_a_case():
+    assert set(registry.TENSOR_TYPES) == {type_name for type_name, _ in CASES.values()}
+
+
+def test_flatten_rebuild_is_exact(case):
+    _, type_name, tensor = case
+    flat = codec.flatten("layer.weight", tensor)
+    assert flat.type_name == type_name
+    assert all(type(p) is torch.Tensor for p in flat.parts.values())
+    assert_same_tensor(codec.rebuild(flat, "layer.weight"), tensor)
+
+
+def test_flatten_does_not_copy(case):
+    _, _, tensor = case
+    flat = codec.flatten("w", tensor)
+    for name, part in flat.parts.items():
+        assert part.data_ptr() == getattr(tensor, name).data_ptr()
+
+
+def test_plain_tensor_round_trip():
+    t = torch.arange(6, dtype=torch.float16).reshape(2, 3)
+    flat = codec.flatten("b", t)
+    assert flat.type_name == registry.PLAIN_TENSOR and set(flat.parts) == {codec.PLAIN_PART}
+    assert codec.rebuild(flat, "b") is flat.parts[codec.PLAIN_PART]
+
+
+def test_unknown_subclass_is_refused():
+    class Foreign(torch.Tensor):
+        pass
+
+    with pytest.raises(UnsupportedTensorError, match="layer.weight is a .*Foreign"):
+        codec.flatten("layer.weight", torch.zeros(2).as_subclass(Foreign))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.parts.pop("qdata"), "missing \\['qdata'\\]"),
+    (lambda f: f.parts.__setitem__("evil", torch.zeros(1)), "unexpected \\['evil'\\]"),
+    (lambda f: f.attrs.pop("block_size"), "attributes are"),
+    (lambda f: f.attrs.__setitem__("extra", 1), "attributes are"),
+])
+def test_undeclared_parts_and_attributes_are_refused(mutate, message):
+    flat = codec.flatten("w", CASES["int8-weight-only"][1]())
+    mutate(flat)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        codec.rebuild(flat, "w")
+
+
+def test_declared_shape_must_match_rebuilt_tensor():
+    flat = codec.flatten("w", CASES["int8-weight-only"][1]())
+    flat.shape = (1, 2)
+    with pytest.raises(CorruptCheckpointError, match="declares"):
+        codec.rebuild(flat, "w")
+
+
+@pytest.mark.parametrize("case_id, attr, junk", [
+    ("int4-tile-packed", "block_size", "junk"),
+    ("int4-tile-packed", "shape", [1.5, 2]),
+    ("int8-weight-only", "dtype", 3),
+    ("intx-weight-only", "block_size", [True, "x"]),
+    ("mxfp8", "elem_dtype", None),
+])
+def test_attribute_of_wrong_type_is_refused(case_id, attr, junk):
+    flat = codec.flatten("w", CASES[case_id][1]())
+    flat.attrs[attr] = junk
+    with pytest.raises(CorruptCheckpointError, match=f"attribute {attr}="):
+        codec.rebuild(flat, "w")
+
+
+def test_aliases_find_tied_tensors():
+    w = torch.ones(3)
+    q = CASES["int8-weight-only"][1]()
+    assert codec.aliases([("a", w), ("b", w), ("c", q), ("d", q), ("e", w.clone())]) == {"b": "a", "d": "c"}
