@@ -10,10 +10,11 @@ from .api import (  # noqa: E402
     load_quantized,
     pack,
     save,
-    save_pretrained,
     unpack,
     verify,
 )
+from .pretrained import load_pretrained, save_pretrained  # noqa: E402
+from .safe_load import safe_load  # noqa: E402
 from .errors import (  # noqa: E402
     AockptError,
     CorruptCheckpointError,
@@ -30,6 +31,8 @@ __all__ = [
     "pack",
     "save",
     "save_pretrained",
+    "load_pretrained",
+    "safe_load",
     "unpack",
     "load_quantized",
     "inspect",

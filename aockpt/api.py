@@ -13,6 +13,7 @@ import torch
 from . import codec, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError
+from .pretrained import CONFIG_NAME, migrated_config
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
@@ -51,15 +52,25 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     source = open_source(src)
     try:
         with staged(dst, force=force) as tmp:
-            write_packed(_source_tensors(source), tmp, max_shard_size=max_shard_size)
-            for extra in source.extra_files:
-                shutil.copy2(extra, tmp / extra.name)
+            items = _source_tensors(source)
+            write_packed(items, tmp, max_shard_size=max_shard_size)
+            _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
     finally:
         source.close()
     return Path(dst)
 
 
-def _state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
+def _copy_extra_files(source: Source, dst: Path, state: dict[str, torch.Tensor]) -> None:
+    """Carry a folder's other files over unchanged, except a legacy torchao config.json, which is migrated."""
+    for extra in source.extra_files:
+        text = migrated_config(extra, state) if extra.name == CONFIG_NAME else None
+        if text is None:
+            shutil.copy2(extra, dst / extra.name)
+        else:
+            (dst / extra.name).write_text(text)
+
+
+def state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
     """An in-memory state dict as writer items, recording this machine's packer for pinned layouts."""
     source = from_state_dict(state_dict, Path("<state_dict>"), "state dict")
     items = []
@@ -75,22 +86,7 @@ def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = Fa
          max_shard_size: int | str | None = None) -> Path:
     """Pack an in-memory state dict (e.g. ``model.state_dict()`` after ``quantize_``) into a folder."""
     with staged(dst, force=force) as tmp:
-        write_packed(_state_items(state_dict), tmp, max_shard_size=max_shard_size)
-    return Path(dst)
-
-
-def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
-                    max_shard_size: int | str | None = None) -> Path:
-    """Write a quantized transformers model as a packed folder that stock ``from_pretrained`` loads.
-
-    transformers 5.23's own ``save_pretrained`` fails on torchao 0.18 tensors on CPU (it asks the
-    wrapper subclass for a storage pointer), so this writes the config files and packed weights itself.
-    """
-    with staged(dst, force=force) as tmp:
-        write_packed(_state_items(model.state_dict()), tmp, max_shard_size=max_shard_size)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
+        write_packed(state_items(state_dict), tmp, max_shard_size=max_shard_size)
     return Path(dst)
 
 

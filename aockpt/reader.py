@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import codec, format as fmt
-from .errors import CorruptCheckpointError
+from .errors import AockptError, CorruptCheckpointError
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
 from .safetensors_io import SafetensorsFile
@@ -72,6 +72,16 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
     if (path / fmt.WEIGHTS_NAME).is_file():
         return path, None
     raise CorruptCheckpointError(f"{path} holds neither {fmt.WEIGHTS_NAME} nor {fmt.INDEX_NAME}")
+
+
+def is_packed(path: str | Path) -> bool:
+    """Whether `path` is a folder or file whose safetensors shards all carry the aockpt record."""
+    try:
+        ckpt = open_checkpoint(path)
+    except AockptError:
+        return False
+    ckpt.close()
+    return ckpt.flavor == PACKED
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import codec, format as fmt
+from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .portability import assumed_packer
 from .reader import Checkpoint, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
+from .safe_load import safe_load
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
@@ -86,34 +87,22 @@ def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
         )
     out = {}
     for name, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and not _is_legacy(value):
+        if isinstance(value, torch.Tensor) and not legacy.is_legacy(value):
             out[name] = value
         else:
             out[name] = _migrate(name, value, path)
     return out
 
 
-def _is_legacy(value: Any) -> bool:
-    """Whether a value is an inert stand-in for a deleted torchao class."""
-    from . import legacy
-
-    return type(value) in set(legacy.STAND_INS.values())
-
-
 def _migrate(name: str, value: Any, path: Path) -> torch.Tensor:
     """Turn one legacy record into the current torchao tensor computing the same thing."""
-    from . import legacy
-
-    migrate = getattr(legacy, "migrate", None)
-    if migrate is None or not (_is_legacy(value) or isinstance(value, torch.Tensor)):
+    if not legacy.is_legacy(value):
         raise UnsupportedTensorError(f"{path}: {name} is a {type(value).__name__}, not a tensor aockpt can read")
-    return migrate(name, value)
+    return legacy.migrate(name, value)
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     """Unpickle with aockpt's exact allowlist; nothing from the file runs."""
-    from .safe_load import safe_load
-
     return safe_load(path, map_location="cpu")
 
 

@@ -1,0 +1,56 @@
+"""`aockpt push` and `aockpt hook install`: thin commands over aockpt.hub (errors are turned into one line
+by the main group's error table in cli.py)."""
+
+from __future__ import annotations
+
+import click
+
+from . import hub
+
+
+@click.command("push")
+@click.argument("path", type=click.Path(exists=True))
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch to commit to (created from main if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (only when it does not exist yet).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("-m", "--commit-message", default=None, help="Commit message.")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True,
+              help="Hub token with write access (default: the one saved by `hf auth login`).")
+@click.option("--endpoint", default=None, envvar="HF_ENDPOINT", show_envvar=True,
+              help="Hub URL (default https://huggingface.co).")
+@click.option("--no-progress", is_flag=True, help="No progress bars even on a terminal.")
+def push(path: str, repo_id: str, revision: str | None, private: bool, create_pr: bool,
+         commit_message: str | None, token: str | None, endpoint: str | None, no_progress: bool) -> None:
+    """Check, card and upload a checkpoint to the Hugging Face Hub in one commit.
+
+    PATH is a packed folder or anything `aockpt pack` reads (packed on the fly). Pickles and safetensors
+    that are not packed or fail `aockpt verify` are never uploaded.
+
+    \b
+    aockpt push packed/ me/llama-int8
+    aockpt push model.pt me/llama-int8 --create-pr -m "int8 weights"
+    """
+    url = hub.push(path, repo_id, revision=revision, private=private, create_pr=create_pr,
+                   commit_message=commit_message, token=token, progress=not no_progress, endpoint=endpoint)
+    click.echo(url)
+
+
+@click.group("hook")
+def hook() -> None:
+    """Git hooks that keep pickles and broken checkpoints out of a repository."""
+
+
+@hook.command("install")
+@click.argument("repo_dir", default=".", type=click.Path(exists=True, file_okay=False))
+@click.option("--force", is_flag=True, help="Replace a pre-push hook aockpt did not write (kept as a backup).")
+def install(repo_dir: str, force: bool) -> None:
+    """Install a pre-push hook in the git clone REPO_DIR (default: here).
+
+    The hook refuses a push when any pushed commit adds a torch pickle (.bin, .pt, .pth, .pkl, .ckpt, or
+    zip/pickle bytes) or safetensors that are not packed by aockpt or fail `aockpt verify`.
+
+    \b
+    aockpt hook install ~/models/llama-int8
+    """
+    click.echo(f"installed {hub.install_hook(repo_dir, force=force)}")

@@ -1,0 +1,325 @@
+"""Hostile checkpoint files, built at test time from hand-written pickle opcodes and containers.
+
+``HOSTILE`` lists (id, builder); ``builder(dir)`` writes one file into ``dir`` and returns its path.
+Convention: every payload, if it ran, would create ``dir / CANARY`` or delete ``dir / VICTIM``;
+``untouched(dir)`` says neither happened. Loading any of these must raise an AockptError.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torchao.quantization import MappingType
+
+CANARY = "CANARY"
+VICTIM = "VICTIM"
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+_FLOAT = ("torch", "FloatStorage")
+
+Builder = Callable[[Path], Path]
+
+
+# ---- pickle opcodes (protocol 2 unless stated) ----
+def g(module: str, name: str) -> bytes:
+    """GLOBAL: push module.name."""
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def s(text: str) -> bytes:
+    """BINUNICODE string."""
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def i(n: int) -> bytes:
+    """BININT (signed 32-bit)."""
+    return b"J" + struct.pack("<i", n)
+
+
+def t(*items: bytes) -> bytes:
+    """MARK items TUPLE."""
+    return b"(" + b"".join(items) + b"t"
+
+
+def d(*pairs: tuple[bytes, bytes]) -> bytes:
+    """EMPTY_DICT MARK k v ... SETITEMS."""
+    return b"}(" + b"".join(k + v for k, v in pairs) + b"u"
+
+
+def call(func: bytes, *args: bytes) -> bytes:
+    """func(*args) via REDUCE."""
+    return func + t(*args) + b"R"
+
+
+def newobj(cls: bytes, *args: bytes) -> bytes:
+    """cls.__new__(cls, *args) via NEWOBJ."""
+    return cls + t(*args) + b"\x81"
+
+
+def program(body: bytes, proto: int = 2) -> bytes:
+    """A whole pickle: PROTO, body, STOP."""
+    return b"\x80" + bytes([proto]) + body + b"."
+
+
+def storage(key: str, numel: int, location: str = "cpu", *, legacy: bool = False) -> bytes:
+    """BINPERSID of a float storage record, in the zip (4 fields) or legacy (5 fields) form."""
+    return t(s("storage"), g(*_FLOAT), s(key), s(location), i(numel), *([b"N"] if legacy else [])) + b"Q"
+
+
+def tensor(key: str, numel: int, size: int, *, offset: int = 0, location: str = "cpu", legacy: bool = False) -> bytes:
+    """A 1-d float tensor via torch._utils._rebuild_tensor_v2 over one storage."""
+    return call(
+        g("torch._utils", "_rebuild_tensor_v2"),
+        storage(key, numel, location, legacy=legacy), i(offset), t(i(size)), t(i(1)), b"\x89",
+        call(g("collections", "OrderedDict")),
+    )
+
+
+def state_dict(tensor_pickle: bytes) -> bytes:
+    """{"w": <tensor>} as a whole pickle."""
+    return program(d((s("w"), tensor_pickle)))
+
+
+# ---- containers ----
+def zip_bytes(pkl: bytes, records: dict[str, bytes] | None = None, *, root: str = "archive",
+              extra: list[tuple[str, bytes]] = ()) -> bytes:
+    """A torch.save-style zip: root/data.pkl, byteorder, version, data/<key> records, extra members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{root}/data.pkl", pkl)
+        zf.writestr(f"{root}/byteorder", b"little")
+        zf.writestr(f"{root}/version", b"3\n")
+        for key, data in (records or {}).items():
+            zf.writestr(f"{root}/data/{key}", data)
+        for name, data in extra:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def legacy_bytes(pkl: bytes, storages: dict[str, tuple[int, bytes]] | None = None) -> bytes:
+    """A legacy (_use_new_zipfile_serialization=False) file: header pickles, pickle, keys, storages."""
+    storages = storages or {}
+    sys_info = {"protocol_version": _LEGACY_PROTOCOL, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (_LEGACY_MAGIC, _LEGACY_PROTOCOL, sys_info))
+    body = b"".join(struct.pack("<q", numel) + data for numel, data in storages.values())
+    return head + pkl + pickle.dumps(list(storages), protocol=2) + body
+
+
+def floats(*values: float) -> bytes:
+    """Little-endian float32 bytes."""
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+# ---- payloads: each a function of the target dir returning pickle bytes ----
+def _cmd(dir: Path) -> str:
+    return f"touch {dir / CANARY}"
+
+
+def _py(dir: Path) -> str:
+    return f"open({str(dir / CANARY)!r}, 'w').close()"
+
+
+def _reexport(dir: Path) -> bytes:
+    """torchao re-exports the os module: push it first, then getattr(it, 'system')(cmd)."""
+    return g("torchao", "os") + b"q\x00" + call(call(g("builtins", "getattr"), b"h\x00", s("system")), s(_cmd(dir)))
+
+
+def _memo_bomb(dir: Path, levels: int = 30, width: int = 10) -> bytes:
+    """Each list holds `width` references to the previous one: width**levels nodes as a tree."""
+    body = b"]q\x00"
+    for level in range(1, levels + 1):
+        body += b"](" + (b"h" + bytes([level - 1])) * width + b"eq" + bytes([level])
+    return program(body)
+
+
+_PAYLOADS: dict[str, Callable[[Path], bytes]] = {
+    "os_system": lambda p: program(call(g("os", "system"), s(_cmd(p)))),
+    "posix_system": lambda p: program(call(g("posix", "system"), s(_cmd(p)))),
+    "builtins_eval": lambda p: program(call(g("builtins", "eval"), s(_py(p)))),
+    "builtins_exec": lambda p: program(call(g("builtins", "exec"), s(_py(p)))),
+    "builtins_getattr": lambda p: program(
+        call(call(g("builtins", "getattr"), call(g("builtins", "__import__"), s("os")), s("system")), s(_cmd(p)))),
+    "builtins_import": lambda p: program(
+        call(g("builtins", "__import__"), s("os")) + b"q\x00"
+        + call(call(g("builtins", "getattr"), b"h\x00", s("system")), s(_cmd(p)))),
+    "subprocess_popen": lambda p: program(
+        call(g("subprocess", "Popen"), b"](" + s("touch") + s(str(p / CANARY)) + b"e")),
+    "runpy_run_code": lambda p: program(call(g("runpy", "_run_code"), s(_py(p)), b"}")),
+    "shutil_rmtree": lambda p: program(call(g("shutil", "rmtree"), s(str(p / VICTIM)))),
+    "webbrowser_open": lambda p: program(call(g("webbrowser", "open"), s(f"file://{p / CANARY}"))),
+    "nested_torch_load": lambda p: program(call(g("torch", "load"), s(str(_inner_os_system(p))))),
+    "nested_serialization_load": lambda p: program(
+        call(g("torch.serialization", "load"), s(str(_inner_os_system(p))))),
+    "dotted_global": lambda p: program(call(g("torch", "serialization.os.system"), s(_cmd(p)))),
+    "stack_global_proto4": lambda p: program(
+        call(s("torch") + s("serialization.os.system") + b"\x93", s(_cmd(p))), proto=4),
+    "dotted_from_allowed_class": lambda p: program(
+        call(g("torchao.quantization", "Int8Tensor.__init__.__globals__"), s(_cmd(p)))),
+    "torchao_reexported_os": lambda p: program(_reexport(p)),
+    "torchao_dotted_os": lambda p: program(call(g("torchao", "os.system"), s(_cmd(p)))),
+    "lookalike_torch_underscore": lambda p: program(call(g("torch_", "load"), s(_cmd(p)))),
+    "lookalike_space_in_module": lambda p: program(
+        newobj(g("torchao .quantization", "Int8Tensor")) + call(g("os", "system"), s(_cmd(p)))),
+    "lookalike_trailing_space": lambda p: program(newobj(g("torchao.quantization", "Int8Tensor "))),
+    "lookalike_homoglyph": lambda p: program(call(g("t\u043erch._utils", "_rebuild_tensor_v2"), s(_cmd(p)))),
+    "build_setstate_os_system": lambda p: program(
+        newobj(g("torchao.quantization.granularity", "PerRow"))
+        + d((s("__setstate__"), g("os", "system"))) + b"b" + s(_cmd(p)) + b"b"),
+    "build_class_swap": lambda p: program(
+        newobj(g("torchao.quantization.granularity", "PerRow"))
+        + t(b"N", d((s("__class__"), g("collections", "OrderedDict")))) + b"b"),
+    "build_enum_member": lambda p: program(
+        call(g("torchao.quantization.quant_primitives", "MappingType"), i(MappingType.SYMMETRIC.value))
+        + d((s("_value_"), i(99)), (s("_name_"), s("PWNED"))) + b"b"),
+    "wrapper_without_parts": lambda p: program(_int8_wrapper(b"}")),
+    "wrapper_junk_parts": lambda p: program(_int8_wrapper(d((s("qdata"), s("junk")), (s("scale"), i(1))))),
+    "wrapper_huge_size": lambda p: program(_int8_wrapper(b"}", size=(2**31 - 1, 2**31 - 1))),
+    "wrapper_of_ordereddict": lambda p: program(_int8_wrapper(b"}", cls=g("collections", "OrderedDict"))),
+    "memo_bomb": _memo_bomb,
+    "reference_cycle": lambda p: program(b"]q\x00h\x00a"),
+    "deep_nesting": lambda p: program(b"]" * 2000 + b"a" * 1999),
+}
+
+# Storage records that disagree with the pickle (zip container; the legacy ones are below).
+_ZIP_STORAGE: dict[str, Callable[[Path], bytes]] = {
+    "storage_numel_exceeds_record": lambda p: state_dict(tensor("0", 1_000_000, 1_000_000)),
+    "tensor_exceeds_storage": lambda p: state_dict(tensor("0", 4, 1000)),
+    "offset_beyond_storage": lambda p: state_dict(tensor("0", 4, 4, offset=100)),
+    "negative_size": lambda p: state_dict(tensor("0", 4, -4)),
+    "wrong_inner_name": lambda p: state_dict(tensor("7", 4, 4)),
+}
+
+
+def _int8_wrapper(state: bytes, *, size: tuple[int, int] = (4, 4), cls: bytes | None = None) -> bytes:
+    """torch's own subclass rebuild of an Int8Tensor wrapper with the given attribute state."""
+    cls = cls or g("torchao.quantization", "Int8Tensor")
+    args = t(cls, g("torch", "float32"), t(*map(i, size)), t(i(size[1]), i(1)), i(0),
+             call(g("torch.serialization", "_get_layout"), s("torch.strided")),
+             call(g("torch", "device"), s("cpu")), b"\x89")
+    return call(g("torch._tensor", "_rebuild_from_type_v2"), g("torch._utils", "_rebuild_wrapper_subclass"),
+                cls, args, state)
+
+
+def _inner_os_system(dir: Path) -> Path:
+    """A plain-pickle file that would touch the canary if loaded unrestricted."""
+    path = dir / "inner.pt"
+    path.write_bytes(_PAYLOADS["os_system"](dir))
+    return path
+
+
+def _prepare(dir: Path) -> None:
+    """Create the victim that a destructive payload would remove."""
+    (dir / VICTIM).mkdir(exist_ok=True)
+    (dir / VICTIM / "keep").write_bytes(b"keep")
+
+
+def untouched(dir: Path) -> bool:
+    """True when no payload ran: no canary, victim intact, torchao's enum members unchanged."""
+    return (not (dir / CANARY).exists() and (dir / VICTIM / "keep").exists()
+            and MappingType.SYMMETRIC.value == 1 and MappingType.SYMMETRIC.name == "SYMMETRIC")
+
+
+def _write(dir: Path, name: str, data: bytes) -> Path:
+    _prepare(dir)
+    path = dir / name
+    path.write_bytes(data)
+    return path
+
+
+_RECORD = {"0": floats(1, 2, 3, 4)}
+
+
+def _in_zip(payload: Callable[[Path], bytes]) -> Builder:
+    return lambda p: _write(p, "hostile.pt", zip_bytes(payload(p), _RECORD))
+
+
+def _in_legacy(payload: Callable[[Path], bytes]) -> Builder:
+    return lambda p: _write(p, "hostile.pt", legacy_bytes(payload(p)))
+
+
+def _legacy_storage(numel_in_pickle: int, numel_in_file: int, data: bytes) -> Builder:
+    pkl = state_dict(tensor("0", numel_in_pickle, min(numel_in_pickle, 4), legacy=True))
+    return lambda p: _write(p, "hostile.pt", legacy_bytes(pkl, {"0": (numel_in_file, data)}))
+
+
+def _flip_byte(data: bytes, marker: bytes) -> bytes:
+    """Change one byte inside the first occurrence of `marker` (content after the local header)."""
+    at = data.index(marker)
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def _zip_with(extra: list[tuple[str, bytes]], *, root: str = "archive", pkl: bytes | None = None) -> Builder:
+    def build(p: Path) -> Path:
+        body = pkl or _PAYLOADS["os_system"](p)
+        return _write(p, "hostile.pt", zip_bytes(body, _RECORD, root=root, extra=extra))
+    return build
+
+
+def _torchscript(p: Path) -> Path:
+    """A real TorchScript archive (it holds code) saved by torch.jit."""
+    _prepare(p)
+    path = p / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    return path
+
+
+def _tar(p: Path) -> Path:
+    """The pre-1.6 .tar checkpoint layout, its `pickle` member carrying os.system."""
+    _prepare(p)
+    path = p / "hostile.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("sys_info", pickle.dumps({})), ("pickle", _PAYLOADS["os_system"](p)),
+                           ("storages", pickle.dumps(0)), ("tensors", pickle.dumps(0))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+_CONTAINER_TRICKS: dict[str, Builder] = {
+    "raw_pickle_os_system": lambda p: _write(p, "hostile.pt", _PAYLOADS["os_system"](p)),
+    "zip_bad_crc_record": lambda p: _write(p, "hostile.pt", _flip_byte(
+        zip_bytes(state_dict(tensor("0", 4, 4)), _RECORD), _RECORD["0"])),
+    "zip_bad_crc_pickle": lambda p: _write(p, "hostile.pt", _flip_byte(
+        zip_bytes(_PAYLOADS["os_system"](p), _RECORD), b"touch")),
+    "zip_two_data_pkl": _zip_with([("archive/data.pkl", program(b"}"))]),
+    "zip_unknown_member": _zip_with([("archive/extra.py", b"import os")]),
+    "zip_dotdot_member": _zip_with([("archive/../evil.pkl", b"x")]),
+    "zip_absolute_member": _zip_with([("/tmp/evil.pkl", b"x")]),
+    "zip_two_roots": _zip_with([("other/data.pkl", b"x")]),
+    "zip_data_pkl_nested": lambda p: _write(p, "hostile.pt", zip_bytes(
+        program(b"}"), _RECORD, extra=[("archive/sub/data.pkl", _PAYLOADS["os_system"](p))])),
+    "zip_torchscript_fake": _zip_with([("archive/constants.pkl", pickle.dumps(())),
+                                       ("archive/code/__torch__.py", b"import os\nos.system('x')\n")]),
+    "zip_torchscript_real": _torchscript,
+    "tar_checkpoint": _tar,
+    "legacy_storage_short": _legacy_storage(4, 1000, floats(1, 2, 3, 4)),
+    "legacy_storage_header_mismatch": _legacy_storage(1000, 4, floats(1, 2, 3, 4)),
+    "legacy_storage_truncated": _legacy_storage(4, 4, floats(1, 2)),
+}
+
+HOSTILE: list[tuple[str, Builder]] = (
+    [(f"zip-{name}", _in_zip(payload)) for name, payload in {**_PAYLOADS, **_ZIP_STORAGE}.items()]
+    + [(f"legacy-{name}", _in_legacy(payload)) for name, payload in _PAYLOADS.items()]
+    + list(_CONTAINER_TRICKS.items())
+)
+
+
+def junk_calls(name: str) -> list[tuple[str, bytes]]:
+    """Pickles that abuse one allowlisted global: junk REDUCE args, junk NEWOBJ args plus junk BUILD state."""
+    module, _, attr = name.rpartition(".")
+    cls = g(module, attr)
+    return [
+        ("reduce", program(call(cls, s("junk"), i(-1)))),
+        ("reduce-noargs", program(call(cls))),
+        ("newobj", program(newobj(cls, s("junk"), i(-1)) + d((s("junk"), i(1))) + b"b")),
+        ("newobj-noargs", program(newobj(cls) + t(b"N", d((s("__class__"), cls))) + b"b")),
+    ]

@@ -1,0 +1,230 @@
+"""Legacy torchao checkpoints (0.7-0.17) written by the real old releases: load safely, migrate exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+from torchao.quantization.quant_primitives import _dequantize_affine_tinygemm, _quantize_affine_tinygemm
+from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
+
+from aockpt import legacy
+from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
+from aockpt.safe_load import allowlist, safe_load
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "legacy"
+PICKLES = sorted(FIXTURES.glob("ao*/*.pt"))
+HF_FOLDERS = sorted(p.parent for p in FIXTURES.glob("ao*/*/pytorch_model.bin"))
+WIDTHS = (128, 64, 64)  # the generator's tiny MLP
+
+# Fixtures whose old output the migrated model reproduces bit for bit (same weight math, same matmul).
+EXACT_OUTPUT = {"int8wo", "int8wo_legacy_container", "int4cpu", "intx4wo_qdq", "uint4wo", "uint6wo"}
+# The rest quantize activations (torchao 0.18 uses the full int8 range where 0.13 used -127..127)
+# or run float8 through another CPU path: their outputs agree to a few bf16 ulps of the largest output.
+ULPS_OF_MAX = 4
+
+# Dequantized weights exactly as the old release computed them: Int4OpaqueTensor has no dequantize(),
+# so it goes through the old release's own path (kernel on an identity, tinygemm re-quantize/dequantize).
+def _int4_cpu_dequantize(t: Int4OpaqueTensor) -> torch.Tensor:
+    n, k = t.shape
+    group = t.block_size[-1]
+    plain = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.eye(k, dtype=t.scale_and_zero.dtype), t.qdata, group, t.scale_and_zero
+    ).t().contiguous()
+    scale, zero = (x.reshape(x.shape[:-1]) for x in unpack_tinygemm_scales_and_zeros(t.scale_and_zero))
+    q = _quantize_affine_tinygemm(plain, (1, group), scale, zero, torch.int32, 0, 15)
+    return _dequantize_affine_tinygemm(q, (1, group), scale, zero, torch.int32, 0, 15, output_dtype=t.dtype)
+
+
+DEQUANTIZE = {Int4OpaqueTensor: _int4_cpu_dequantize}
+
+
+def _load(path: Path) -> dict:
+    """torch's weights-only unpickler with exactly aockpt's allowlist in force (see safe_load)."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with torch.serialization.safe_globals(allowlist()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
+def _dequantize(t: torch.Tensor) -> torch.Tensor:
+    return DEQUANTIZE.get(type(t), lambda x: x.dequantize())(t)
+
+
+def _mlp() -> torch.nn.Module:
+    a, b, c = WIDTHS
+    return torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Linear(b, c)).to(torch.bfloat16)
+
+
+def _assert_close_in_bf16_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
+    """|got - want| <= ulps * (bf16 spacing at the largest |want|); catches any real divergence."""
+    top = want.float().abs().max()
+    spacing = 2.0 ** (torch.floor(torch.log2(top)) - 7)
+    worst = (got.float() - want.float()).abs().max()
+    assert worst <= ulps * spacing, f"max diff {worst} > {ulps} ulps ({spacing}) of max output {top}"
+
+
+def _id(p: Path) -> str:
+    return f"{p.parent.name}/{p.name}"
+
+
+@pytest.mark.parametrize("path", PICKLES, ids=_id)
+def test_fixture_migrates_to_bit_identical_weights_and_recorded_outputs(path: Path) -> None:
+    expected = load_file(str(path.with_suffix(".expected.safetensors")))
+    loaded = _load(path)
+    assert any(legacy.is_legacy(v) for v in loaded.values())
+    migrated = legacy.migrate_state_dict(loaded)
+    recorded = {k.split(":")[0]: v for k, v in expected.items() if k.endswith(":dequantized")}
+    assert recorded, "the fixture records dequantized weights"
+    for name, want in recorded.items():
+        got = _dequantize(migrated[name])
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+    model = _mlp()
+    model.load_state_dict(migrated, assign=True)
+    with torch.no_grad():
+        out = model(expected["input"])
+    if path.stem in EXACT_OUTPUT:
+        assert torch.equal(out.view(torch.uint8), expected["output"].view(torch.uint8))
+    else:
+        _assert_close_in_bf16_ulps(out, expected["output"], ULPS_OF_MAX)
+
+
+@pytest.mark.parametrize("folder", HF_FOLDERS, ids=_id)
+def test_hf_folder_from_transformers4_migrates_and_gives_recorded_logits(folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("quantization_config")["quant_type"]["default"]["_version"] == 1
+    migrated = legacy.migrate_state_dict(_load(folder / "pytorch_model.bin"))
+    assert {type(v).__name__ for v in migrated.values()} >= {"Int8Tensor", "Tensor"}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).eval()
+    model.load_state_dict(migrated, assign=True, strict=True)
+    expected = load_file(str(folder / "expected.safetensors"))
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    # transformers 5's Llama differs from 4.56's in op order; the quantized weights are identical.
+    _assert_close_in_bf16_ulps(logits, expected["logits"], ULPS_OF_MAX)
+
+
+def test_fqn_mix_folder_keeps_each_module_config() -> None:
+    folder = FIXTURES / "ao0.13" / "hf_llama_fqn_mix"
+    migrated = legacy.migrate_state_dict(_load(folder / "pytorch_model.bin"))
+    q_proj = migrated["model.layers.0.self_attn.q_proj.weight"]
+    k_proj = migrated["model.layers.0.self_attn.k_proj.weight"]
+    assert q_proj.act_quant_kwargs is not None and k_proj.act_quant_kwargs is None
+    assert type(migrated["model.layers.1.mlp.down_proj.weight"]) is torch.Tensor
+
+
+@pytest.mark.parametrize(
+    ("fixture", "want"),
+    [
+        ("int8wo", "AffineQuantizedTensor/PlainLayout torch.int8 -> Int8Tensor"),
+        ("int8dyn", "PlainLayout torch.int8 + _int8_symm_per_token_reduced_range_quant -> Int8Tensor"),
+        ("int8dyn_int4", "PlainLayout torch.int8 + _int8_asymm_per_token_quant -> IntxUnpackedToInt8Tensor"),
+        ("int4cpu", "Int4CPULayout torch.uint8 -> Int4OpaqueTensor"),
+        ("uint6wo", "UintxLayout torch.uint8 -> IntxUnpackedToInt8Tensor"),
+        ("float8wo", "Float8Layout torch.float8_e4m3fn -> Float8Tensor"),
+    ],
+)
+def test_describe_names_legacy_layout_and_target(fixture: str, want: str) -> None:
+    record = _load(FIXTURES / "ao0.13" / f"{fixture}.pt")["0.weight"]
+    line = legacy.describe(record, "0.weight")
+    assert line.startswith("torchao<=0.17 ") and line.endswith(want), line
+
+
+def test_every_legacy_impl_has_a_migration_entry() -> None:
+    impls = {n.rsplit(".", 1)[1] for n, role in legacy.LEGACY_GLOBALS.items() if role is legacy.Role.IMPL}
+    assert impls == set(legacy.MIGRATIONS)
+
+
+def _record(legacy_name: str, shape: tuple[int, ...], dtype: torch.dtype, state: object) -> torch.Tensor:
+    """A stand-in built exactly the way torch's weights-only unpickler builds one from a pickle."""
+    cls = legacy.STAND_INS[legacy_name]
+    args = (cls, dtype, shape, (shape[-1], 1), 0, torch.strided, "cpu", False)
+    return torch._tensor._rebuild_from_type_v2(torch._utils._rebuild_wrapper_subclass, cls, args, state)
+
+
+def _int8wo_record() -> torch.Tensor:
+    return _load(FIXTURES / "ao0.13" / "int8wo.pt")["0.weight"]
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [n for n, r in legacy.LEGACY_GLOBALS.items() if r is legacy.Role.IMPL
+     and legacy.MIGRATIONS[n.rsplit(".", 1)[1]][0] == "unsupported"],
+    ids=lambda n: n.rsplit(".", 1)[1],
+)
+def test_uncovered_layouts_raise_unsupported_naming_them(impl: str) -> None:
+    aqt = _int8wo_record()
+    aqt.legacy_state["tensor_impl"] = _record(impl, (64, 128), torch.int8, {"int_data": torch.zeros(64, 128)})
+    with pytest.raises(UnsupportedTensorError, match=impl.rsplit(".", 1)[1]):
+        legacy.migrate("0.weight", aqt)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda cls: cls(1, 2, 3), CorruptCheckpointError),  # REDUCE with the class as callable
+        (lambda cls: cls.__new__(cls, 10**12), CorruptCheckpointError),  # NEWOBJ with junk args
+        (lambda cls: _record(cls.legacy_name, (4, 4), torch.int8, ["junk"]), CorruptCheckpointError),
+        (lambda cls: _record(cls.legacy_name, (4, 4), torch.int8, {i: i for i in range(3)}),
+         CorruptCheckpointError),
+    ],
+    ids=["reduce", "newobj", "state-list", "state-int-keys"],
+)
+def test_tensor_stand_in_refuses_junk_without_running_anything(call, error) -> None:
+    cls = legacy.STAND_INS["torchao.dtypes.affine_quantized_tensor.AffineQuantizedTensor"]
+    with pytest.raises(error):
+        call(cls)
+
+
+def test_other_stand_ins_refuse_junk() -> None:
+    layout = legacy.STAND_INS["torchao.dtypes.utils.PlainLayout"]
+    with pytest.raises(CorruptCheckpointError):
+        layout.__new__(layout, *range(100))
+    with pytest.raises(CorruptCheckpointError):
+        layout().__setstate__("junk")
+    with pytest.raises(CorruptCheckpointError):
+        legacy.STAND_INS["torchao.quantization.quant_api._int8_asymm_per_token_quant"](torch.ones(2))
+    with pytest.raises(ValueError):  # safe_load turns any unpickling failure into CorruptCheckpointError
+        legacy.STAND_INS["torchao.quantization.quant_primitives.ZeroPointDomain"](9)
+
+
+def test_stand_in_tensor_runs_no_torch_op() -> None:
+    record = _int8wo_record()
+    with pytest.raises(UnsupportedTensorError, match="migrate"):
+        torch.mul(record, 2)
+    assert "legacy" in repr(record)
+
+
+@pytest.mark.parametrize(
+    ("field", "junk"),
+    [("int_data", "not a tensor"), ("scale", torch.ones(3)), ("int_data", torch.ones(64, 128))],
+    ids=["string-data", "scale-count", "float-data"],
+)
+def test_junk_fields_give_an_aockpt_error(field: str, junk: object) -> None:
+    aqt = _int8wo_record()
+    aqt.legacy_state["tensor_impl"].legacy_state[field] = junk
+    with pytest.raises(AockptError):
+        legacy.migrate("0.weight", aqt)
+
+
+def test_non_legacy_value_is_refused() -> None:
+    with pytest.raises(UnsupportedTensorError, match="not a legacy torchao"):
+        legacy.migrate("w", legacy.STAND_INS["torchao.dtypes.utils.PlainLayout"]())
+
+
+@pytest.mark.xfail(strict=True, raises=UnsupportedTensorError,
+                   reason="safe_load._check_structure sends legacy stand-ins to registry.tensor_type_of")
+def test_safe_load_returns_legacy_records() -> None:
+    loaded = safe_load(FIXTURES / "ao0.13" / "int8dyn.pt")
+    assert all(legacy.is_legacy(v) for k, v in loaded.items() if k.endswith("weight"))

@@ -1,0 +1,89 @@
+"""Hugging Face folders: legacy folders pack into ones stock transformers loads; load_pretrained loads the rest."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import aockpt
+from aockpt.errors import KeyMismatchError
+from aockpt.pretrained import is_legacy_config
+
+LEGACY = Path(__file__).parent.parent / "fixtures" / "legacy" / "ao0.13"
+FOLDERS = ["hf_llama_int8wo", "hf_llama_int8dyn", "hf_llama_fqn_mix"]
+
+
+def _close_to_recorded(logits, recorded, ulps=4):
+    """Within a few bf16 ulps of the largest recorded logit (torchao 0.18's activation range is -128..127,
+    0.13's was -127..127, and transformers 5's Llama rounds slightly differently from 4.56)."""
+    tolerance = ulps * torch.finfo(torch.bfloat16).eps * recorded.abs().max().item()
+    assert (logits.float() - recorded.float()).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_legacy_folder_packs_for_stock_transformers(tmp_path, folder):
+    src = LEGACY / folder
+    assert is_legacy_config(json.loads((src / "config.json").read_text())["quantization_config"])
+    aockpt.pack(src, tmp_path / "packed")
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert not is_legacy_config(config["quantization_config"])
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["config.json", "model.safetensors"]
+    expected = load_file(src / "expected.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    with torch.no_grad():
+        stock = model(expected["input_ids"]).logits
+    _close_to_recorded(stock, expected["logits"])
+    with torch.no_grad():
+        ours = aockpt.load_pretrained(src)(expected["input_ids"]).logits
+    assert torch.equal(ours, stock)
+
+
+def test_per_module_mix_keeps_skipped_modules_plain(tmp_path):
+    aockpt.pack(LEGACY / "hf_llama_fqn_mix", tmp_path / "packed")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    layers = model.model.layers
+    assert type(layers[1].mlp.down_proj.weight) is torch.nn.Parameter
+    assert type(layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    assert layers[0].self_attn.q_proj.weight.act_quant_kwargs is not None
+    assert layers[0].mlp.up_proj.weight.act_quant_kwargs is None
+
+
+def _tiny_int4_cpu_model() -> LlamaForCausalLM:
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            module.weight = torch.nn.Parameter(Int4OpaqueTensor.from_hp(module.weight.detach(), [1, 32]),
+                                               requires_grad=False)
+    return model
+
+
+def test_load_pretrained_loads_what_stock_cannot(tmp_path):
+    model = _tiny_int4_cpu_model()
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    aockpt.save_pretrained(model, tmp_path / "int4")
+    loaded = aockpt.load_pretrained(tmp_path / "int4")
+    assert type(loaded.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_load_pretrained_reports_missing_weights(tmp_path):
+    model = _tiny_int4_cpu_model()
+    state = model.state_dict()
+    del state["model.norm.weight"]
+    state["extra.weight"] = torch.ones(1)
+    aockpt.save(state, tmp_path / "p")
+    model.config.save_pretrained(tmp_path / "p")
+    with pytest.raises(KeyMismatchError, match="extra.weight unexpected.*|model.norm.weight missing"):
+        aockpt.load_pretrained(tmp_path / "p")
