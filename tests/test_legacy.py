@@ -212,5 +212,5 @@ def test_non_legacy_value_is_refused() -> None:
 
 
 def test_safe_load_returns_legacy_records() -> None:
-    loaded = safesafe_load(FIXTURES / "ao0.13" / "int8dyn.pt")
+    loaded = safe_load(FIXTURES / "ao0.13" / "int8dyn.pt")
     assert all(legacy.is_legacy(v) for k, v in loaded.items() if k.endswith("weight"))
