@@ -190,6 +190,7 @@ class TensorInfo:
     packer: str | None
     alias_of: str | None = None
     devices: dict[str, str] = field(default_factory=dict)
+    origin: str | None = None  # for a migrated legacy tensor: what it was and what it became
 
 
 @dataclass
@@ -239,7 +240,8 @@ def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
                 flat = codec.flatten(name, codec.rebuild(flat, f"{source.path}: {name}"))
             verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
             tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
-                                      source.made_on[name], _portability(type_name), packer, None, verdicts))
+                                      source.made_on[name], _portability(type_name), packer, None, verdicts,
+                                      source.origins.get(name)))
         by_name = {t.name: t for t in tensors}
         for alias, target in source.aliases.items():
             t = by_name[target]

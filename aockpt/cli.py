@@ -131,6 +131,9 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for t in info.tensors:
+        if t.origin:
+            click.echo(f"  {t.name}: {t.origin}")
     ratio = info.bf16_bytes / info.total_bytes if info.total_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({ratio:.2f}x smaller)")

@@ -36,6 +36,7 @@ class Source:
     made_on: dict[str, str]
     flat: Callable[[str, torch.device | None], codec.FlatTensor]
     digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
+    origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
     skipped_files: list[Path] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
@@ -67,6 +68,9 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
 def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str) -> Source:
     """An in-memory state dict as a source; legacy records are migrated to current torchao tensors first."""
     tensors = _current_tensors(state_dict, path)
+    origins = {n: legacy.describe(v, n) for n, v in state_dict.items() if legacy.is_legacy(v)}
+    if origins:
+        kind = f"{kind}, written by torchao <= 0.17 (legacy records migrated on read)"
     aliases = codec.aliases(list(tensors.items()))
     types = {}
     for name, tensor in tensors.items():
@@ -75,7 +79,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str) -> Source
             type_name = entry.name if entry else PLAIN_TENSOR
             types[name] = (type_name, assumed_packer(type_name))
     made_on = {n: "unknown" for n in types}
-    return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]))
+    return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
 
 
 def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:

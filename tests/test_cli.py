@@ -67,3 +67,32 @@ def test_help_teaches_with_examples():
     for verb in ("pack", "unpack", "inspect", "verify"):
         result = run(verb, "--help")
         assert result.exit_code == 0 and "Example" in result.output or verb == "verify"
+
+
+@pytest.mark.parametrize("verb", ["pack", "unpack", "inspect", "verify"])
+def test_hostile_files_are_refused_by_every_verb(tmp_path, verb):
+    """Every hostile pickle of the corpus: non-zero exit, one line, no payload effect, nothing written."""
+    import hostile
+
+    for case_id, build in hostile.HOSTILE:
+        folder = tmp_path / case_id
+        folder.mkdir()
+        path = build(folder)
+        args = [verb, path] + ([folder / "out"] if verb in ("pack", "unpack") else [])
+        result = run(*args)
+        assert result.exit_code not in (0, 70), (case_id, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1, (case_id, result.stderr)
+        assert hostile.untouched(folder), case_id
+        assert not (folder / "out").exists() and not list(folder.glob(".out*")), case_id
+
+
+def test_inspect_and_pack_a_legacy_pickle(tmp_path):
+    from pathlib import Path
+
+    legacy_file = Path(__file__).parent.parent / "fixtures" / "legacy" / "ao0.13" / "int8dyn.pt"
+    shown = run("inspect", legacy_file)
+    assert shown.exit_code == 0 and "written by torchao <= 0.17" in shown.output
+    assert "AffineQuantizedTensor/PlainLayout" in shown.output and "-> Int8Tensor" in shown.output
+    assert run("pack", legacy_file, tmp_path / "p").exit_code == 0
+    assert run("verify", tmp_path / "p").exit_code == 0
+    assert type(aockpt.load_quantized(tmp_path / "p")["0.weight"]).__name__ == "Int8Tensor"
