@@ -35,7 +35,9 @@ def packer_here(type_name: str, device: torch.device) -> str | None:
     if entry.packed_for == "cuda":
         return "rocm-tinygemm" if torch.version.hip else "cuda-tinygemm"
     if entry.packed_for == "cpu":
-        return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+        from .relayout import cpu_packer
+
+        return cpu_packer()
     return entry.packed_for
 
 
@@ -79,11 +81,19 @@ Converter = Callable[["FlatTensor", torch.device], "FlatTensor"]
 
 
 def _converter(type_name: str, packer: str | None, device_type: str) -> Converter | None:
-    """An exact re-layout of a pinned tensor for `device_type`, or None where none exists."""
+    """An exact re-layout of a pinned int4 tensor for `device_type`, or None where none exists."""
     from . import relayout
+    from .codec import FlatTensor
 
-    finder = getattr(relayout, "converter", None)
-    return finder(type_name, packer, device_type) if finder is not None else None
+    if packer is None or type_name not in relayout.CONVERTERS or device_type not in relayout.TARGETS:
+        return None
+
+    def convert(flat: FlatTensor, device: torch.device) -> FlatTensor:
+        new_type, parts, attrs, _ = relayout.relayout(flat.type_name, flat.parts, flat.attrs, packer=packer,
+                                                      target_device=device)
+        return FlatTensor(new_type, flat.shape, flat.dtype, parts, attrs)
+
+    return convert
 
 
 def plan_loading(types: dict[str, tuple[str, str | None]], device: torch.device, *,

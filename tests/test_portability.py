@@ -1,0 +1,101 @@
+"""Checkpoints made on a real H100 (fixtures/cuda, fixtures/legacy/ao0.13-cuda): rules and exact re-layout."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import aockpt
+from aockpt import relayout
+from aockpt.errors import PortabilityError
+
+ROOT = Path(__file__).parent.parent / "fixtures"
+CUDA = ROOT / "cuda"
+LEGACY_CUDA = ROOT / "legacy" / "ao0.13-cuda"
+INT4 = ["linear_int4_tile_g32", "linear_int4_tile_g64"]
+PORTABLE = ["linear_int8_wo", "linear_int8_dyn", "linear_float8_wo", "linear_float8_dyn_row", "linear_float8_dyn_tensor"]
+
+
+def _close(got, want, ulps=4):
+    """Within a few bf16 steps of the largest recorded value: CPU and GPU kernels accumulate differently."""
+    assert (got.float() - want.float()).abs().max().item() <= ulps * torch.finfo(torch.bfloat16).eps * want.abs().max()
+
+
+def _run_linear(state, x):
+    model = torch.nn.Sequential(torch.nn.Linear(192, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
+    model.load_state_dict(state, assign=True, strict=True)
+    with torch.no_grad():
+        return model(x)
+
+
+def _dequantized(t):
+    """Dequantize, through the canonical int4 form where torchao has no CPU dequantize."""
+    if type(t).__name__ == "Int4OpaqueTensor":
+        names, attrs = t.__tensor_flatten__()
+        parts = {n: getattr(t, n) for n in names}
+        return relayout.dequantize(relayout.to_canonical("Int4OpaqueTensor", parts, attrs,
+                                                         packer=relayout.cpu_packer())).to(t.dtype)
+    return t.dequantize()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("name", INT4)
+def test_cuda_int4_is_refused_on_cpu_then_relaid_out_exactly(name, suffix):
+    path = CUDA / f"{name}{suffix}"
+    with pytest.raises(PortabilityError, match=r"2 tensor\(s\) cannot load on cpu: 0.weight is Int4TilePackedTo4dTensor"):
+        aockpt.load_quantized(path, "cpu")
+    state = aockpt.load_quantized(path, "cpu", relayout=True)
+    expected = load_file(CUDA / f"{name}.expected.safetensors")
+    for layer in ("0.weight", "2.weight"):
+        assert type(state[layer]).__name__ == "Int4OpaqueTensor"
+        got, want = _dequantized(state[layer]), expected[f"dequantized.{layer}"]
+        assert torch.equal(got.float(), want.float()), layer
+    _close(_run_linear(state, expected["input"]), expected["output"])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("name", PORTABLE)
+def test_cuda_int8_and_float8_load_on_cpu(name, suffix, tmp_path):
+    aockpt.pack(CUDA / f"{name}{suffix}", tmp_path / "p")
+    state = aockpt.load_quantized(tmp_path / "p", "cpu", verify=True)
+    expected = load_file(CUDA / f"{name}.expected.safetensors")
+    for layer in ("0.weight", "2.weight"):
+        assert torch.equal(state[layer].dequantize(), expected[f"dequantized.{layer}"]), layer
+    if "float8_dyn" in name:
+        return  # a bare F.linear on a dynamic float8 weight has no CPU kernel (docs/portability.md)
+    _close(_run_linear(state, expected["input"]), expected["output"])
+
+
+@pytest.mark.parametrize("name", ["llama_int8_wo", "llama_int8_dyn", "llama_float8_wo", "llama_float8_dyn_row"])
+def test_transformers5_cuda_folder_packs_and_loads_with_stock_transformers_on_cpu(name, tmp_path):
+    aockpt.pack(CUDA / name, tmp_path / "p")
+    expected = load_file(CUDA / f"{name}.expected.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    with torch.no_grad():
+        _close(model(expected["input_ids"]).logits, expected["logits"], ulps=8)
+
+
+def test_transformers5_cuda_int4_folder_runs_on_cpu_with_relayout(tmp_path):
+    folder = CUDA / "llama_int4_tile_g32"
+    with pytest.raises(PortabilityError, match="relayout=True"):
+        aockpt.load_pretrained(folder, "cpu")
+    model = aockpt.load_pretrained(folder, "cpu", relayout=True)
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
+    expected = load_file(CUDA / "llama_int4_tile_g32.expected.safetensors")
+    with torch.no_grad():
+        _close(model(expected["input_ids"]).logits, expected["logits"], ulps=8)
+
+
+@pytest.mark.parametrize("name", ["linear_int4_tc_tiled_g32", "linear_int4_tc_tiled_ik4_g64", "linear_float8_wo_aqt"])
+def test_legacy_cuda_pickles_migrate_and_run_on_cpu(name):
+    state = aockpt.load_quantized(LEGACY_CUDA / f"{name}.pt", "cpu", relayout=True)
+    expected = load_file(LEGACY_CUDA / f"{name}.expected.safetensors")
+    _close(_run_linear(state, expected["input"]), expected["output"])
+
+
+def test_inspect_answers_will_it_run(tmp_path):
+    info = aockpt.inspect(CUDA / "linear_int4_tile_g32.pt", devices=["cpu", "cuda"])
+    weight = next(t for t in info.tensors if t.name == "0.weight")
+    assert weight.devices["cpu"].startswith("no:") and weight.devices["cuda"].startswith("runs:")
