@@ -24,26 +24,35 @@ PathLike = str | os.PathLike
 KeyFilter = Iterable[str] | Callable[[str], bool] | None
 
 
-def _source_tensors(source: Source) -> list[SourceTensor]:
-    """Rebuild every tensor of a source on CPU (zero-copy where the source allows), aliases sharing one object."""
-    built: dict[str, torch.Tensor] = {}
+def _source_tensors(source: Source, layout_for: torch.device | None = None) -> list[SourceTensor]:
+    """Rebuild every tensor of a source on CPU (zero-copy where the source allows), aliases sharing one object.
+
+    With `layout_for`, pinned int4 tensors are re-laid out exactly for that device's kernel first.
+    """
+    converters = portability.plan_loading(source.types, layout_for, relayout=True) if layout_for else {}
+    built: dict[str, tuple[torch.Tensor, str | None]] = {}
     items = []
     for name in list(source.types) + list(source.aliases):
         target = source.aliases.get(name, name)
         if target not in built:
-            built[target] = codec.rebuild(source.flat(target, None), f"{source.path}: {target}")
-        _, packer = source.types[target]
-        items.append(SourceTensor(name, built[target], source.made_on[target], packer))
+            flat, packer = source.flat(target, None), source.types[target][1]
+            if target in converters:
+                flat, packer = converters[target](flat, torch.device("cpu"))
+            built[target] = (codec.rebuild(flat, f"{source.path}: {target}"), packer)
+        tensor, packer = built[target]
+        items.append(SourceTensor(name, tensor, source.made_on[target], packer))
     return items
 
 
-def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None) -> Path:
+def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None,
+         device: str | torch.device | None = None) -> Path:
     """Convert any supported checkpoint into a packed folder at `dst`, atomically.
 
     Args:
         src: a torch pickle state dict (.pt/.bin), a model folder, or a packed/torchao safetensors checkpoint.
         dst: the folder to create; it must not exist unless `force`.
         max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
+        device: re-lay out device-pinned int4 exactly for this device's kernel ("cpu", "cuda", "xpu").
     Returns:
         The destination path.
     Raises:
@@ -52,7 +61,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     source = open_source(src)
     try:
         with staged(dst, force=force) as tmp:
-            items = _source_tensors(source)
+            items = _source_tensors(source, portability.parse_device(device) if device else None)
             write_packed(items, tmp, max_shard_size=max_shard_size)
             _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
     finally:
@@ -154,7 +163,7 @@ def _build(source: Source, names: list[str], device: torch.device,
     for name in track(real, "loading", len(real)):
         flat = source.flat(name, device)
         if name in converters:
-            flat = converters[name](flat, device)
+            flat, _ = converters[name](flat, device)
         built[name] = codec.rebuild(flat, f"{source.path}: {name}", device)
     return {n: built[source.aliases.get(n, n)] for n in names}
 

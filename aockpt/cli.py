@@ -78,7 +78,9 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--max-shard-size", default=None, metavar="SIZE",
               help='Largest shard, e.g. "5GB" or "500MB" (huggingface_hub rules). Default 5GB.')
-def pack(src: str, dst: str, force: bool, max_shard_size: str | None) -> None:
+@click.option("--device", default=None, metavar="DEV",
+              help="Re-lay out device-pinned int4 exactly for DEV's kernel (cpu, cuda, xpu); nothing is re-quantized.")
+def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None) -> None:
     """Convert SRC into a packed safetensors folder DST.
 
     SRC may be a torch pickle state dict (.pt/.bin, any torchao release), a Hugging Face model folder, or
@@ -86,8 +88,9 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None) -> None:
 
     \b
     Example: aockpt pack llama-int8.pt llama-int8/
+    Example: aockpt pack cuda-int4/ cpu-int4/ --device cpu
     """
-    api.pack(src, dst, force=force, max_shard_size=max_shard_size)
+    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device)
     info = api.inspect(dst)
     click.echo(f"packed {len(info.tensors)} tensors ({_mb(info.total_bytes)}) into {dst}")
 

@@ -77,21 +77,26 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
     return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer or 'unknown packer'})")
 
 
-Converter = Callable[["FlatTensor", torch.device], "FlatTensor"]
+Converter = Callable[["FlatTensor", torch.device], tuple["FlatTensor", str]]
 
 
 def _converter(type_name: str, packer: str | None, device_type: str) -> Converter | None:
-    """An exact re-layout of a pinned int4 tensor for `device_type`, or None where none exists."""
+    """An exact re-layout of a pinned int4 tensor into `device_type`'s layout, or None where none exists.
+
+    The converter takes the device to build the new parts on (the target itself when loading, the CPU
+    when packing for a device this machine lacks) and returns the new flat tensor and its packer.
+    """
     from . import relayout
     from .codec import FlatTensor
 
-    if packer is None or type_name not in relayout.CONVERTERS or device_type not in relayout.TARGETS:
+    target = relayout.TARGETS.get(device_type)
+    if packer is None or type_name not in relayout.CONVERTERS or target is None:
         return None
 
-    def convert(flat: FlatTensor, device: torch.device) -> FlatTensor:
-        new_type, parts, attrs, _ = relayout.relayout(flat.type_name, flat.parts, flat.attrs, packer=packer,
-                                                      target_device=device)
-        return FlatTensor(new_type, flat.shape, flat.dtype, parts, attrs)
+    def convert(flat: FlatTensor, build_on: torch.device) -> tuple[FlatTensor, str]:
+        canon = relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer)
+        parts, attrs, new_packer = relayout.from_canonical(canon, target, build_on)
+        return FlatTensor(target, flat.shape, flat.dtype, parts, attrs), new_packer
 
     return convert
 

@@ -54,7 +54,9 @@ def _raw(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _float8_dynamic(granularity) -> torch.Tensor:
     cls = registry.TENSOR_TYPES["Float8Tensor"].cls
-    return cls.from_hp(weight(2), granularity=granularity,
+    from torchao.float8.inference import Float8MMConfig
+
+    return cls.from_hp(weight(2), granularity=granularity, mm_config=Float8MMConfig(use_fast_accum=True),
                        act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=granularity))
 
 

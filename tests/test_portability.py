@@ -63,8 +63,6 @@ def test_cuda_int8_and_float8_load_on_cpu(name, suffix, tmp_path):
     expected = load_file(CUDA / f"{name}.expected.safetensors")
     for layer in ("0.weight", "2.weight"):
         assert torch.equal(state[layer].dequantize(), expected[f"dequantized.{layer}"]), layer
-    if "float8_dyn" in name:
-        return  # a bare F.linear on a dynamic float8 weight has no CPU kernel (docs/portability.md)
     _close(_run_linear(state, expected["input"]), expected["output"])
 
 
@@ -95,7 +93,55 @@ def test_legacy_cuda_pickles_migrate_and_run_on_cpu(name):
     _close(_run_linear(state, expected["input"]), expected["output"])
 
 
+@pytest.mark.parametrize("name", ["linear_float8_dyn_row", "linear_float8_dyn_tensor"])
+@pytest.mark.parametrize("shape", [(1, 192), (2, 3, 192)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_dynamic_float8_runs_bare_f_linear_on_cpu(name, shape, dtype):
+    """Measured for docs/portability.md: torch 2.13's CPU float8 scaled mm runs these (with their mm_config)."""
+    weight = aockpt.load_quantized(CUDA / f"{name}.pt", "cpu")["0.weight"]
+    x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    assert torch.nn.functional.linear(x, weight).shape == (*shape[:-1], 64)
+
+
 def test_inspect_answers_will_it_run(tmp_path):
     info = aockpt.inspect(CUDA / "linear_int4_tile_g32.pt", devices=["cpu", "cuda"])
     weight = next(t for t in info.tensors if t.name == "0.weight")
     assert weight.devices["cpu"].startswith("no:") and weight.devices["cuda"].startswith("runs:")
+
+
+def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
+    """CUDA tile layout -> packed for cpu -> packed for cuda (on a machine without CUDA): same bytes as torch's."""
+    source = CUDA / "linear_int4_tile_g32.pt"
+    aockpt.pack(source, tmp_path / "cpu", device="cpu")
+    info = {t.name: t for t in aockpt.inspect(tmp_path / "cpu").tensors}
+    assert info["0.weight"].type == "Int4OpaqueTensor" and info["0.weight"].packer == relayout.cpu_packer()
+    state = aockpt.load_quantized(tmp_path / "cpu", "cpu")
+    expected = load_file(CUDA / "linear_int4_tile_g32.expected.safetensors")
+    _close(_run_linear(state, expected["input"]), expected["output"])
+    aockpt.pack(tmp_path / "cpu", tmp_path / "cuda", device="cuda")
+    original = aockpt.inspect(source)
+    again = {t.name: t for t in aockpt.inspect(tmp_path / "cuda").tensors}
+    assert again["0.weight"].type == "Int4TilePackedTo4dTensor" and again["0.weight"].packer == "cuda-tinygemm"
+    from aockpt.sources import open_source
+
+    first, second = open_source(source), open_source(tmp_path / "cuda")
+    for layer in ("0.weight", "2.weight"):
+        a, b = first.flat(layer, None), second.flat(layer, None)
+        for part in ("qdata", "scale_and_zero"):
+            assert torch.equal(a.parts[part].view(torch.uint8), b.parts[part].view(torch.uint8)), (layer, part)
+    assert {t.name for t in original.tensors} == set(again)
+
+
+def test_docs_table_matches_the_registry():
+    """docs/portability.md's rules table is kept beside the registry: one row per type, same facts."""
+    from aockpt.registry import TENSOR_TYPES, Portability
+
+    text = (ROOT.parent / "docs" / "portability.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in TENSOR_TYPES}
+    assert set(rows) == set(TENSOR_TYPES)
+    for name, entry in TENSOR_TYPES.items():
+        lives, packed_for, kernels, _ = rows[name]
+        assert lives == ("any device" if entry.portability is Portability.PORTABLE else entry.packed_for), name
+        assert packed_for == (entry.packed_for or "-"), name
+        assert kernels == ", ".join(sorted(entry.kernels)), name
