@@ -9,7 +9,7 @@ from . import hub
 
 
 @click.command("push")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private (only when it does not exist yet).")

@@ -194,14 +194,15 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
 
 
 def push_to_hub(model_or_path: Any, repo_id: str, **options: Any) -> str:
-    """Push an in-memory quantized transformers model (saved with save_pretrained first) or a folder."""
+    """Push an in-memory quantized transformers model (packed by aockpt.save_pretrained first) or a folder."""
     if isinstance(model_or_path, (str, os.PathLike)):
         return push(model_or_path, repo_id, **options)
     if not callable(getattr(model_or_path, "save_pretrained", None)):
         raise UsageError(f"cannot push a {type(model_or_path).__name__}: pass a transformers model or a folder")
+    from .pretrained import save_pretrained
+
     with tempfile.TemporaryDirectory(prefix="aockpt-model-") as tmp:
-        model_or_path.save_pretrained(tmp)
-        return push(tmp, repo_id, **options)
+        return push(save_pretrained(model_or_path, Path(tmp) / "model"), repo_id, **options)
 
 
 def _commit(files: dict[str, Path], card: bytes, repo_id: str, *, endpoint: str | None, token: str | None,
