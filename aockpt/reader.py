@@ -16,11 +16,12 @@ from . import codec, format as fmt
 from .errors import AockptError, CorruptCheckpointError
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
 from .typed_json import decode, loads_strict
 
 PACKED = "aockpt"
 TORCHAO = "torchao>=0.15 safetensors (transformers 5 / flatten_tensor_state_dict)"
+TORCHAO_014 = "torchao 0.14 safetensors (keys name:inner, unreadable by torchao >= 0.15)"
 PLAIN = "plain safetensors"
 
 
@@ -62,6 +63,8 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
         raise CorruptCheckpointError(f"{path} does not exist")
     index = path / fmt.INDEX_NAME
     if index.is_file():
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise CorruptCheckpointError(f"{index} is larger than {MAX_HEADER_BYTES} bytes; it is not a shard index")
         weight_map = fmt.index_from_json(index.read_bytes(), str(index))
         root = path.resolve()
         for name in set(weight_map.values()):
@@ -125,7 +128,12 @@ def _flavor(shards: dict[str, SafetensorsFile]) -> str:
     flavors = set()
     for shard in shards.values():
         meta = shard.metadata
-        flavors.add(PACKED if fmt.RECORD_KEY in meta else TORCHAO if "tensor_names" in meta else PLAIN)
+        if fmt.RECORD_KEY in meta:
+            flavors.add(PACKED)
+        elif "tensor_names" in meta:
+            flavors.add(TORCHAO_014 if any(":" in key for key in shard.keys()) else TORCHAO)
+        else:
+            flavors.add(PLAIN)
     if len(flavors) != 1:
         raise CorruptCheckpointError(f"shards were written by different tools ({', '.join(sorted(flavors))})")
     return flavors.pop()
@@ -147,6 +155,19 @@ def _read_packed(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, 
 
 def _read_torchao(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, None]:
     """Entries from torchao's per-tensor records; part keys computed exactly from `_tensor_data_names`."""
+    return _read_torchao_records(path, shards, _torchao_entry)
+
+
+def _read_torchao_014(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, None]:
+    """Entries from torchao 0.14 records: parts under ``name:inner``, plain tensors under ``name:_data``."""
+    keys = {key for shard in shards.values() for key in shard.keys()}
+    return _read_torchao_records(path, shards, lambda n, r, s, w: _torchao_014_entry(n, r, keys, w))
+
+
+def _read_torchao_records(path: Path, shards: dict[str, SafetensorsFile],
+                          make_entry: Callable[[str, Any, SafetensorsFile, str], fmt.TensorEntry]
+                          ) -> tuple[dict, dict, None]:
+    """Entries from the per-tensor records listed in each shard's `tensor_names`."""
     entries: dict[str, fmt.TensorEntry] = {}
     for name, shard in shards.items():
         where = f"{path}/{name}"
@@ -157,7 +178,7 @@ def _read_torchao(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict,
             if tensor_name not in shard.metadata:
                 raise CorruptCheckpointError(f"{where}: no record for listed tensor {tensor_name!r}")
             record = loads_strict(shard.metadata[tensor_name], f"{where} record {tensor_name!r}")
-            entries[tensor_name] = _torchao_entry(tensor_name, record, shard, f"{where} {tensor_name!r}")
+            entries[tensor_name] = make_entry(tensor_name, record, shard, f"{where} {tensor_name!r}")
     return entries, {}, None
 
 
@@ -179,10 +200,25 @@ def _torchao_entry(name: str, record: Any, shard: SafetensorsFile, where: str) -
                            assumed_packer(entry_type.name), parts, record["_data"])
 
 
-def _plain_entry(name: str) -> fmt.TensorEntry:
+def _torchao_014_entry(name: str, record: Any, keys: set[str], where: str) -> fmt.TensorEntry:
+    """One torchao 0.14 record; its parts are the declared inner names stored as ``name:inner``."""
+    if not isinstance(record, dict) or set(record) - {"_type", "_data"} or "_type" not in record:
+        raise CorruptCheckpointError(f"{where}: malformed torchao 0.14 record")
+    if record["_type"] == PLAIN_TENSOR:
+        return _plain_entry(name, f"{name}:_data")
+    entry_type = TENSOR_TYPES.get(record["_type"]) if isinstance(record["_type"], str) else None
+    if entry_type is None or not isinstance(record.get("_data"), dict):
+        raise CorruptCheckpointError(f"{where}: unsupported torchao 0.14 record type {record.get('_type')!r}")
+    required, optional, _ = entry_type.inner_names()
+    parts = {i: fmt.PartEntry(f"{name}:{i}", "", [], "") for i in (*required, *optional) if f"{name}:{i}" in keys}
+    return fmt.TensorEntry(entry_type.name, [], "", "unknown", entry_type.portability.value,
+                           assumed_packer(entry_type.name), parts, record["_data"])
+
+
+def _plain_entry(name: str, key: str | None = None) -> fmt.TensorEntry:
     """An entry for an ordinary tensor stored under its own name; its dtype and shape are the stored ones."""
     return fmt.TensorEntry(PLAIN_TENSOR, [], "", "unknown", Portability.PORTABLE.value, None,
-                           {codec.PLAIN_PART: fmt.PartEntry(name, "", [], "")}, {})
+                           {codec.PLAIN_PART: fmt.PartEntry(key or name, "", [], "")}, {})
 
 
 def _read_plain(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, dict, None]:
@@ -197,6 +233,7 @@ def _read_plain(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, d
 _READERS: dict[str, Callable[[Path, dict[str, SafetensorsFile]], tuple[dict, dict, str | None]]] = {
     PACKED: _read_packed,
     TORCHAO: _read_torchao,
+    TORCHAO_014: _read_torchao_014,
     PLAIN: _read_plain,
 }
 
@@ -233,6 +270,7 @@ def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None) -
     where = f"{ckpt.path}: {name}"
     parts = {inner: ckpt.part(p.key) for inner, p in entry.parts.items()}
     if entry.type == PLAIN_TENSOR:
+        codec.check_names(codec.FlatTensor(PLAIN_TENSOR, None, None, parts, entry.attrs), where)
         tensor = parts[codec.PLAIN_PART]
         return codec.FlatTensor(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, parts, {})
     attrs = {k: decode(v, where, device) for k, v in entry.attrs.items()}

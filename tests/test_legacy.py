@@ -215,3 +215,21 @@ def test_non_legacy_value_is_refused() -> None:
 def test_safe_load_returns_legacy_records() -> None:
     loaded = safe_load(FIXTURES / "ao0.13" / "int8dyn.pt")
     assert all(legacy.is_legacy(v) for k, v in loaded.items() if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("name", ["float8wo", "intx4wo"])
+def test_torchao_014_safetensors_pack_into_the_current_format(name: str, tmp_path: Path) -> None:
+    """torchao 0.14 wrote `name:inner` keys that 0.15+ cannot read; aockpt reads and repacks them exactly."""
+    import aockpt
+
+    source = FIXTURES / "ao0.14-safetensors" / f"{name}.safetensors"
+    assert aockpt.inspect(source).kind.startswith("torchao 0.14 safetensors")
+    aockpt.pack(source, tmp_path / "packed")
+    state = aockpt.load_quantized(tmp_path / "packed", verify=True)
+    expected = load_file(str(source.with_name(f"{name}.expected.safetensors")))
+    for layer in ("0.weight", "2.weight"):
+        assert torch.equal(state[layer].dequantize(), expected[f"{layer}:dequantized"]), layer
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        _assert_close_in_bf16_ulps(model(expected["input"]), expected["output"], ULPS_OF_MAX)
