@@ -45,13 +45,14 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
 
 
 def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None,
-         device: str | torch.device | None = None) -> Path:
+         workers: int = 1, device: str | torch.device | None = None) -> Path:
     """Convert any supported checkpoint into a packed folder at `dst`, atomically.
 
     Args:
         src: a torch pickle state dict (.pt/.bin), a model folder, or a packed/torchao safetensors checkpoint.
         dst: the folder to create; it must not exist unless `force`.
         max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
+        workers: processes writing shards in parallel; the output is byte-identical for any value.
         device: re-lay out device-pinned int4 exactly for this device's kernel ("cpu", "cuda", "xpu").
     Returns:
         The destination path.
@@ -62,7 +63,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     try:
         with staged(dst, force=force) as tmp:
             items = _source_tensors(source, portability.parse_device(device) if device else None)
-            write_packed(items, tmp, max_shard_size=max_shard_size)
+            write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
             _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
     finally:
         source.close()
@@ -92,10 +93,10 @@ def state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
 
 
 def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = False,
-         max_shard_size: int | str | None = None) -> Path:
+         max_shard_size: int | str | None = None, workers: int = 1) -> Path:
     """Pack an in-memory state dict (e.g. ``model.state_dict()`` after ``quantize_``) into a folder."""
     with staged(dst, force=force) as tmp:
-        write_packed(state_items(state_dict), tmp, max_shard_size=max_shard_size)
+        write_packed(state_items(state_dict), tmp, max_shard_size=max_shard_size, workers=workers)
     return Path(dst)
 
 

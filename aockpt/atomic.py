@@ -1,17 +1,25 @@
-"""Crash-safe outputs: everything is written beside the destination and renamed into place when complete."""
+"""Crash-safe outputs: everything is written beside the destination and renamed into place when complete.
+
+Temporary entries are named ``.<dst name>.aockpt-tmp-<pid>-<random>``. A writer killed outright (SIGKILL,
+power loss) cannot clean up, so the next write to the same destination removes the entries of writer
+processes that no longer exist; entries of live writers are left alone.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 TEMP_MARK = ".aockpt-tmp-"
+_FULL_DISK = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def _remove(path: Path) -> None:
@@ -22,14 +30,43 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal still counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale(dst: Path) -> list[Path]:
+    """Remove temporary entries beside `dst` left by writers that died; returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(dst.name)}{re.escape(TEMP_MARK)}(\d+)-")
+    removed = []
+    for entry in dst.parent.iterdir() if dst.parent.is_dir() else ():
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `dst`; on success it replaces `dst`, on any error it vanishes."""
+    """Yield a temporary path beside `dst`; on success it replaces `dst`, on any error it vanishes.
+
+    Raises:
+        UsageError: `dst` exists and not `force`.
+        OutputError: the disk (or a size limit) is full; nothing was written.
+    """
     dst = Path(dst)
+    remove_stale(dst)
     if dst.exists() and not force:
         raise UsageError(f"{dst} already exists; pass --force (force=True) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dst.name}{TEMP_MARK}"
+    prefix = f".{dst.name}{TEMP_MARK}{os.getpid()}-"
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
     else:
@@ -40,17 +77,34 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True) 
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
         _fsync_dir(tmp if folder else tmp.parent)
-        old = dst.with_name(f".{dst.name}{TEMP_MARK}old") if dst.exists() else None
-        if old is not None:
-            _remove(old)
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-        if old is not None:
-            _remove(old)
+        _commit(tmp, dst, dst.with_name(f"{prefix}old"))
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in _FULL_DISK:
+            raise OutputError(
+                f"no space left on device writing {dst} ({e.strerror}); nothing was written: free space "
+                "or choose another destination"
+            ) from e
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _commit(tmp: Path, dst: Path, aside: Path) -> None:
+    """Rename `tmp` onto `dst`; an existing folder is moved aside first and put back if the rename fails."""
+    old = aside if dst.is_dir() and not dst.is_symlink() else None
+    if old is not None:
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    _fsync_dir(dst.parent)
+    if old is not None:
+        _remove(old)
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ EXIT_CODES: dict[type, int] = {
     errors.PortabilityError: 5,
     errors.UnsupportedTensorError: 6,
     errors.HubError: 7,
+    errors.OutputError: 8,
 }
 
 

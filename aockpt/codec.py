@@ -7,10 +7,11 @@ torchao type needs a registry line, not new code here.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -129,6 +130,8 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
             tensor = cls.__tensor_unflatten__(parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape), None)
         except Exception as e:
             raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({e})") from e
+    if flat.type_name != PLAIN_TENSOR:
+        check_part_sizes(flat, tuple(tensor.shape), where)
     declared = (flat.shape, flat.dtype) if flat.shape is not None else (tuple(tensor.shape), tensor.dtype)
     if (tuple(tensor.shape), tensor.dtype) != (tuple(declared[0]), declared[1]):
         raise CorruptCheckpointError(
@@ -136,6 +139,85 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
             f"but the file declares {DTYPE_NAMES.get(flat.dtype)} {list(flat.shape)}"
         )
     return tensor
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What a tensor's outer shape and block size imply for the sizes of its parts."""
+
+    elements: int  # values of the outer (dequantized) tensor
+    blocks: int | None  # quantization blocks, one scale each; None where the type records no block size
+    attrs: dict[str, Any]
+
+
+def _blocks(shape: tuple[int, ...], block_size: Any, where: str) -> int | None:
+    """Blocks of a shape: per-dimension block sizes, or one int counting values along the flattened tensor."""
+    if block_size is None:
+        return None
+    if type(block_size) is int:
+        block_size, shape = [block_size], (math.prod(shape),)
+    if len(block_size) != len(shape) or not all(type(b) is int and b > 0 for b in block_size):
+        raise CorruptCheckpointError(f"{where}: block_size {list(block_size)} does not fit shape {list(shape)}")
+    return math.prod(-(-d // b) for d, b in zip(shape, block_size))
+
+
+def _bits(part: torch.Tensor) -> int:
+    """Bits a part stores (packed parts are measured this way)."""
+    return part.numel() * part.element_size() * 8
+
+
+def _count(part: torch.Tensor) -> int:
+    """Elements of a part (scales are measured this way)."""
+    return part.numel()
+
+
+def _mx_bits(s: _Sizes) -> int | None:
+    """Bits an MX qdata holds: 4 per value for fp4, 8 for fp8, unchecked for other element types."""
+    bits = {torch.float4_e2m1fn_x2: 4, torch.float8_e4m3fn: 8, torch.float8_e5m2: 8}.get(s.attrs.get("elem_dtype"))
+    return bits and bits * s.elements
+
+
+_Rule = tuple[Callable[[torch.Tensor], int], Callable[[_Sizes], int | None], bool]  # measure, expected, at least
+_PER_BLOCK: _Rule = (_count, lambda s: s.blocks, False)
+_BYTE_PER_VALUE: _Rule = (_bits, lambda s: 8 * s.elements, False)
+_NIBBLE_PER_VALUE: _Rule = (_bits, lambda s: 4 * s.elements, False)
+_PADDED_NIBBLES: _Rule = (_bits, lambda s: 4 * s.elements, True)
+_PADDED_PER_BLOCK: _Rule = (_count, lambda s: s.blocks, True)
+
+# family -> part -> rule. Kernels index parts by the outer shape, so a part too small for it is refused
+# before the tensor is used; layouts that pad (int4 tinygemm tiles pad K and N, swizzled mx/nvfp4 scales)
+# may hold more than the outer shape needs.
+PART_SIZE_RULES: dict[str, dict[str, _Rule]] = {
+    "int8": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK, "zero_point": _PER_BLOCK},
+    "float8": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK},
+    "intx": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK, "zero_point": _PER_BLOCK},
+    "int4": {"qdata": _PADDED_NIBBLES, "scale": _PADDED_PER_BLOCK, "zero_point": _PADDED_PER_BLOCK,
+             "group_scale": _PADDED_PER_BLOCK, "group_zero": _PADDED_PER_BLOCK,
+             "scale_and_zero": (_count, lambda s: s.blocks and 2 * s.blocks, True)},
+    "mx": {"qdata": (_bits, _mx_bits, False), "scale": _PADDED_PER_BLOCK},
+    "nvfp4": {"qdata": _NIBBLE_PER_VALUE, "scale": _PADDED_PER_BLOCK},
+    "nf4": {"quantized_data": _NIBBLE_PER_VALUE, "quantized_scalers": _PER_BLOCK, "nf4": (_count, lambda s: 16, False),
+            "quantization_factor": (_count, lambda s: s.blocks and s.blocks // s.attrs["scaler_block_size"], False)},
+}
+
+
+def check_part_sizes(flat: FlatTensor, shape: tuple[int, ...], where: str) -> None:
+    """Refuse parts whose sizes disagree with the outer shape and block size (see PART_SIZE_RULES)."""
+    rules = PART_SIZE_RULES.get(tensor_type_named(flat.type_name, where).family, {})
+    try:
+        sizes = _Sizes(math.prod(shape), _blocks(shape, flat.attrs.get("block_size"), where), flat.attrs)
+        checks = [(name, measure(flat.parts[name]), expected(sizes), at_least)
+                  for name, (measure, expected, at_least) in rules.items() if name in flat.parts]
+    except (ArithmeticError, TypeError, KeyError) as e:
+        raise CorruptCheckpointError(f"{where}: {flat.type_name} attributes do not describe its parts ({e})") from e
+    for name, got, want, at_least in checks:
+        if want is not None and (got < want if at_least else got != want):
+            unit = "bits" if rules[name][0] is _bits else "values"
+            raise CorruptCheckpointError(
+                f"{where}: {flat.type_name} part {name!r} holds {got} {unit}, but a {list(shape)} tensor with "
+                f"block_size {flat.attrs.get('block_size')} needs {'at least ' if at_least else ''}{want}; "
+                "the file is inconsistent: re-export it"
+            )
 
 
 def identity(tensor: torch.Tensor) -> tuple | None:

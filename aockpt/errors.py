@@ -34,5 +34,9 @@ class KeyMismatchError(AockptError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class OutputError(AockptError, OSError):
+    """An output could not be written (disk full, size limit, permissions); nothing was left behind."""
+
+
 class HubError(AockptError):
     """An upload to the Hugging Face Hub failed; the message says whether anything was uploaded."""

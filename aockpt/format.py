@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptCheckpointError
-from .registry import DTYPES, PLAIN_TENSOR, Portability
+from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
 from .typed_json import dumps, loads_strict
 
 FORMAT_VERSION = "1.0.0"
@@ -132,8 +132,10 @@ def _entry_from_json(name: str, obj: Any, where: str) -> TensorEntry:
         raise CorruptCheckpointError(f"{here}: attrs must be an object")
     if obj["packer"] is not None:
         _str(obj["packer"], here)
+    if _str(obj["type"], here) != PLAIN_TENSOR:
+        tensor_type_named(obj["type"], here)
     return TensorEntry(
-        type=_str(obj["type"], here), shape=_shape(obj["shape"], here),
+        type=obj["type"], shape=_shape(obj["shape"], here),
         dtype=_str(obj["dtype"], here, DTYPES), device=_str(obj["device"], here),
         portability=_str(obj["portability"], here, {p.value for p in Portability}),
         packer=obj["packer"], attrs=obj["attrs"],

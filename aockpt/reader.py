@@ -55,6 +55,16 @@ class Checkpoint:
             shard.close()
 
 
+def _shard_homes(folder: Path) -> set[Path]:
+    """Where a shard may really live: the folder itself, or, for a Hugging Face cache snapshot
+    (``models--*/snapshots/<rev>``), the ``blobs`` folder of the same cached repo its links point into."""
+    root = folder.resolve()
+    homes = {root}
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        homes.add(root.parent.parent / "blobs")
+    return homes
+
+
 def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
     """The folder and its index weight map (None for a single file), every shard kept inside the folder."""
     if path.is_file():
@@ -66,10 +76,10 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
         if index.stat().st_size > MAX_HEADER_BYTES:
             raise CorruptCheckpointError(f"{index} is larger than {MAX_HEADER_BYTES} bytes; it is not a shard index")
         weight_map = fmt.index_from_json(index.read_bytes(), str(index))
-        root = path.resolve()
+        homes = _shard_homes(path)
         for name in set(weight_map.values()):
             target = (path / name).resolve()
-            if target.parent != root or not target.is_file():
+            if target.parent not in homes or not target.is_file():
                 raise CorruptCheckpointError(f"{index}: shard {name!r} is missing or points outside {path}")
         return path, weight_map
     if (path / fmt.WEIGHTS_NAME).is_file():

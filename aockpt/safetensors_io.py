@@ -25,6 +25,7 @@ from .typed_json import dumps, loads_strict
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
 _CHUNK = 64 * 1024 * 1024
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,14 @@ def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorS
             f"{path}: header claims {length} bytes but the file has {size - 8} after the length (limit "
             f"{MAX_HEADER_BYTES}); the file is truncated or not safetensors"
         )
-    header = loads_strict(f.read(length), f"{path} header")
+    try:
+        text = f.read(length).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: header is not UTF-8 ({e}); the file is damaged or not safetensors") from e
+    header = loads_strict(text, f"{path} header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings")
     slots = {key: _slot(key, entry, path) for key, entry in header.items()}
@@ -194,14 +199,27 @@ def _slot(key: str, entry: object, path: Path) -> TensorSlot:
         raise CorruptCheckpointError(f"{path}: tensor {key!r} has unknown dtype {entry['dtype']!r}")
     if not _ints(shape) or not (_ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise CorruptCheckpointError(f"{path}: tensor {key!r} has a malformed shape or data_offsets")
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    if numel * torch.empty((), dtype=dtype).element_size() != offsets[1] - offsets[0]:
+    if not _spans(shape, dtype.itemsize, offsets[1] - offsets[0]):
         raise CorruptCheckpointError(
             f"{path}: tensor {key!r} declares {entry['dtype']} {shape} but spans {offsets[1] - offsets[0]} bytes"
         )
     return TensorSlot(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _spans(shape: list[int], itemsize: int, span: int) -> bool:
+    """Whether dtype x shape is exactly `span` bytes, stopping as soon as the product passes it.
+
+    Shapes come from the file, so a product of many huge dimensions must never be built in full; an
+    empty tensor's other dimensions must still fit the int64 sizes torch computes with.
+    """
+    empty = 0 in shape
+    limit = _INT64_MAX if empty else span
+    size = itemsize
+    for dim in shape:
+        size *= dim or 1
+        if size > limit:
+            return False
+    return span == 0 if empty else size == span
 
 
 def _ints(value: object) -> bool:

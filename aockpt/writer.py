@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import multiprocessing
+import sys
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from . import __version__, codec, format as fmt
-from .errors import UnsupportedTensorError
+from .errors import AockptError, UnsupportedTensorError, UsageError
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES, Portability
 from .safetensors_io import aligned_order, write_file
@@ -77,36 +82,132 @@ def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str
     return planned, aliases
 
 
-def write_packed(items: Iterable[SourceTensor], dst: Path, *, max_shard_size: int | str | None = None) -> int:
-    """Write tensors into folder `dst` as a packed checkpoint; returns the bytes of tensor data."""
+def write_packed(items: Iterable[SourceTensor], dst: Path, *, max_shard_size: int | str | None = None,
+                 workers: int = 1, release_pages: bool = False) -> int:
+    """Write tensors into folder `dst` as a packed checkpoint; returns the bytes of tensor data.
+
+    Shards are planned from part sizes alone (no tensor data is read), then written one by one, or by
+    `workers` forked processes, each shard's bytes being the same whatever the number of workers.
+    `release_pages` drops each written part's file-mapped pages from this process (pack's source views,
+    never read again), so resident memory stays near one shard, not the whole checkpoint.
+    """
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers}")
     items = sorted(items, key=lambda item: item.name)
     planned, aliases = _plan(items)
     split = split_state_dict_into_shards_factory(
         {name: p.flat.nbytes for name, p in planned.items()}, get_storage_size=int,
         filename_pattern=fmt.SHARD_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
     )
-    weight_map: dict[str, str] = {}
     made_by = producer()
-    for filename, names in track(split.filename_to_tensors.items(), "packing", len(split.filename_to_tensors)):
-        shard_aliases = {a: t for a, t in aliases.items() if t in names}
-        _write_shard(dst / filename, {n: planned[n] for n in names}, shard_aliases, made_by)
-        weight_map.update({p.key: filename for n in names for p in planned[n].entry.parts.values()})
-    if len(split.filename_to_tensors) > 1:
+    jobs = [_job(dst / filename, names, planned, aliases) for filename, names in split.filename_to_tensors.items()]
+    write = partial(_write_shard, made_by=made_by, release_pages=release_pages)
+    if workers == 1 or len(jobs) == 1:
+        for job in track(jobs, "packing", len(jobs)):
+            write(job)
+    else:
+        _in_workers(write, jobs, workers)
+    if len(jobs) > 1:
+        weight_map = {p.key: job.path.name for job in jobs for t in job.planned.values() for p in t.entry.parts.values()}
         (dst / fmt.INDEX_NAME).write_text(fmt.index_to_json(weight_map, split.metadata["total_size"]))
     return int(split.metadata["total_size"])
 
 
-def _write_shard(path: Path, planned: dict[str, _Planned], aliases: dict[str, str], made_by: dict) -> None:
+@dataclass
+class _ShardJob:
+    """One shard to write: its path, tensors and the aliases whose target it holds."""
+
+    path: Path
+    planned: dict[str, _Planned]
+    aliases: dict[str, str]
+
+
+def _job(path: Path, names: list[str], planned: dict[str, _Planned], aliases: dict[str, str]) -> _ShardJob:
+    """A shard's job: its tensors and the aliases of the tensors it holds."""
+    held = set(names)
+    return _ShardJob(path, {n: planned[n] for n in names}, {a: t for a, t in aliases.items() if t in held})
+
+
+def _write_shard(job: _ShardJob, *, made_by: dict, release_pages: bool) -> None:
     """One shard: parts in aligned order, header with torchao records and the aockpt record."""
-    parts = aligned_order([(p.entry.parts[i].key, t) for p in planned.values() for i, t in p.flat.parts.items()])
-    torchao_records = {n: fmt.torchao_record(p.entry, p.torchao_attrs) for n, p in planned.items()}
+    parts = aligned_order([(p.entry.parts[i].key, t) for p in job.planned.values() for i, t in p.flat.parts.items()])
+    torchao_records = {n: fmt.torchao_record(p.entry, p.torchao_attrs) for n, p in job.planned.items()}
 
     def metadata(digests: dict[str, str]) -> dict[str, str]:
-        for p in planned.values():
+        for p in job.planned.values():
             for part in p.entry.parts.values():
                 part.digest = digests[part.key]
-        tensors = {n: p.entry for n, p in planned.items()}
-        tensors.update({a: fmt.TensorEntry("", [], "", "", "", None, {}, {}, alias_of=t) for a, t in aliases.items()})
+        tensors = {n: p.entry for n, p in job.planned.items()}
+        tensors.update({a: fmt.TensorEntry("", [], "", "", "", None, {}, {}, alias_of=t)
+                        for a, t in job.aliases.items()})
         return fmt.shard_metadata(fmt.Record(fmt.FORMAT_VERSION, made_by, tensors), torchao_records)
 
-    write_file(path, parts, metadata)
+    write_file(job.path, parts, metadata)
+    if release_pages:
+        release_mapped([t for _, t in parts])
+
+
+def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], workers: int) -> None:
+    """Write shards in forked processes (they share the parent's tensors, nothing is pickled); first error wins."""
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_worker, args=(write, jobs[i::workers], errors), daemon=True)
+             for i in range(min(workers, len(jobs)))]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if not errors.empty():
+        raise errors.get()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise AockptError(f"a shard-writing worker died (exit code {failed[0]}); retry with workers=1 to see why")
+
+
+def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: Any) -> None:
+    """Body of one worker process: write its shards, report the first exception to the parent."""
+    try:
+        for job in jobs:
+            write(job)
+    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+        errors.put(e)
+        raise
+
+
+def release_mapped(tensors: list[torch.Tensor]) -> None:
+    """Drop the pages of file-mapped, unmodified tensors from this process; the page cache keeps them.
+
+    A later read faults them back in from the file, so this never loses data for tensors backed by a
+    private file mapping that was only read. Anonymous memory is never touched (MADV_DONTNEED would zero
+    it), so each range is checked against /proc/self/maps first. Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    mapped = _file_mappings()
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        if size == 0 or tensor.device.type != "cpu":
+            continue
+        lo, hi = start - start % page, -(-(start + size) // page) * page
+        if any(a <= lo and hi <= b for a, b in mapped):
+            _libc().madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private file mappings (inode != 0), where pack's source views live."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0" and fields[1].startswith("r") and fields[1][3] == "p":
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    """The C library's madvise, with its argument types declared."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc

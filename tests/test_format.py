@@ -83,3 +83,25 @@ def test_format_1_0_0_file_reads_exactly():
     model.load_state_dict({k: v for k, v in state.items() if k != "tied"}, assign=True)
     with torch.no_grad():
         assert torch.equal(model(expected["input"]), expected["output"])
+
+
+def test_sharded_checkpoint_in_the_hugging_face_cache_layout_loads(tmp_path):
+    """snapshots/<rev>/ holds links into ../../blobs: the one place shards may live outside their folder."""
+    state = {f"layers.{i}.weight": CASES["int8-weight-only"][1]() for i in range(3)}
+    aockpt.save(state, tmp_path / "p", max_shard_size=20_000)
+    repo = tmp_path / "hub" / "models--me--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted((tmp_path / "p").iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    loaded = aockpt.load_quantized(snapshot, verify=True)
+    assert sorted(loaded) == sorted(state)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for f in sorted((tmp_path / "p").iterdir()):
+        (elsewhere / f.name).symlink_to(f)
+    with pytest.raises(CorruptCheckpointError, match="points outside"):
+        aockpt.load_quantized(elsewhere)
