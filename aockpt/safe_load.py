@@ -288,13 +288,15 @@ def _check_structure(root: object, path: Path) -> None:
         stack.extend((k, w, depth + 1, False) for k, w in kids)
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+def safe_load(path: str | os.PathLike, map_location: Any = None, *, mmap: bool = False) -> Any:
     """Load a torch.save file without letting it run code: torch's weights-only unpickler, aockpt's allowlist.
 
     Args:
         path: a torch.save checkpoint (zip or legacy non-zip container).
         map_location: as for torch.load; defaults to "cpu" on a machine without CUDA, so
             CUDA-tagged checkpoints load anywhere.
+        mmap: map a zip-container file's storages instead of reading them (file-backed, loaded on
+            first touch); ignored for the legacy container, which torch cannot map.
 
     Returns:
         The loaded object (usually a state dict).
@@ -316,7 +318,9 @@ def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
         pairs = allowlist()
         with _only_our_globals(pairs):
             try:
-                obj = torch.load(f, map_location=map_location, weights_only=True, mmap=False)
+                mapped = mmap and is_zip and path.suffix != ".safetensors"
+                obj = torch.load(str(path) if mapped else f, map_location=map_location, weights_only=True,
+                                 mmap=mapped)
             except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one AockptError
                 raise _translate(e, path, is_zip) from e
     _check_structure(obj, path)

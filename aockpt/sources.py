@@ -107,7 +107,7 @@ def _migrate(name: str, value: Any, path: Path) -> torch.Tensor:
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     """Unpickle with aockpt's exact allowlist; nothing from the file runs."""
-    return safe_load(path, map_location="cpu")
+    return safe_load(path, map_location="cpu", mmap=True)
 
 
 def _pickle_folder(path: Path) -> Source:

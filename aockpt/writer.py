@@ -142,9 +142,7 @@ def _write_shard(job: _ShardJob, *, made_by: dict, release_pages: bool) -> None:
                         for a, t in job.aliases.items()})
         return fmt.shard_metadata(fmt.Record(fmt.FORMAT_VERSION, made_by, tensors), torchao_records)
 
-    write_file(job.path, parts, metadata)
-    if release_pages:
-        release_mapped([t for _, t in parts])
+    write_file(job.path, parts, metadata, (lambda t: release_mapped([t])) if release_pages else None)
 
 
 def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], workers: int) -> None:
