@@ -12,12 +12,12 @@ import torch
 
 from . import codec, portability
 from .atomic import staged
-from .errors import CorruptCheckpointError, KeyMismatchError
+from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
 from .pretrained import CONFIG_NAME, migrated_config
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
-from .sources import Source, from_state_dict, open_source
+from .sources import PICKLE_SUFFIXES, PICKLE_WEIGHTS, Source, from_state_dict, open_source
 from .writer import SourceTensor, write_packed
 
 PathLike = str | os.PathLike
@@ -59,10 +59,11 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     Raises:
         UnsafeCheckpointError, CorruptCheckpointError, UnsupportedTensorError, UsageError.
     """
+    layout_for = portability.parse_device(device) if device else None
     source = open_source(src)
     try:
         with staged(dst, force=force) as tmp:
-            items = _source_tensors(source, portability.parse_device(device) if device else None)
+            items = _source_tensors(source, layout_for)
             write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
             _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
     finally:
@@ -101,15 +102,31 @@ def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = Fa
 
 
 def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
-    """Write a checkpoint back as one torch pickle state dict that ``torch.load(weights_only=True)`` reads."""
+    """Write a checkpoint back as a torch pickle state dict that ``torch.load(weights_only=True)`` reads.
+
+    A model folder unpacks into a folder (``pytorch_model.bin`` plus its other files) unless `dst` names
+    a pickle file (``.pt``, ``.bin``, ...); anything else unpacks into the single file `dst`.
+    """
     source = open_source(src)
     try:
         state = _build(source, _select(source, None), torch.device("cpu"), {})
+        as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
+        with staged(dst, force=force, folder=as_folder) as tmp:
+            _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
+            for extra in source.extra_files if as_folder else ():
+                shutil.copy2(extra, tmp / extra.name)
     finally:
         source.close()
-    with staged(dst, force=force, folder=False) as tmp:
-        torch.save(state, tmp)
     return Path(dst)
+
+
+def _torch_save(state: dict[str, torch.Tensor], path: Path, dst: Path) -> None:
+    """torch.save, with its cryptic write failures (a full disk reads "unexpected pos") in the user's words."""
+    try:
+        torch.save(state, path)
+    except (RuntimeError, OSError) as e:
+        raise OutputError(f"could not write {dst} ({str(e).splitlines()[0]}); check free space and "
+                          "permissions; nothing was written") from e
 
 
 def _select(source: Source, keys: KeyFilter) -> list[str]:

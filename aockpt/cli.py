@@ -81,7 +81,9 @@ def main() -> None:
               help='Largest shard, e.g. "5GB" or "500MB" (huggingface_hub rules). Default 5GB.')
 @click.option("--device", default=None, metavar="DEV",
               help="Re-lay out device-pinned int4 exactly for DEV's kernel (cpu, cuda, xpu); nothing is re-quantized.")
-def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes writing shards in parallel; the output is byte-identical for any value.")
+def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None, workers: int) -> None:
     """Convert SRC into a packed safetensors folder DST.
 
     SRC may be a torch pickle state dict (.pt/.bin, any torchao release), a Hugging Face model folder, or
@@ -91,7 +93,7 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
     Example: aockpt pack llama-int8.pt llama-int8/
     Example: aockpt pack cuda-int4/ cpu-int4/ --device cpu
     """
-    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device)
+    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers)
     info = api.inspect(dst)
     click.echo(f"packed {len(info.tensors)} tensors ({_mb(info.total_bytes)}) into {dst}")
 
@@ -101,12 +103,15 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
 @click.argument("dst", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def unpack(src: str, dst: str, force: bool) -> None:
-    """Write SRC back as one torch pickle state dict DST.
+    """Write SRC back as a torch pickle state dict.
 
     DST loads with torch.load(DST, weights_only=True) once torchao is imported, tensor subclasses included.
+    A model folder unpacks into a folder DST (pytorch_model.bin plus config and the other files) unless
+    DST ends in .pt/.bin/.pth.
 
     \b
     Example: aockpt unpack llama-int8/ llama-int8.pt
+    Example: aockpt unpack llama-int8/ llama-int8-pickle/
     """
     api.unpack(src, dst, force=force)
     click.echo(f"unpacked {src} into {dst}")

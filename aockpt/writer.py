@@ -95,10 +95,14 @@ def write_packed(items: Iterable[SourceTensor], dst: Path, *, max_shard_size: in
         raise UsageError(f"workers must be at least 1, got {workers}")
     items = sorted(items, key=lambda item: item.name)
     planned, aliases = _plan(items)
-    split = split_state_dict_into_shards_factory(
-        {name: p.flat.nbytes for name, p in planned.items()}, get_storage_size=int,
-        filename_pattern=fmt.SHARD_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-    )
+    try:
+        split = split_state_dict_into_shards_factory(
+            {name: p.flat.nbytes for name, p in planned.items()}, get_storage_size=int,
+            filename_pattern=fmt.SHARD_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+        )
+    except ValueError as e:
+        raise UsageError(f"max shard size {max_shard_size!r} is not a size; give bytes or text like '5GB' "
+                         f"or '500MB' ({e})") from e
     made_by = producer()
     jobs = [_job(dst / filename, names, planned, aliases) for filename, names in split.filename_to_tensors.items()]
     write = partial(_write_shard, made_by=made_by, release_pages=release_pages)

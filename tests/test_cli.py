@@ -55,6 +55,8 @@ def test_pack_unpack_round_trip(packed, tmp_path):
     (["inspect", "{t}/missing"], 2, "does not exist"),
     (["inspect", "{t}/junk.safetensors"], 4, "too short"),
     (["inspect", "{p}", "--device", "gpu"], 2, "not a device"),
+    (["pack", "{p}", "{t}/out", "--max-shard-size", "5XB"], 2, "is not a size"),
+    (["pack", "{p}", "{t}/out", "--device", "tpu"], 2, "not a device"),
 ])
 def test_errors_are_one_line(packed, tmp_path, args, code, message):
     (tmp_path / "junk.safetensors").write_bytes(b"\x01")

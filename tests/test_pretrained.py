@@ -87,3 +87,15 @@ def test_load_pretrained_reports_missing_weights(tmp_path):
     model.config.save_pretrained(tmp_path / "p")
     with pytest.raises(KeyMismatchError, match="extra.weight unexpected.*|model.norm.weight missing"):
         aockpt.load_pretrained(tmp_path / "p")
+
+
+def test_unpack_a_model_folder_into_a_folder(tmp_path):
+    aockpt.pack(LEGACY / "hf_llama_int8wo", tmp_path / "packed")
+    aockpt.unpack(tmp_path / "packed", tmp_path / "unpacked")
+    assert sorted(p.name for p in (tmp_path / "unpacked").iterdir()) == ["config.json", "pytorch_model.bin"]
+    state = torch.load(tmp_path / "unpacked" / "pytorch_model.bin", weights_only=True)
+    packed = aockpt.load_quantized(tmp_path / "packed")
+    assert sorted(state) == sorted(packed)
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"].qdata, packed["model.layers.0.mlp.up_proj.weight"].qdata)
+    aockpt.unpack(tmp_path / "packed", tmp_path / "single.pt")
+    assert (tmp_path / "single.pt").is_file()
