@@ -8,6 +8,7 @@ torchao type needs a registry line, not new code here.
 from __future__ import annotations
 
 import math
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ _NAMED_HINTS: dict[str, Any] = {
 }
 
 
+@functools.cache
 def _attribute_hints(cls: type) -> dict[str, Any]:
     """Annotated constructor argument types of a torchao class (``__init__`` and ``__new__`` merged)."""
     hints: dict[str, Any] = {}

@@ -25,6 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+_PORTABILITIES = frozenset(p.value for p in Portability)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _entry_from_json(name: str, obj: Any, where: str) -> TensorEntry:
     return TensorEntry(
         type=obj["type"], shape=_shape(obj["shape"], here),
         dtype=_str(obj["dtype"], here, DTYPES), device=_str(obj["device"], here),
-        portability=_str(obj["portability"], here, {p.value for p in Portability}),
+        portability=_str(obj["portability"], here, _PORTABILITIES),
         packer=obj["packer"], attrs=obj["attrs"],
         parts={inner: _part_from_json(p, f"{here} part {inner!r}") for inner, p in parts.items()},
     )
@@ -173,9 +174,10 @@ def torchao_record(entry: TensorEntry, torchao_attrs: dict[str, Any]) -> str:
 
 
 def shard_metadata(record: Record, torchao_records: dict[str, str]) -> dict[str, str]:
-    """Header metadata of one shard: transformers' keys, torchao's records and aockpt's record."""
-    names = [n for n, e in record.tensors.items() if e.alias_of is None]
-    return {"format": "pt", "tensor_names": dumps(names), **torchao_records, RECORD_KEY: record_to_json(record)}
+    """Header metadata of one shard: transformers' keys, torchao's records (of every tensor in the checkpoint,
+    so a reader of any one shard's metadata sees them all) and this shard's aockpt record."""
+    return {"format": "pt", "tensor_names": dumps(sorted(torchao_records)), **torchao_records,
+            RECORD_KEY: record_to_json(record)}
 
 
 def check_shard_name(name: Any, where: str) -> str:

@@ -104,8 +104,9 @@ def write_packed(items: Iterable[SourceTensor], dst: Path, *, max_shard_size: in
         raise UsageError(f"max shard size {max_shard_size!r} is not a size; give bytes or text like '5GB' "
                          f"or '500MB' ({e})") from e
     made_by = producer()
+    torchao_records = {n: fmt.torchao_record(p.entry, p.torchao_attrs) for n, p in planned.items()}
     jobs = [_job(dst / filename, names, planned, aliases) for filename, names in split.filename_to_tensors.items()]
-    write = partial(_write_shard, made_by=made_by, release_pages=release_pages)
+    write = partial(_write_shard, made_by=made_by, torchao_records=torchao_records, release_pages=release_pages)
     if workers == 1 or len(jobs) == 1:
         for job in track(jobs, "packing", len(jobs)):
             write(job)
@@ -132,10 +133,13 @@ def _job(path: Path, names: list[str], planned: dict[str, _Planned], aliases: di
     return _ShardJob(path, {n: planned[n] for n in names}, {a: t for a, t in aliases.items() if t in held})
 
 
-def _write_shard(job: _ShardJob, *, made_by: dict, release_pages: bool) -> None:
-    """One shard: parts in aligned order, header with torchao records and the aockpt record."""
+def _write_shard(job: _ShardJob, *, made_by: dict, torchao_records: dict[str, str], release_pages: bool) -> None:
+    """One shard: parts in aligned order, header with every tensor's torchao record and this shard's aockpt record.
+
+    Every shard carries the torchao records of all tensors, as transformers' own save_pretrained does:
+    transformers 5.17 reads the metadata of one shard only, and fails on tensors another shard lists.
+    """
     parts = aligned_order([(p.entry.parts[i].key, t) for p in job.planned.values() for i, t in p.flat.parts.items()])
-    torchao_records = {n: fmt.torchao_record(p.entry, p.torchao_attrs) for n, p in job.planned.items()}
 
     def metadata(digests: dict[str, str]) -> dict[str, str]:
         for p in job.planned.values():
