@@ -240,10 +240,15 @@ class CheckpointInfo:
         """What the same tensors would take as plain bf16, the usual unquantized baseline."""
         return sum(2 * _numel(t.shape) for t in self.tensors if t.alias_of is None)
 
+    @property
+    def not_stock_loadable(self) -> list[str]:
+        """Types here that stock transformers 5 + torchao 0.18 cannot read from safetensors (registry table)."""
+        return sorted({t.type for t in self.tensors if t.type != PLAIN_TENSOR and not TENSOR_TYPES[t.type].stock_loadable})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as `aockpt inspect --json` prints it."""
         out = asdict(self)
-        out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes)
+        out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes, not_stock_loadable=self.not_stock_loadable)
         return out
 
 

@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import api, errors
+from .cli_hub import hook, push
 
 # exception type -> exit status; the message is always the exception's own one line.
 EXIT_CODES: dict[type, int] = {
@@ -146,6 +147,9 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     ratio = info.bf16_bytes / info.total_bytes if info.total_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({ratio:.2f}x smaller)")
+    blocked = info.not_stock_loadable
+    click.echo("stock transformers + torchao: " + (f"cannot read {', '.join(blocked)}; load with aockpt.load_pretrained"
+                                                   if blocked else "can read every tensor once packed"))
 
 
 @main.command()
@@ -159,18 +163,8 @@ def verify(path: str) -> None:
     click.echo(f"ok: {report.tensors} tensors, {_mb(report.bytes)} verified in {path}")
 
 
-def _register_optional() -> None:
-    """Add commands that live in their own modules."""
-    from .cli_hub import hook, push
-
-    main.add_command(push)
-    main.add_command(hook)
-
-
-try:
-    _register_optional()
-except ImportError:
-    pass
+main.add_command(push)
+main.add_command(hook)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,8 +55,8 @@ class Checkpoint:
             shard.close()
 
 
-def _shard_homes(folder: Path) -> set[Path]:
-    """Where a shard may really live: the folder itself, or, for a Hugging Face cache snapshot
+def file_homes(folder: Path) -> set[Path]:
+    """Where a folder's files may really live: the folder itself, or, for a Hugging Face cache snapshot
     (``models--*/snapshots/<rev>``), the ``blobs`` folder of the same cached repo its links point into."""
     root = folder.resolve()
     homes = {root}
@@ -76,7 +76,7 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
         if index.stat().st_size > MAX_HEADER_BYTES:
             raise CorruptCheckpointError(f"{index} is larger than {MAX_HEADER_BYTES} bytes; it is not a shard index")
         weight_map = fmt.index_from_json(index.read_bytes(), str(index))
-        homes = _shard_homes(path)
+        homes = file_homes(path)
         for name in set(weight_map.values()):
             target = (path / name).resolve()
             if target.parent not in homes or not target.is_file():

@@ -16,7 +16,7 @@ import torch
 from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .portability import assumed_packer
-from .reader import Checkpoint, open_checkpoint, read_flat
+from .reader import Checkpoint, file_homes, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
 from .safe_load import safe_load
 
@@ -38,7 +38,6 @@ class Source:
     digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
     origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
-    skipped_files: list[Path] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
 
     def close(self) -> None:
@@ -159,8 +158,8 @@ def open_source(path: str | Path) -> Source:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
-    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and not p.is_symlink())
+    homes = file_homes(path)
+    others = sorted(p for p in path.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.resolve().parent in homes)
     source.extra_files = [p for p in others if not _is_weight_file(p)]
-    source.skipped_files = [p for p in others if _is_weight_file(p) and p.suffix in PICKLE_SUFFIXES
-                            and source.checkpoint is not None]
     return source

@@ -97,8 +97,12 @@ def test_sharded_checkpoint_in_the_hugging_face_cache_layout_loads(tmp_path):
         blob = repo / "blobs" / f"blob{i}"
         blob.write_bytes(f.read_bytes())
         (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (repo / "blobs" / "cfg").write_text("{}")
+    (snapshot / "config.json").symlink_to(Path("..") / ".." / "blobs" / "cfg")
     loaded = aockpt.load_quantized(snapshot, verify=True)
     assert sorted(loaded) == sorted(state)
+    aockpt.pack(snapshot, tmp_path / "repacked")
+    assert (tmp_path / "repacked" / "config.json").read_text() == "{}"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for f in sorted((tmp_path / "p").iterdir()):

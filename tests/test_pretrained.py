@@ -71,6 +71,7 @@ def test_load_pretrained_loads_what_stock_cannot(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     aockpt.save_pretrained(model, tmp_path / "int4")
+    assert aockpt.inspect(tmp_path / "int4").not_stock_loadable == ["Int4OpaqueTensor"]
     loaded = aockpt.load_pretrained(tmp_path / "int4")
     assert type(loaded.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
