@@ -18,9 +18,14 @@ from torchao.quantization import (  # noqa: E402
     IntxUnpackedToInt8Tensor,
     MappingType,
     PerRow,
+    PerTensor,
 )
 from torchao.quantization.quant_primitives import TorchAODType, ZeroPointDomain  # noqa: E402
-from torchao.quantization.quantize_.workflows import QuantizeTensorToInt8Kwargs  # noqa: E402
+from torchao.float8.inference import Float8MMConfig  # noqa: E402
+from torchao.quantization.quantize_.workflows import (  # noqa: E402
+    QuantizeTensorToFloat8Kwargs,
+    QuantizeTensorToInt8Kwargs,
+)
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (  # noqa: E402
     IntxUnpackedToInt8TensorActivationQuantization,
 )
@@ -283,8 +288,10 @@ def _optional_plain(rec: Any, key: str, where: str) -> torch.Tensor | None:
 class _Weight:
     """The fields of a legacy AffineQuantizedTensor record that every migration reads."""
 
-    def __init__(self, aqt: LegacyTensor, act: LegacyFunction | None, where: str) -> None:
+    def __init__(self, aqt: LegacyTensor, act: LegacyFunction | None, where: str,
+                 act_kwargs: dict[str, Any] | None = None) -> None:
         self.where = where
+        self.act_kwargs = act_kwargs or {}
         self.impl = _get(aqt, "tensor_impl", LegacyTensor, where)
         if _role(self.impl) is not Role.IMPL:
             raise CorruptCheckpointError(f"{where}: tensor_impl is a {type(self.impl).__name__}, not a layout impl")
@@ -459,17 +466,35 @@ def _from_tensor_core_tiled(w: _Weight) -> torch.Tensor:
                                     torch.Size(w.shape))
 
 
-def _from_float8(w: _Weight) -> torch.Tensor:
-    """Float8Layout -> Float8Tensor (weight-only; float8 dynamic activations are not migrated)."""
-    if w.act is not None:
+_FLOAT8_GRANULARITIES = (PerRow, PerTensor)
+
+
+def _float8_act_kwargs(w: _Weight) -> Any:
+    """Float8Tensor's activation quantization equal to torchao<=0.17's `_input_activation_quant_func_fp8`."""
+    if w.act is None:
+        return None
+    granularity = w.act_kwargs.get("activation_granularity")
+    dtype = w.act_kwargs.get("activation_dtype")
+    if (w.act != "_input_activation_quant_func_fp8" or not isinstance(granularity, _FLOAT8_GRANULARITIES)
+            or dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)):
         raise UnsupportedTensorError(
-            f"{w.where}: torchao<=0.17 float8 dynamic activation ({w.act}) is not migrated; "
-            "re-quantize with torchao>=0.18 Float8DynamicActivationFloat8WeightConfig"
+            f"{w.where}: torchao<=0.17 float8 activation {w.act}({w.act_kwargs}) has no torchao 0.18 "
+            "equivalent; re-quantize with Float8DynamicActivationFloat8WeightConfig"
         )
+    return QuantizeTensorToFloat8Kwargs(float8_dtype=dtype, granularity=granularity)
+
+
+def _from_float8(w: _Weight) -> torch.Tensor:
+    """Float8Layout -> Float8Tensor, weight-only or with the same dynamic float8 activation and mm_config."""
+    act_quant_kwargs = _float8_act_kwargs(w)
     if w.impl.legacy_state.get("transposed"):
         raise UnsupportedTensorError(f"{w.where}: a transposed legacy Float8Layout weight is not migrated")
+    mm_config = w.layout.legacy_state.get("mm_config") if isinstance(w.layout, LegacyObject) else None
+    if mm_config is not None and not isinstance(mm_config, Float8MMConfig):
+        raise CorruptCheckpointError(f"{w.where}: Float8Layout mm_config is a {type(mm_config).__name__}")
     scale = w.per_block(w.tensor("scale"), "scale")
-    return Float8Tensor(w.tensor("float8_data"), scale, block_size=w.block_size, dtype=w.dtype)
+    return Float8Tensor(w.tensor("float8_data"), scale, block_size=w.block_size, mm_config=mm_config,
+                        act_quant_kwargs=act_quant_kwargs, dtype=w.dtype)
 
 
 _INT8_ACT = {
@@ -506,8 +531,8 @@ MIGRATIONS: dict[str, tuple[str, Callable[[_Weight], torch.Tensor]]] = {
 }
 
 
-def _unwrap(name: str, obj: Any) -> tuple[LegacyTensor, LegacyFunction | None]:
-    """The AQT record and its activation function (None for weight-only) of a legacy weight."""
+def _unwrap(name: str, obj: Any) -> tuple[LegacyTensor, LegacyFunction | None, dict[str, Any]]:
+    """The AQT record, its activation function (None for weight-only) and that function's kwargs."""
     role = _role(obj)
     if role is Role.ACT:
         inner = _get(obj, "original_weight_tensor", LegacyTensor, name)
@@ -518,16 +543,19 @@ def _unwrap(name: str, obj: Any) -> tuple[LegacyTensor, LegacyFunction | None]:
             )
         if _role(inner) is not Role.AQT:
             raise UnsupportedTensorError(f"{name} wraps a {type(inner).__name__}, which aockpt cannot migrate")
-        return inner, act
+        kwargs = obj.legacy_state.get("quant_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise CorruptCheckpointError(f"{name}: quant_kwargs is a {type(kwargs).__name__}, not a dict")
+        return inner, act, kwargs
     if role is Role.AQT:
-        return obj, None
+        return obj, None, {}
     raise UnsupportedTensorError(f"{name} is a {type(obj).__name__}, not a legacy torchao quantized weight")
 
 
 def _plan(name: str, obj: Any) -> tuple[_Weight, str, Callable[[_Weight], torch.Tensor]]:
     """The parsed legacy weight, the name of what it becomes and the migration that makes it."""
-    aqt, act = _unwrap(name, obj)
-    w = _Weight(aqt, act, name)
+    aqt, act, act_kwargs = _unwrap(name, obj)
+    w = _Weight(aqt, act, name, act_kwargs)
     impl = _short(w.impl)
     if impl not in MIGRATIONS:
         raise UnsupportedTensorError(

@@ -86,9 +86,13 @@ def test_transformers5_cuda_int4_folder_runs_on_cpu_with_relayout(tmp_path):
         _close(model(expected["input_ids"]).logits, expected["logits"], ulps=8)
 
 
-@pytest.mark.parametrize("name", ["linear_int4_tc_tiled_g32", "linear_int4_tc_tiled_ik4_g64", "linear_float8_wo_aqt"])
+@pytest.mark.parametrize("name", ["linear_int4_tc_tiled_g32", "linear_int4_tc_tiled_ik4_g64", "linear_float8_wo_aqt",
+                                  "linear_float8_dyn_row_aqt", "linear_float8_dyn_tensor_aqt"])
 def test_legacy_cuda_pickles_migrate_and_run_on_cpu(name):
     state = aockpt.load_quantized(LEGACY_CUDA / f"{name}.pt", "cpu", relayout=True)
+    if "dyn" in name:
+        granularity = state["0.weight"].act_quant_kwargs.granularity
+        assert type(granularity).__name__ == ("PerRow" if "row" in name else "PerTensor")
     expected = load_file(LEGACY_CUDA / f"{name}.expected.safetensors")
     _close(_run_linear(state, expected["input"]), expected["output"])
 
