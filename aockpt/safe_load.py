@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import io
 import os
 import pickle
 import pickletools
@@ -325,3 +326,45 @@ def safe_load(path: str | os.PathLike, map_location: Any = None, *, mmap: bool =
                 raise _translate(e, path, is_zip) from e
     _check_structure(obj, path)
     return obj
+
+
+_LOCATION = re.compile(r"(cpu|cuda|xpu|mps|npu|hpu|meta)(:\d+)?")
+_MAX_OPCODES = 2_000_000
+
+
+def storage_devices(path: str | os.PathLike) -> set[str]:
+    """Device types the file's storages were saved from, read from the pickle opcodes without running them.
+
+    torch records each storage's location ("cpu", "cuda:0", ...) as a string in the pickle's persistent
+    ids; loading maps them to CPU, so this is the only trace of where a checkpoint was made. Returns an
+    empty set where the file cannot be scanned.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                with zipfile.ZipFile(path) as z:
+                    name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+                    data = z.read(name)
+            else:
+                f.seek(0)
+                data = f.read(64 * 1024 * 1024)
+        return _locations_in_pickles(data)
+    except (OSError, ValueError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError):
+        return set()
+
+
+def _locations_in_pickles(data: bytes, pickles: int = 4) -> set[str]:
+    """Location strings in the first pickles of a byte stream (the legacy container holds several in a row)."""
+    found: set[str] = set()
+    stream, seen = io.BytesIO(data), 0
+    for _ in range(pickles):
+        if stream.tell() >= len(data):
+            break
+        for _op, arg, _pos in pickletools.genops(stream):
+            seen += 1
+            if seen > _MAX_OPCODES:
+                return found
+            if isinstance(arg, str) and _LOCATION.fullmatch(arg):
+                found.add(arg.split(":")[0])
+    return found

@@ -18,7 +18,7 @@ from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .portability import assumed_packer
 from .reader import Checkpoint, file_homes, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
-from .safe_load import safe_load
+from .safe_load import safe_load, storage_devices
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
@@ -64,7 +64,7 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
                   digests if ckpt.flavor == "aockpt" else None, checkpoint=ckpt)
 
 
-def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str) -> Source:
+def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: str = "unknown") -> Source:
     """An in-memory state dict as a source; legacy records are migrated to current torchao tensors first."""
     tensors = _current_tensors(state_dict, path)
     origins = {n: legacy.describe(v, n) for n, v in state_dict.items() if legacy.is_legacy(v)}
@@ -77,7 +77,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str) -> Source
             entry = tensor_type_of(tensor, name)
             type_name = entry.name if entry else PLAIN_TENSOR
             types[name] = (type_name, assumed_packer(type_name))
-    made_on = {n: "unknown" for n in types}
+    made_on = dict.fromkeys(types, made_on)
     return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
 
 
@@ -109,6 +109,12 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return safe_load(path, map_location="cpu", mmap=True)
 
 
+def _made_on(files: list[Path]) -> str:
+    """The one device type the files' storages were saved from, "unknown" when none or several."""
+    devices = set().union(*(storage_devices(f) for f in files))
+    return devices.pop() if len(devices) == 1 else "unknown"
+
+
 def _pickle_folder(path: Path) -> Source:
     """A transformers folder of pytorch_model.bin or its shards."""
     index = path / PICKLE_INDEX
@@ -118,15 +124,15 @@ def _pickle_folder(path: Path) -> Source:
     else:
         files = [PICKLE_WEIGHTS]
     state: dict[str, Any] = {}
-    for name in files:
-        shard = path / name
+    shards = [path / name for name in files]
+    for shard in shards:
         if shard.resolve().parent != path.resolve():
-            raise CorruptCheckpointError(f"{index}: shard {name!r} points outside {path}")
+            raise CorruptCheckpointError(f"{index}: shard {shard.name!r} points outside {path}")
         for key, value in _load_pickle(shard).items():
             if key in state:
                 raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two shards")
             state[key] = value
-    return from_state_dict(state, path, "transformers folder (pytorch_model.bin)")
+    return from_state_dict(state, path, "transformers folder (pytorch_model.bin)", _made_on(shards))
 
 
 def _safetensors_source(path: Path) -> Source:
@@ -149,7 +155,7 @@ def open_source(path: str | Path) -> Source:
     if path.is_file():
         if path.suffix == ".safetensors":
             return _safetensors_source(path)
-        return from_state_dict(_load_pickle(path), path, "torch pickle")
+        return from_state_dict(_load_pickle(path), path, "torch pickle", _made_on([path]))
     if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
         source = _safetensors_source(path)
     elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_WEIGHTS).is_file():

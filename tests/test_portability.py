@@ -149,3 +149,11 @@ def test_docs_table_matches_the_registry():
         assert lives == ("any device" if entry.portability is Portability.PORTABLE else entry.packed_for), name
         assert packed_for == (entry.packed_for or "-"), name
         assert kernels == ", ".join(sorted(entry.kernels)), name
+
+
+def test_inspect_and_pack_record_where_a_pickle_was_made(tmp_path):
+    """torch pickles keep each storage's location; aockpt reads it from the opcodes and records it."""
+    assert {t.device for t in aockpt.inspect(CUDA / "linear_int8_wo.pt").tensors} == {"cuda"}
+    aockpt.pack(CUDA / "linear_int8_wo.pt", tmp_path / "p")
+    assert {t.device for t in aockpt.inspect(tmp_path / "p").tensors} == {"cuda"}
+    assert {t.device for t in aockpt.inspect(ROOT / "legacy" / "ao0.13" / "int8wo_legacy_container.pt").tensors} == {"cpu"}
