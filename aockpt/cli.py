@@ -144,9 +144,9 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     for t in info.tensors:
         if t.origin:
             click.echo(f"  {t.name}: {t.origin}")
-    ratio = info.bf16_bytes / info.total_bytes if info.total_bytes else 1.0
+    share = info.total_bytes / info.bf16_bytes if info.bf16_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
-               f"{_mb(info.bf16_bytes)} as bf16 ({ratio:.2f}x smaller)")
+               f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")
     blocked = info.not_stock_loadable
     click.echo("stock transformers + torchao: " + (f"cannot read {', '.join(blocked)}; load with aockpt.load_pretrained"
                                                    if blocked else "can read every tensor once packed"))
