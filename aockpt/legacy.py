@@ -369,7 +369,7 @@ def _intx_act(w: _Weight) -> Any:
             f"{w.where} pairs intx weights with torchao<=0.17 {w.act}; torchao 0.18 only has int8 "
             "asymmetric per-token activations for intx weights; re-quantize with torchao>=0.18"
         )
-    return IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
+    return IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN.value  # the plain str 0.18 stores
 
 
 def _intx_from_int8(w: _Weight, q: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:

@@ -54,6 +54,9 @@ from torchao.quantization.quantize_.workflows import (  # noqa: E402
     QuantizeTensorToFloat8Kwargs,
     QuantizeTensorToInt8Kwargs,
 )
+from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (  # noqa: E402
+    IntxUnpackedToInt8TensorActivationQuantization,
+)
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: E402
     NF4Tensor,
     SubclassTensorArgs,
@@ -166,6 +169,7 @@ VALUE_TYPES: dict[str, type] = {
     "KernelPreference": KernelPreference,
     "ScaleCalculationMode": ScaleCalculationMode,
     "ZeroPointDomain": ZeroPointDomain,
+    "IntxUnpackedToInt8TensorActivationQuantization": IntxUnpackedToInt8TensorActivationQuantization,
     "PerRow": _g.PerRow,
     "PerTensor": _g.PerTensor,
     "PerGroup": _g.PerGroup,

@@ -233,3 +233,21 @@ def test_torchao_014_safetensors_pack_into_the_current_format(name: str, tmp_pat
     model.load_state_dict(state, assign=True)
     with torch.no_grad():
         _assert_close_in_bf16_ulps(model(expected["input"]), expected["output"], ULPS_OF_MAX)
+
+
+@pytest.mark.parametrize("path", PICKLES, ids=_id)
+def test_every_fixture_packs_and_loads_back_exactly(path: Path, tmp_path: Path) -> None:
+    """Through the public pipeline: pack (migrating on read) -> load_quantized, weights still bit-identical."""
+    import aockpt
+
+    aockpt.pack(path, tmp_path / "packed")
+    aockpt.verify(tmp_path / "packed")
+    state = aockpt.load_quantized(tmp_path / "packed", "cpu")
+    expected = load_file(str(path.with_suffix(".expected.safetensors")))
+    for name, want in ((k.split(":")[0], v) for k, v in expected.items() if k.endswith(":dequantized")):
+        got = _dequantize(state[name])
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+    model = _mlp()
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        _assert_close_in_bf16_ulps(model(expected["input"]), expected["output"], ULPS_OF_MAX)

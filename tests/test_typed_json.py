@@ -19,7 +19,8 @@ def test_attributes_of_every_case_round_trip(case):
         assert back == value and type(back) is type(value), name
 
 
-@pytest.mark.parametrize("value", [(1, 32), torch.Size([2, 3]), [1, (2, 3)], torch.int4, torch.float8_e4m3fn])
+@pytest.mark.parametrize("value", [(1, 32), torch.Size([2, 3]), [1, (2, 3)], torch.int4, torch.float8_e4m3fn,
+                                   *registry.VALUE_TYPES["IntxUnpackedToInt8TensorActivationQuantization"]])
 def test_tuples_and_dtypes_keep_their_type(value):
     back = typed_json.decode(typed_json.encode(value), "t")
     assert back == value and type(back) is type(value)
