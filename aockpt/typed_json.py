@@ -50,10 +50,11 @@ def _depth(value: Any, where: str) -> None:
 
 
 def loads_strict(text: str | bytes, where: str) -> Any:
-    """Parse JSON from a file: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    """Parse JSON from a file: no duplicate keys, no NaN/Infinity, no lone surrogates, bounded nesting."""
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape cannot be written back
+    except (ValueError, RecursionError, UnicodeError) as e:
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
     _depth(value, where)
     return value

@@ -36,6 +36,8 @@ def test_torchao_dialect_writes_tuples_as_lists():
     ('{"a": Infinity}', "non-standard"),
     ("[" * 40 + "]" * 40, "nested deeper"),
     ("{not json", "invalid JSON"),
+    ('{"a\\ud800": 1}', "invalid JSON"),
+    ('["\\udfff"]', "invalid JSON"),
 ])
 def test_strict_parser_refuses(text, message):
     with pytest.raises(CorruptCheckpointError, match=message):
