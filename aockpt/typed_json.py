@@ -40,13 +40,13 @@ def _no_constant(name: str) -> Any:
 
 def _depth(value: Any, where: str) -> None:
     """Refuse nesting deeper than MAX_DEPTH without recursing on attacker-chosen depth."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise CorruptCheckpointError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def loads_strict(text: str | bytes, where: str) -> Any:
