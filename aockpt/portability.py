@@ -73,6 +73,10 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
         kernel = "" if runs else f"; no {device_type} kernel in torchao 0.18 (data only)"
         return Verdict(True, runs, f"portable{kernel}")
     if entry.packed_for == device_type:
+        expected = packer_here(type_name, torch.device(device_type))
+        if packer is not None and packer != expected:
+            return Verdict(False, False, f"{entry.note}, packed by {packer} but this machine's {device_type} "
+                                         f"kernel reads the {expected} packing")
         return Verdict(True, runs, f"packed for {device_type} ({packer or 'unknown packer'})")
     return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer or 'unknown packer'})")
 

@@ -157,3 +157,23 @@ def test_inspect_and_pack_record_where_a_pickle_was_made(tmp_path):
     aockpt.pack(CUDA / "linear_int8_wo.pt", tmp_path / "p")
     assert {t.device for t in aockpt.inspect(tmp_path / "p").tensors} == {"cuda"}
     assert {t.device for t in aockpt.inspect(ROOT / "legacy" / "ao0.13" / "int8wo_legacy_container.pt").tensors} == {"cpu"}
+
+
+def test_cpu_int4_packed_for_another_instruction_set_is_refused_then_relaid_out(tmp_path):
+    """AVX512 and AVX2 interleave int4 rows differently: loading the other ISA's bytes would be silently wrong."""
+    from aockpt.relayout import cpu
+    from aockpt.writer import SourceTensor, write_packed
+    from conftest import CASES
+
+    original = CASES["int4-opaque"][1]()
+    names, attrs = original.__tensor_flatten__()
+    canon = relayout.to_canonical("Int4OpaqueTensor", {n: getattr(original, n) for n in names}, attrs,
+                                  packer=relayout.cpu_packer())
+    other = next(p for p in cpu.PACKINGS if p != relayout.cpu_packer())
+    parts, new_attrs, packer = cpu.from_canonical(canon, packer=other)
+    foreign = type(original)(parts["qdata"], parts["scale_and_zero"], new_attrs["block_size"], new_attrs["shape"])
+    write_packed([SourceTensor("w", foreign, "cpu", packer)], tmp_path)
+    with pytest.raises(PortabilityError, match=f"packed by {other} but this machine"):
+        aockpt.load_quantized(tmp_path, "cpu")
+    fixed = aockpt.load_quantized(tmp_path, "cpu", relayout=True)["w"]
+    assert torch.equal(fixed.qdata, original.qdata) and torch.equal(fixed.scale_and_zero, original.scale_and_zero)
