@@ -76,7 +76,7 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True) 
     try:
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
-        _fsync_dir(tmp if folder else tmp.parent)
+        fsync_path(tmp if folder else tmp.parent)
         _commit(tmp, dst, dst.with_name(f"{prefix}old"))
     except OSError as e:
         _remove(tmp)
@@ -102,7 +102,7 @@ def _commit(tmp: Path, dst: Path, aside: Path) -> None:
         if old is not None:
             os.replace(old, dst)
         raise
-    _fsync_dir(dst.parent)
+    fsync_path(dst.parent)
     if old is not None:
         _remove(old)
 
@@ -114,8 +114,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new directory entries durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a directory's entries (after a rename), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -233,11 +233,9 @@ def _sync_touch(state: dict, ctx: dict) -> None:
 
 def _fsync(path: Path) -> None:
     """Make a baseline's output durable, as aockpt's is, so times compare like with like."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from aockpt.atomic import fsync_path
+
+    fsync_path(path)
 
 
 @dataclass(frozen=True)
