@@ -14,6 +14,7 @@ from . import codec, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
 from .pretrained import CONFIG_NAME, migrated_config
+from .reader import check_torchao_records
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
@@ -307,11 +308,12 @@ class VerifyReport:
 
 
 def verify(path: PathLike) -> VerifyReport:
-    """Check structure and every digest of a packed checkpoint; raise naming each tensor that is wrong."""
+    """Check structure, every digest, and that torchao's records agree with aockpt's; name what is wrong."""
     source = open_source(path)
     try:
         names = list(source.types)
         _verify_digests(source, names)
+        check_torchao_records(source.checkpoint)
         for name in names:
             codec.rebuild(source.flat(name, None), f"{source.path}: {name}")
         total = sum(sum(len(d) for _, _, d in source.digests(n)) for n in names)

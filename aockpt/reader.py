@@ -17,7 +17,7 @@ from .errors import AockptError, CorruptCheckpointError
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
 from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
-from .typed_json import decode, loads_strict
+from .typed_json import decode, encode, loads_strict
 
 PACKED = "aockpt"
 TORCHAO = "torchao>=0.15 safetensors (transformers 5 / flatten_tensor_state_dict)"
@@ -286,3 +286,24 @@ def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None) -
     attrs = {k: decode(v, where, device) for k, v in entry.attrs.items()}
     dtype = DTYPES[entry.dtype][0] if entry.dtype else None
     return codec.FlatTensor(entry.type, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)
+
+
+def check_torchao_records(ckpt: Checkpoint) -> None:
+    """The torchao records stock loaders read must say exactly what the aockpt record says, in every shard."""
+    expected = {}
+    for name, entry in ckpt.entries.items():
+        if entry.alias_of is None:
+            attrs = {k: encode(decode(v, f"{ckpt.path}: {name}"), tuples=False) for k, v in entry.attrs.items()}
+            expected[name] = loads_strict(fmt.torchao_record(entry, attrs), name)
+    for shard_name, shard in ckpt.shards.items():
+        where = f"{ckpt.path}/{shard_name}"
+        names = loads_strict(shard.metadata.get("tensor_names", "null"), f"{where} tensor_names")
+        if names != sorted(expected):
+            raise CorruptCheckpointError(f"{where}: tensor_names does not list exactly the checkpoint's tensors; "
+                                         "stock loaders would see different tensors than aockpt verified")
+        for name, record in expected.items():
+            if loads_strict(shard.metadata.get(name, "null"), f"{where} record {name!r}") != record:
+                raise CorruptCheckpointError(
+                    f"{where}: torchao's record of {name} disagrees with aockpt's record; stock loaders would "
+                    "build a different tensor than aockpt verified; re-pack the checkpoint"
+                )

@@ -152,3 +152,20 @@ def test_bad_device_is_a_usage_error(tmp_path):
     aockpt.save({"a": torch.ones(2)}, tmp_path / "p")
     with pytest.raises(UsageError, match="not a device"):
         aockpt.load_quantized(tmp_path / "p", "gpu0")
+
+
+def test_verify_refuses_torchao_records_that_disagree_with_aockpts(tmp_path):
+    """Stock loaders read torchao's records: a file whose records lie to them must not pass verify."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    aockpt.save({"x.weight": CASES["int8-dynamic"][1]()}, tmp_path / "p")
+    path = tmp_path / "p" / fmt.WEIGHTS_NAME
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(metadata["x.weight"])
+    record["_data"]["act_quant_kwargs"] = None  # stock loaders would now see a weight-only tensor
+    save_file(tensors, path, metadata={**metadata, "x.weight": json.dumps(record)})
+    aockpt.load_quantized(tmp_path / "p", verify=True)  # aockpt's own record and digests are intact
+    with pytest.raises(CorruptCheckpointError, match="torchao's record of x.weight disagrees"):
+        aockpt.verify(tmp_path / "p")
