@@ -113,4 +113,4 @@ def test_sharded_checkpoint_in_the_hugging_face_cache_layout_loads(tmp_path):
 
 def test_format_1_0_0_file_passes_verify():
     """Old file, new verify: digests, structure and torchao records of a committed 1.0.0 file."""
-    assert aockpt.verify(FIXTURES / "v1.0.0").tensors == 6
+    assert aockpt.verify(FIXTURES / "v1.0.0").tensors == 5
