@@ -132,18 +132,20 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
-                    dtype: torch.dtype | None = None) -> Any:
+                    dtype: torch.dtype | None = None, model_class: type | None = None) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
     int4 re-laid out for another device. The model class comes from transformers' own config table;
-    no code from the folder runs. Missing or unexpected weights are an error listing each name.
+    no code from the folder runs: the class is `model_class` if given, else transformers' causal-LM class
+    for the config's type, else its base model class. Missing or unexpected weights are an error listing
+    each name.
 
     Raises:
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError.
     """
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     from .api import load_quantized
 
@@ -153,9 +155,11 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    model_class = (model_class or MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+                   or MODEL_MAPPING.get(type(config), None))
     if model_class is None:
-        raise UnsupportedTensorError(f"{folder}: transformers has no causal LM for model type {config.model_type!r}")
+        raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
+                                     f"{config.model_type!r}; pass model_class=")
     state = load_quantized(folder, device, relayout=relayout)
     model, info = model_class.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
                                               dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)

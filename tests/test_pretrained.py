@@ -100,3 +100,15 @@ def test_unpack_a_model_folder_into_a_folder(tmp_path):
     assert torch.equal(state["model.layers.0.mlp.up_proj.weight"].qdata, packed["model.layers.0.mlp.up_proj.weight"].qdata)
     aockpt.unpack(tmp_path / "packed", tmp_path / "single.pt")
     assert (tmp_path / "single.pt").is_file()
+
+
+def test_load_pretrained_takes_an_explicit_model_class(tmp_path):
+    from transformers import LlamaModel
+
+    aockpt.pack(LEGACY / "hf_llama_int8wo", tmp_path / "packed")
+    state = aockpt.load_quantized(tmp_path / "packed")
+    base = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    aockpt.save(base, tmp_path / "base")
+    (tmp_path / "base" / "config.json").write_bytes((tmp_path / "packed" / "config.json").read_bytes())
+    model = aockpt.load_pretrained(tmp_path / "base", model_class=LlamaModel)
+    assert type(model) is LlamaModel and type(model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
