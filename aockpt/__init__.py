@@ -1,53 +1,38 @@
-"""aockpt: safe, portable, bit-exact checkpoints for torchao-quantized PyTorch models."""
+"""aockpt: safe, portable, bit-exact checkpoints for torchao-quantized PyTorch models.
+
+The public names below are imported on first use, so tools that need only a part of aockpt (the git
+pre-push hook, ``aockpt --help``) do not pay for importing torch and torchao.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
-    CheckpointInfo,
-    TensorInfo,
-    VerifyReport,
-    inspect,
-    load_quantized,
-    pack,
-    save,
-    unpack,
-    verify,
-)
-from .pretrained import load_pretrained, save_pretrained  # noqa: E402
-from .safe_load import safe_load  # noqa: E402
-from .errors import (  # noqa: E402
-    AockptError,
-    CorruptCheckpointError,
-    HubError,
-    KeyMismatchError,
-    OutputError,
-    PortabilityError,
-    UnsafeCheckpointError,
-    UnsupportedTensorError,
-    UsageError,
-)
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("pack", "save", "unpack", "load_quantized", "inspect", "verify",
+                     "CheckpointInfo", "TensorInfo", "VerifyReport"), "api"),
+    **dict.fromkeys(("load_pretrained", "save_pretrained"), "pretrained"),
+    "safe_load": "unpickle",
+    **dict.fromkeys(("AockptError", "CorruptCheckpointError", "HubError", "KeyMismatchError", "OutputError",
+                     "PortabilityError", "UnsafeCheckpointError", "UnsupportedTensorError", "UsageError"), "errors"),
+}
 
-__all__ = [
-    "__version__",
-    "pack",
-    "save",
-    "save_pretrained",
-    "load_pretrained",
-    "safe_load",
-    "unpack",
-    "load_quantized",
-    "inspect",
-    "verify",
-    "CheckpointInfo",
-    "TensorInfo",
-    "VerifyReport",
-    "AockptError",
-    "CorruptCheckpointError",
-    "HubError",
-    "KeyMismatchError",
-    "OutputError",
-    "PortabilityError",
-    "UnsafeCheckpointError",
-    "UnsupportedTensorError",
-    "UsageError",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is used."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aockpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

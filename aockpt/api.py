@@ -18,7 +18,8 @@ from .reader import check_torchao_records
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
-from .sources import PICKLE_SUFFIXES, PICKLE_WEIGHTS, Source, from_state_dict, open_source
+from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
+from .sources import Source, from_state_dict, open_source
 from .writer import SourceTensor, write_packed
 
 PathLike = str | os.PathLike
@@ -313,9 +314,9 @@ def verify(path: PathLike) -> VerifyReport:
     try:
         names = list(source.types)
         _verify_digests(source, names)
-        check_torchao_records(source.checkpoint)
         for name in names:
             codec.rebuild(source.flat(name, None), f"{source.path}: {name}")
+        check_torchao_records(source.checkpoint)
         total = sum(sum(len(d) for _, _, d in source.digests(n)) for n in names)
         return VerifyReport(str(path), len(names) + len(source.aliases), total)
     finally:

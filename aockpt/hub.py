@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from .errors import AockptError, CorruptCheckpointError, HubError, UnsafeCheckpointError, UsageError
+from .filenames import PICKLE_SUFFIXES
 
 PathLike = str | os.PathLike
 CARD_NAME = "README.md"
@@ -46,8 +47,6 @@ _HEAD_BYTES = 8
 
 def pickle_reason(name: str, head: bytes) -> str | None:
     """Why a file is a pickle, from its name and first bytes; None when it is not one."""
-    from .sources import PICKLE_SUFFIXES
-
     suffix = PurePosixPath(name).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         return f"{suffix} is a torch pickle extension"

@@ -15,14 +15,12 @@ import torch
 
 from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
+from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .portability import assumed_packer
 from .reader import Checkpoint, file_homes, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
-from .safe_load import safe_load, storage_devices
+from .unpickle import safe_load, storage_devices
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_WEIGHTS = "pytorch_model.bin"
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".tar"})
 
 
 @dataclass

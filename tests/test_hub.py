@@ -356,3 +356,14 @@ def test_hook_install_rules(tmp_path, clone):
     (tmp_path / "plain").mkdir()
     with pytest.raises(UsageError, match="is not a git repository"):
         hub.install_hook(tmp_path / "plain")
+
+
+def test_the_hook_refuses_pickles_without_importing_torch():
+    """Most pushes hold no checkpoint: the hook's name/magic check must not pay for torch and torchao."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aockpt.hub as h; assert h.pickle_reason('m/x.bin', b'') "
+            "and h.pickle_reason('m/y.dat', b'PK\\x03\\x04'); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

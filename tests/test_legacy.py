@@ -14,7 +14,7 @@ from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
 from aockpt import legacy
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
-from aockpt.safe_load import safe_load
+from aockpt.unpickle import safe_load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "legacy"
 # CPU-made fixtures record dequantized weights; the CUDA-made ones (ao0.13-cuda) are tested in test_portability.

@@ -102,6 +102,7 @@ def test_pack_peak_memory_is_a_shard_not_the_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         from pathlib import Path
         import aockpt
+        import aockpt.api  # torch and torchao are imported before the baseline is taken
         def kb(field):
             return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)).split()[1])
         Path("/proc/self/clear_refs").write_text("5")

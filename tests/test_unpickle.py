@@ -11,7 +11,7 @@ import torch
 
 from aockpt import legacy, registry
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
-from aockpt.safe_load import allowlist, safe_load
+from aockpt.unpickle import allowlist, safe_load
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hostile  # noqa: E402
