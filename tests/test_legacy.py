@@ -251,3 +251,16 @@ def test_every_fixture_packs_and_loads_back_exactly(path: Path, tmp_path: Path) 
     model.load_state_dict(state, assign=True)
     with torch.no_grad():
         _assert_close_in_bf16_ulps(model(expected["input"]), expected["output"], ULPS_OF_MAX)
+
+
+@pytest.mark.parametrize("name, layout", [("linear_int4_marlin24", "MarlinSparseLayout"),
+                                          ("linear_int8dyn_semisparse", "SemiSparseLayout")])
+def test_real_sparse_pickles_are_read_safely_and_refused_by_name(name: str, layout: str, tmp_path: Path) -> None:
+    """Made by torchao 0.13 on an H100: the allowlist reads them, and the refusal names the layout."""
+    import aockpt
+
+    path = FIXTURES / "ao0.13-cuda-sparse" / f"{name}.pt"
+    assert any(legacy.is_legacy(v) for v in safe_load(path).values())
+    with pytest.raises(UnsupportedTensorError, match=f"0.weight is a torchao<=0.17 .*{layout}.*re-quantize"):
+        aockpt.pack(path, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
