@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import registry  # noqa: F401  (imports torchao quietly before the names below)
+from . import registry, sparse24  # noqa: F401  (registry imports torchao quietly before the names below)
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
 from torchao.quantization import (  # noqa: E402
@@ -133,6 +133,7 @@ class Role(str, enum.Enum):
 
     AQT = "AffineQuantizedTensor"  # weight wrapper: tensor_impl, block_size, quant range, zero domain
     ACT = "LinearActivationQuantizedTensor"  # original_weight_tensor + input_quant_func
+    AUTOQUANT = "autoquant weight"  # an AQT in some releases, an ACT in others: its pickled fields decide
     IMPL = "tensor impl"  # the layout-specific inner tensors; keys the migration table
     PACKED = "UintxTensor"  # bit-packed shards inside a uintx impl
     FLOAT = "autoquant float weight"  # a plain float tensor subclass
@@ -143,6 +144,9 @@ class Role(str, enum.Enum):
 _DT, _PDT = "torchao.dtypes", "torchao.prototype.dtypes"
 _Q, _AQ = "torchao.quantization", "torchao.quantization.autoquant"
 _G4 = ("32", "64", "128", "256")
+# autoquant's int4 wrappers pass activations through these: a dtype cast, not a quantization, so the
+# weight migrates as weight-only (torchao 0.18's int4 kernels take only that dtype and say so)
+_ACTIVATION_CASTS = ("_identity", "_to_bfloat16", "_to_float16")
 
 # Every legacy global torchao 0.7-0.17 could pickle in a weight (collected from the released sources).
 LEGACY_GLOBALS: dict[str, Role] = {
@@ -152,15 +156,15 @@ LEGACY_GLOBALS: dict[str, Role] = {
     f"{_PDT}.uintx.marlin_qqq_tensor.MarlinQQQTensor": Role.AQT,
     f"{_DT}.uintx.packed_linear_int8_dynamic_activation_intx_weight_layout._AffineQuantizedTensor": Role.AQT,
     f"{_Q}.linear_activation_quantized_tensor.LinearActivationQuantizedTensor": Role.ACT,
-    **{f"{_AQ}.AQInt8WeightOnlyQuantizedLinearWeight{s}": Role.AQT for s in ("", "2", "3")},
-    **{f"{_AQ}.AQInt4G{g}WeightOnlyQuantizedLinearWeight": Role.AQT for g in _G4},
-    **{f"{_AQ}.AQGemliteInt4G{g}WeightOnlyQuantizedLinearWeight": Role.AQT for g in _G4},
-    f"{_AQ}.AQInt4G128WeightOnlyQuantizedMarlinSparseLinearWeight": Role.AQT,
-    f"{_AQ}.AQFloat8WeightOnlyQuantizedLinearWeight": Role.AQT,
-    f"{_AQ}.AQInt8DynamicallyQuantizedLinearWeight": Role.ACT,
-    f"{_AQ}.AQInt8DynamicallyQuantizedSemiSparseLinearWeight": Role.ACT,
-    f"{_AQ}.AQFloat8PerRowScalingDynamicallyQuantizedLinearWeight": Role.ACT,
-    f"{_AQ}.AQFloat8PerTensorScalingDynamicallyQuantizedLinearWeight": Role.ACT,
+    **{f"{_AQ}.AQInt8WeightOnlyQuantizedLinearWeight{s}": Role.AUTOQUANT for s in ("", "2", "3")},
+    **{f"{_AQ}.AQInt4G{g}WeightOnlyQuantizedLinearWeight": Role.AUTOQUANT for g in _G4},
+    **{f"{_AQ}.AQGemliteInt4G{g}WeightOnlyQuantizedLinearWeight": Role.AUTOQUANT for g in _G4},
+    f"{_AQ}.AQInt4G128WeightOnlyQuantizedMarlinSparseLinearWeight": Role.AUTOQUANT,
+    f"{_AQ}.AQFloat8WeightOnlyQuantizedLinearWeight": Role.AUTOQUANT,
+    f"{_AQ}.AQInt8DynamicallyQuantizedLinearWeight": Role.AUTOQUANT,
+    f"{_AQ}.AQInt8DynamicallyQuantizedSemiSparseLinearWeight": Role.AUTOQUANT,
+    f"{_AQ}.AQFloat8PerRowScalingDynamicallyQuantizedLinearWeight": Role.AUTOQUANT,
+    f"{_AQ}.AQFloat8PerTensorScalingDynamicallyQuantizedLinearWeight": Role.AUTOQUANT,
     **{f"{_AQ}.AQ{k}LinearWeight": Role.FLOAT for k in ("Default", "Float32", "BFloat16", "Float16")},
     f"{_DT}.uintx.plain_layout.PlainAQTTensorImpl": Role.IMPL,
     f"{_DT}.uintx.tensor_core_tiled_layout.TensorCoreTiledAQTTensorImpl": Role.IMPL,
@@ -225,11 +229,13 @@ LEGACY_GLOBALS: dict[str, Role] = {
         "_float8_cutlass_quant_sparse",
         "_input_activation_quant_func_fp8",
     )},
+    **{f"{_AQ}.{f}": Role.FUNCTION for f in _ACTIVATION_CASTS},
 }
 
 _STAND_IN_OF_ROLE = {
     Role.AQT: lambda name: _stand_in(LegacyTensor, name),
     Role.ACT: lambda name: _stand_in(LegacyTensor, name),
+    Role.AUTOQUANT: lambda name: _stand_in(LegacyTensor, name),
     Role.IMPL: lambda name: _stand_in(LegacyTensor, name),
     Role.PACKED: lambda name: _stand_in(LegacyTensor, name),
     Role.FLOAT: lambda name: _stand_in(LegacyTensor, name),
@@ -303,7 +309,8 @@ class _Weight:
         self.dtype = aqt.dtype
         self.quant_range = (aqt.legacy_state.get("quant_min"), aqt.legacy_state.get("quant_max"))
         self.zero_domain = aqt.legacy_state.get("zero_point_domain")
-        self.act = act.legacy_name.rsplit(".", 1)[1] if act is not None else None
+        act_name = act.legacy_name.rsplit(".", 1)[1] if act is not None else None
+        self.act = None if act_name in _ACTIVATION_CASTS else act_name
 
     def blocks(self) -> list[int]:
         """The scale/zero-point shape with one entry per block (the keepdim form torchao 0.18 uses)."""
@@ -396,6 +403,17 @@ def _from_plain(w: _Weight) -> torch.Tensor:
     q = w.tensor("int_data")
     if q.dtype != torch.int8:
         raise UnsupportedTensorError(f"{w.where}: legacy PlainLayout data of dtype {q.dtype} has no current tensor")
+    return _from_int8_values(w, q)
+
+
+def _from_semi_sparse(w: _Weight) -> torch.Tensor:
+    """SemiSparseLayout: cuSPARSELt-compressed 2:4 int8 -> the same values dense, as PlainLayout would hold."""
+    rows, cols = w.shape
+    return _from_int8_values(w, sparse24.cusparselt_to_dense(w.tensor("int_data"), rows, cols, w.where))
+
+
+def _from_int8_values(w: _Weight, q: torch.Tensor) -> torch.Tensor:
+    """Int8Tensor from signed 8-bit values, or IntxUnpackedToInt8Tensor when the range is narrower."""
     bits = _bits_of_range(w, signed=True)
     zero = w.optional("zero_point")
     if bits < 8:
@@ -454,14 +472,44 @@ def _from_uintx(w: _Weight) -> torch.Tensor:
     return _intx_from_int8(w, q, (zero.to(torch.int16) - offset).to(torch.int8), bits)
 
 
+def _weight_only(w: _Weight) -> None:
+    """Refuse an activation quantization that the weight-only int4 tensors of torchao 0.18 cannot carry."""
+    if w.act is not None:
+        raise UnsupportedTensorError(
+            f"{w.where} pairs int4 weights with torchao<=0.17 activation {w.act}, which no torchao 0.18 int4 "
+            "tensor carries; re-quantize the original model with torchao>=0.18"
+        )
+
+
+def _from_marlin_sparse(w: _Weight) -> torch.Tensor:
+    """MarlinSparseLayout (2:4 int4, symmetric, zero point 8) -> IntxUnpackedToInt8Tensor of the same values."""
+    _weight_only(w)
+    n, k = w.shape
+    group = _get(w.impl, "group_size", int, w.where)
+    if _get(w.impl, "num_bits", int, w.where) != 4 or w.block_size != [1, group] or w.quant_range != (0, 15):
+        raise UnsupportedTensorError(f"{w.where}: a Marlin 2:4 weight other than 4-bit with groups along K")
+    codes, scale = sparse24.marlin24_to_dense(w.tensor("int_data"), w.tensor("scale"), w.tensor("meta"),
+                                             k, n, group, w.where)
+    zero = w.tensor("zero")
+    if zero.numel() != scale.numel() or bool((zero != 8).any()):
+        raise UnsupportedTensorError(f"{w.where}: Marlin 2:4 zero points other than 8 are not what its kernel used")
+    if int(codes.min()) < 0 or int(codes.max()) > 15:
+        raise CorruptCheckpointError(f"{w.where}: Marlin 2:4 codes outside 0..15; the file is corrupt")
+    zero_point = torch.zeros(w.blocks(), dtype=torch.int8)
+    return IntxUnpackedToInt8Tensor((codes - 8).to(torch.int8), w.per_block(scale, "scale"), zero_point,
+                                    torch.int4, w.block_size, w.dtype, None)
+
+
 def _from_int4_cpu(w: _Weight) -> torch.Tensor:
     """Int4CPULayout -> Int4OpaqueTensor: the same CPU kernel packing, moved over as is."""
+    _weight_only(w)
     return Int4OpaqueTensor(w.tensor("packed_weight"), w.tensor("scale_and_zero"), w.block_size,
                             torch.Size(w.shape))
 
 
 def _from_tensor_core_tiled(w: _Weight) -> torch.Tensor:
     """TensorCoreTiledLayout -> Int4TilePackedTo4dTensor: the same tinygemm packing, moved over as is."""
+    _weight_only(w)
     return Int4TilePackedTo4dTensor(w.tensor("packed_weight"), w.tensor("scale_and_zero"), w.block_size,
                                     torch.Size(w.shape))
 
@@ -515,11 +563,9 @@ MIGRATIONS: dict[str, tuple[str, Callable[[_Weight], torch.Tensor]]] = {
     "Float8AQTTensorImpl": ("Float8Tensor", _from_float8),
     "Int4XPUAQTTensorImpl": ("unsupported", _unsupported(
         "its XPU packing and integer zero point were never produced for a test here")),
-    "SemiSparseAQTTensorImpl": ("unsupported", _unsupported(
-        "the 2:4 values are compressed by cuSPARSELt, which only a CUDA build can decompress")),
+    "SemiSparseAQTTensorImpl": ("Int8Tensor", _from_semi_sparse),
     "CutlassSemiSparseTensorImpl": ("unsupported", _unsupported("CUTLASS 2:4 float8 packing is CUDA-only")),
-    "MarlinSparseAQTTensorImpl": ("unsupported", _unsupported(
-        "torchao 0.18 has no 2:4 sparse int4 tensor and the Marlin packing is not decoded")),
+    "MarlinSparseAQTTensorImpl": ("IntxUnpackedToInt8Tensor", _from_marlin_sparse),
     "MarlinQQQAQTTensorImpl": ("unsupported", _unsupported("torchao 0.18 has no Marlin QQQ tensor")),
     "GemliteAQTTensorImpl": ("unsupported", _unsupported("the gemlite bit packing is not decoded")),
     "FloatxTensorCoreAQTTensorImpl": ("unsupported", _unsupported("torchao 0.18 has no fp6/floatx tensor")),
@@ -531,9 +577,17 @@ MIGRATIONS: dict[str, tuple[str, Callable[[_Weight], torch.Tensor]]] = {
 }
 
 
+def _kind(obj: Any) -> Role | None:
+    """A weight record's role; an autoquant class is an AQT or an activation wrapper by its pickled fields."""
+    role = _role(obj)
+    if role is Role.AUTOQUANT:
+        return Role.ACT if "original_weight_tensor" in obj.legacy_state else Role.AQT
+    return role
+
+
 def _unwrap(name: str, obj: Any) -> tuple[LegacyTensor, LegacyFunction | None, dict[str, Any]]:
     """The AQT record, its activation function (None for weight-only) and that function's kwargs."""
-    role = _role(obj)
+    role = _kind(obj)
     if role is Role.ACT:
         inner = _get(obj, "original_weight_tensor", LegacyTensor, name)
         act = obj.legacy_state.get("input_quant_func")
@@ -541,7 +595,7 @@ def _unwrap(name: str, obj: Any) -> tuple[LegacyTensor, LegacyFunction | None, d
             raise UnsupportedTensorError(
                 f"{name} quantizes activations with {act!r}, which is not a torchao<=0.17 function aockpt knows"
             )
-        if _role(inner) is not Role.AQT:
+        if _kind(inner) is not Role.AQT:
             raise UnsupportedTensorError(f"{name} wraps a {type(inner).__name__}, which aockpt cannot migrate")
         kwargs = obj.legacy_state.get("quant_kwargs") or {}
         if not isinstance(kwargs, dict):
