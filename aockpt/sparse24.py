@@ -33,10 +33,10 @@ def _interleaved(local: dict[str, torch.Tensor], bits: tuple[tuple[str, int], ..
     return sum(((local[axis] >> bit) & 1) << i for i, (axis, bit) in enumerate(bits))
 
 
-def _cslt_nibble_index(rows: int, groups: int) -> torch.Tensor:
+def _cslt_nibble_index(rows: int, groups: int, device: torch.device) -> torch.Tensor:
     """For every (row, group of 4), where its position code sits among the metadata nibbles."""
-    r = torch.arange(rows).view(-1, 1)
-    g = torch.arange(groups).view(1, -1)
+    r = torch.arange(rows, device=device).view(-1, 1)
+    g = torch.arange(groups, device=device).view(1, -1)
     tile = (r // _CSLT_TILE_ROWS) * _ceil_div(groups, _CSLT_TILE_GROUPS) + g // _CSLT_TILE_GROUPS
     inner = _interleaved({"r": r % _CSLT_TILE_ROWS, "g": g % _CSLT_TILE_GROUPS}, _CSLT_NIBBLE_BITS)
     return tile * (_CSLT_TILE_ROWS * _CSLT_TILE_GROUPS) + inner
@@ -49,7 +49,7 @@ def _decode_pairs(values: torch.Tensor, meta: torch.Tensor, nibble: torch.Tensor
     if bool((first >= second).any()):
         raise CorruptCheckpointError(f"{where}: a 2:4 position code names the same or a reversed position; "
                                      "the file is corrupt")
-    dense = torch.zeros(*values.shape[:2], 4, dtype=values.dtype)
+    dense = torch.zeros(*values.shape[:2], 4, dtype=values.dtype, device=values.device)
     dense.scatter_(2, torch.stack((first, second), dim=-1), values)
     return dense.flatten(1)
 
@@ -62,7 +62,7 @@ def cusparselt_to_dense(packed: torch.Tensor, rows: int, cols: int, where: str) 
             f"2:4 matrix ({cusparselt_size(rows, cols)} bytes); the file is corrupt")
     flat = packed.contiguous().view(-1)
     values = flat[: rows * cols // 2].view(rows, cols // 4, 2)
-    return _decode_pairs(values, flat[rows * cols // 2:], _cslt_nibble_index(rows, cols // 4), where)
+    return _decode_pairs(values, flat[rows * cols // 2:], _cslt_nibble_index(rows, cols // 4, packed.device), where)
 
 
 # Marlin 2:4 (IST-DASLab Sparse-Marlin, as torchao 0.7-0.15 packed int4): 4-bit codes, 8 per int32,
@@ -87,10 +87,10 @@ def _marlin_fragment_order() -> torch.Tensor:
     return order.flatten().view(-1, 8)[:, list(_MARLIN_NIBBLE_ORDER)].flatten()
 
 
-def _marlin_nibble_index(rows: int, groups: int) -> torch.Tensor:
+def _marlin_nibble_index(rows: int, groups: int, device: torch.device) -> torch.Tensor:
     """For every (row, group of 4), where its position code sits among Marlin's metadata nibbles."""
-    r = torch.arange(rows).view(-1, 1)
-    g = torch.arange(groups).view(1, -1)
+    r = torch.arange(rows, device=device).view(-1, 1)
+    g = torch.arange(groups, device=device).view(1, -1)
     c = g // 4
     word = (c >> 1) * 2 * rows + (r >> 6) * 128 + _interleaved({"r": r % 64, "c": c % 2}, _MARLIN_META_BITS)
     return word * 4 + g % 4
@@ -111,11 +111,11 @@ def marlin24_to_dense(packed: torch.Tensor, scale: torch.Tensor, meta: torch.Ten
     words = packed.contiguous().view(kc // _MARLIN_TILE, -1).to(torch.int64)
     codes = torch.stack([(words >> (4 * s)) & 0xF for s in range(8)], dim=-1).flatten(1)
     tiled = torch.empty_like(codes)
-    tiled.view(-1, 1024)[:, _marlin_fragment_order()] = codes.view(-1, 1024)
+    tiled.view(-1, 1024)[:, _marlin_fragment_order().to(codes.device)] = codes.view(-1, 1024)
     compressed = (tiled.view(kc // _MARLIN_TILE, n // _MARLIN_TILE, _MARLIN_TILE, _MARLIN_TILE)
                   .permute(0, 2, 1, 3).reshape(kc, n))
     values = (compressed.t() - 8).reshape(n, k // 4, 2)  # Marlin compresses q - 8: pruned weights decode to 8
-    dense = _decode_pairs(values, meta, _marlin_nibble_index(n, k // 4), where) + 8
+    dense = _decode_pairs(values, meta, _marlin_nibble_index(n, k // 4, packed.device), where) + 8
     scales = scale.contiguous().view(-1, 8)
     if k // group_size > 1:  # torchao reorders scales only when there is more than one group
         unordered = torch.empty_like(scales)
