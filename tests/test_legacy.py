@@ -25,6 +25,8 @@ HF_FOLDERS = sorted(p.parent for p in FIXTURES.glob("ao*/*/pytorch_model.bin"))
 
 # Fixtures whose old output the migrated model reproduces bit for bit (same weight math, same matmul).
 EXACT_OUTPUT = {"int8wo", "int8wo_legacy_container", "int4cpu", "intx4wo_qdq", "uint4wo", "uint6wo"}
+# torchao 0.7 and 0.8 had no CPU int4 kernel dispatch: their output is dequantize() + F.linear, not the kernel's.
+DEQUANTIZED_MATMUL = {"ao0.7/int4cpu.pt", "ao0.8/int4cpu.pt"}
 # The rest quantize activations (torchao 0.18 uses the full int8 range where 0.13 used -127..127)
 # or run float8 through another CPU path: their outputs agree to a few bf16 ulps of the largest output.
 ULPS_OF_MAX = 4
@@ -82,7 +84,7 @@ def test_fixture_migrates_to_bit_identical_weights_and_recorded_outputs(path: Pa
         got = _dequantize(migrated[name])
         assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
     out = _run_mlp(migrated, expected["input"])
-    if path.stem in EXACT_OUTPUT:
+    if path.stem in EXACT_OUTPUT and _id(path) not in DEQUANTIZED_MATMUL:
         assert torch.equal(out.view(torch.uint8), expected["output"].view(torch.uint8))
     else:
         _assert_close_in_bf16_ulps(out, expected["output"], ULPS_OF_MAX)
