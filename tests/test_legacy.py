@@ -257,3 +257,33 @@ def test_every_fixture_packs_and_loads_back_exactly(path: Path, tmp_path: Path) 
         got = _dequantize(state[name])
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
     _assert_close_in_bf16_ulps(_run_mlp(state, expected["input"]), expected["output"], ULPS_OF_MAX)
+
+
+def _sparse_record(name: str) -> torch.Tensor:
+    return safe_load(FIXTURES / "ao0.13-cuda-sparse" / f"{name}.pt")["0.weight"]
+
+
+def _impl_of(record: torch.Tensor) -> torch.Tensor:
+    return record.legacy_state.get("original_weight_tensor", record).legacy_state["tensor_impl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "junk"),
+    [
+        ("linear_int8dyn_semisparse", "int_data", torch.zeros(256, 300, dtype=torch.int8)),
+        ("linear_int8dyn_semisparse", "int_data", torch.zeros(256, 320, dtype=torch.int16)),
+        ("linear_int4_marlin24", "meta", torch.zeros(8, 512, dtype=torch.int16)),
+        ("linear_int4_marlin24", "int_data", torch.zeros(16, 512, dtype=torch.int64)),
+        ("linear_int4_marlin24", "zero", torch.full((256, 4), 7.0, dtype=torch.bfloat16)),
+        ("linear_int4_marlin24", "group_size", 100),
+        ("linear_int4_marlin24", "num_bits", 8),
+        ("linear_int4_marlin24", "scale", torch.ones(3, dtype=torch.float16)),
+    ],
+    ids=["cslt-size", "cslt-dtype", "marlin-meta", "marlin-dtype", "marlin-zero", "marlin-group", "marlin-bits",
+         "marlin-scale"],
+)
+def test_junk_sparse_fields_give_an_aockpt_error(name: str, field: str, junk: object) -> None:
+    record = _sparse_record(name)
+    _impl_of(record).legacy_state[field] = junk
+    with pytest.raises(AockptError, match="0.weight"):
+        legacy.migrate("0.weight", record)
