@@ -13,6 +13,7 @@ from torchao.quantization.quant_primitives import _dequantize_affine_tinygemm, _
 from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
 from aockpt import legacy
+from mlp import run_mlp
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
 from aockpt.unpickle import safe_load
 
@@ -51,15 +52,6 @@ def _dequantize(t: torch.Tensor) -> torch.Tensor:
     return DEQUANTIZE.get(type(t), lambda x: x.dequantize())(t)
 
 
-def _run_mlp(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The generators' Linear -> ReLU -> Linear model, sized from the state dict, on the recorded input."""
-    (n0, k0), (n2, k2) = state["0.weight"].shape, state["2.weight"].shape
-    model = torch.nn.Sequential(torch.nn.Linear(k0, n0), torch.nn.ReLU(), torch.nn.Linear(k2, n2))
-    model.load_state_dict(state, assign=True)
-    with torch.no_grad():
-        return model(x)
-
-
 def _assert_close_in_bf16_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
     """|got - want| <= ulps * (bf16 spacing at the largest |want|); catches any real divergence."""
     top = want.float().abs().max()
@@ -83,7 +75,7 @@ def test_fixture_migrates_to_bit_identical_weights_and_recorded_outputs(path: Pa
     for name, want in recorded.items():
         got = _dequantize(migrated[name])
         assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
-    out = _run_mlp(migrated, expected["input"])
+    out = run_mlp(migrated, expected["input"])
     if path.stem in EXACT_OUTPUT and _id(path) not in DEQUANTIZED_MATMUL:
         assert torch.equal(out.view(torch.uint8), expected["output"].view(torch.uint8))
     else:
@@ -238,10 +230,7 @@ def test_torchao_014_safetensors_pack_into_the_current_format(name: str, tmp_pat
     expected = load_file(str(source.with_name(f"{name}.expected.safetensors")))
     for layer in ("0.weight", "2.weight"):
         assert torch.equal(state[layer].dequantize(), expected[f"{layer}:dequantized"]), layer
-    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
-    model.load_state_dict(state, assign=True)
-    with torch.no_grad():
-        _assert_close_in_bf16_ulps(model(expected["input"]), expected["output"], ULPS_OF_MAX)
+    _assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"], ULPS_OF_MAX)
 
 
 @pytest.mark.parametrize("path", PICKLES, ids=_id)
@@ -256,7 +245,7 @@ def test_every_fixture_packs_and_loads_back_exactly(path: Path, tmp_path: Path) 
     for name, want in ((k.split(":")[0], v) for k, v in expected.items() if k.endswith(":dequantized")):
         got = _dequantize(state[name])
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
-    _assert_close_in_bf16_ulps(_run_mlp(state, expected["input"]), expected["output"], ULPS_OF_MAX)
+    _assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"], ULPS_OF_MAX)
 
 
 def _sparse_record(name: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import aockpt
 from aockpt import relayout
 from aockpt.errors import PortabilityError
+from mlp import run_mlp
 
 ROOT = Path(__file__).parent.parent / "fixtures"
 CUDA = ROOT / "cuda"
@@ -21,13 +22,6 @@ PORTABLE = ["linear_int8_wo", "linear_int8_dyn", "linear_float8_wo", "linear_flo
 def _close(got, want, ulps=4):
     """Within a few bf16 steps of the largest recorded value: CPU and GPU kernels accumulate differently."""
     assert (got.float() - want.float()).abs().max().item() <= ulps * torch.finfo(torch.bfloat16).eps * want.abs().max()
-
-
-def _run_linear(state, x):
-    model = torch.nn.Sequential(torch.nn.Linear(192, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
-    model.load_state_dict(state, assign=True, strict=True)
-    with torch.no_grad():
-        return model(x)
 
 
 def _dequantized(t):
@@ -52,7 +46,7 @@ def test_cuda_int4_is_refused_on_cpu_then_relaid_out_exactly(name, suffix):
         assert type(state[layer]).__name__ == "Int4OpaqueTensor"
         got, want = _dequantized(state[layer]), expected[f"dequantized.{layer}"]
         assert torch.equal(got.float(), want.float()), layer
-    _close(_run_linear(state, expected["input"]), expected["output"])
+    _close(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -63,7 +57,7 @@ def test_cuda_int8_and_float8_load_on_cpu(name, suffix, tmp_path):
     expected = load_file(CUDA / f"{name}.expected.safetensors")
     for layer in ("0.weight", "2.weight"):
         assert torch.equal(state[layer].dequantize(), expected[f"dequantized.{layer}"]), layer
-    _close(_run_linear(state, expected["input"]), expected["output"])
+    _close(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("name", ["llama_int8_wo", "llama_int8_dyn", "llama_float8_wo", "llama_float8_dyn_row"])
@@ -94,7 +88,7 @@ def test_legacy_cuda_pickles_migrate_and_run_on_cpu(name):
         granularity = state["0.weight"].act_quant_kwargs.granularity
         assert type(granularity).__name__ == ("PerRow" if "row" in name else "PerTensor")
     expected = load_file(LEGACY_CUDA / f"{name}.expected.safetensors")
-    _close(_run_linear(state, expected["input"]), expected["output"])
+    _close(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("name", ["linear_float8_dyn_row", "linear_float8_dyn_tensor"])
@@ -121,7 +115,7 @@ def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
     assert info["0.weight"].type == "Int4OpaqueTensor" and info["0.weight"].packer == relayout.cpu_packer()
     state = aockpt.load_quantized(tmp_path / "cpu", "cpu")
     expected = load_file(CUDA / "linear_int4_tile_g32.expected.safetensors")
-    _close(_run_linear(state, expected["input"]), expected["output"])
+    _close(run_mlp(state, expected["input"]), expected["output"])
     aockpt.pack(tmp_path / "cpu", tmp_path / "cuda", device="cuda")
     original = aockpt.inspect(source)
     again = {t.name: t for t in aockpt.inspect(tmp_path / "cuda").tensors}
