@@ -13,7 +13,7 @@ import torch
 from . import codec, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
-from .pretrained import CONFIG_NAME, migrated_config
+from .hf_config import CONFIG_NAME, rewritten_config
 from .reader import check_torchao_records
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
@@ -74,9 +74,9 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
 
 
 def _copy_extra_files(source: Source, dst: Path, state: dict[str, torch.Tensor]) -> None:
-    """Carry a folder's other files over unchanged, except a legacy torchao config.json, which is migrated."""
+    """Carry a folder's other files over unchanged, except config.json, made truthful for the tensors written."""
     for extra in source.extra_files:
-        text = migrated_config(extra, state) if extra.name == CONFIG_NAME else None
+        text = rewritten_config(extra, state, source.aliases) if extra.name == CONFIG_NAME else None
         if text is None:
             shutil.copy2(extra, dst / extra.name)
         else:

@@ -223,13 +223,24 @@ def check_part_sizes(flat: FlatTensor, shape: tuple[int, ...], where: str) -> No
 
 
 def identity(tensor: torch.Tensor) -> tuple | None:
-    """What makes two state-dict values one stored tensor (tied weights); None for empty tensors."""
+    """What makes two state-dict values one stored tensor (tied weights); None for empty tensors.
+
+    A subclass is identified by its parts' storages and its attributes, never by the wrapper's ``id``:
+    ``state_dict()`` hands out a fresh wrapper per name for one tied torchao weight.
+    """
     if type(tensor) in (torch.Tensor, torch.nn.Parameter):
         if tensor.numel() == 0:
             return None
         return ("plain", tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
                 tuple(tensor.shape), tensor.stride(), tensor.dtype)
-    return ("subclass", id(tensor))
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return ("subclass", id(tensor))
+    inner, ctx = flatten()
+    parts = tuple((n, identity(getattr(tensor, n))) for n in inner)
+    if any(p is None for _, p in parts):
+        return ("subclass", id(tensor))
+    return ("subclass", type(tensor), tuple(tensor.shape), tensor.dtype, parts, repr(ctx))
 
 
 def aliases(named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:

@@ -1,115 +1,17 @@
-"""Hugging Face model folders: save and load transformers models, and migrate legacy quantization configs."""
+"""Hugging Face model folders: save and load transformers models."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
+from .hf_config import CONFIG_NAME, model_class as _causal_lm_class, skeleton, truthful_config
 
 PathLike = str | os.PathLike
-CONFIG_NAME = "config.json"
-_CONTAINERS = frozenset({"FqnToConfig", "ModuleFqnToConfig", "AOPerModuleConfig"})
-
-
-def _int8(t: Any) -> Any:
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-
-    return Int8WeightOnlyConfig() if t.act_quant_kwargs is None else Int8DynamicActivationInt8WeightConfig()
-
-
-def _float8(t: Any) -> Any:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
-
-    if t.act_quant_kwargs is None:
-        return Float8WeightOnlyConfig()
-    return Float8DynamicActivationFloat8WeightConfig(granularity=t.act_quant_kwargs.granularity)
-
-
-def _intx(t: Any) -> Any:
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    group = t.block_size[-1]
-    granularity = PerAxis(0) if group == t.shape[-1] else PerGroup(group)
-    if t.activation_quantization is None:
-        return IntxWeightOnlyConfig(weight_dtype=t.target_dtype, granularity=granularity)
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=t.target_dtype, weight_granularity=granularity)
-
-
-def _int4_tile(t: Any) -> Any:
-    from torchao.quantization import Int4WeightOnlyConfig
-
-    return Int4WeightOnlyConfig(group_size=t.block_size[-1], int4_packing_format="tile_packed_to_4d")
-
-
-# registry type -> the current torchao config that produces such a tensor (for rewriting config.json).
-CONFIG_FROM_TENSOR: dict[str, Callable[[Any], Any]] = {
-    "Int8Tensor": _int8,
-    "Float8Tensor": _float8,
-    "IntxUnpackedToInt8Tensor": _intx,
-    "Int4TilePackedTo4dTensor": _int4_tile,
-}
-
-
-def is_legacy_config(quantization_config: Any) -> bool:
-    """Whether a quantization_config holds configs or layouts that torchao 0.18 refuses (version 1)."""
-    stack = [quantization_config]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            kind = item.get("_type")
-            if isinstance(kind, str) and (kind.endswith("Layout") or (
-                    kind.endswith("Config") and kind not in _CONTAINERS and item.get("_version") == 1)):
-                return True
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
-def current_quantization_config(state: dict[str, torch.Tensor], old: dict[str, Any]) -> dict[str, Any]:
-    """The quantization_config transformers 5 + torchao 0.18 accept, derived from the tensors themselves."""
-    from torchao.quantization import FqnToConfig
-    from transformers import TorchAoConfig
-
-    from .registry import tensor_type_of
-
-    per_module = {}
-    for name, tensor in state.items():
-        entry = tensor_type_of(tensor, name)
-        if entry is None:
-            continue
-        make = CONFIG_FROM_TENSOR.get(entry.name)
-        if make is None:
-            raise UnsupportedTensorError(
-                f"{name} is {entry.name}, for which no torchao 0.18 config exists to write into config.json"
-            )
-        per_module[name.rpartition(".")[0]] = make(tensor)
-    configs = list(per_module.values())
-    single = configs and all(repr(c) == repr(configs[0]) for c in configs)
-    quant = configs[0] if single else FqnToConfig(per_module)
-    keep = {k: old[k] for k in ("modules_to_not_convert", "include_input_output_embeddings", "untie_embedding_weights")
-            if k in old}
-    return TorchAoConfig(quant, **keep).to_dict()
-
-
-def migrated_config(config_path: Path, state: dict[str, torch.Tensor]) -> str | None:
-    """config.json text with a legacy torchao quantization_config rewritten, or None if it needs no change."""
-    from .typed_json import loads_strict
-
-    config = loads_strict(config_path.read_bytes(), str(config_path))
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{config_path} is not a JSON object")
-    old = config.get("quantization_config")
-    if not isinstance(old, dict) or old.get("quant_method") != "torchao" or not is_legacy_config(old):
-        return None
-    config["quantization_config"] = current_quantization_config(state, old)
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
@@ -118,14 +20,22 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
     transformers 5.23's own ``save_pretrained`` fails on torchao 0.18 tensors on CPU (it asks the
     wrapper subclass for a storage pointer), so this writes the config files and packed weights itself.
+    config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
+    model's config usually has none), and a tie the tensors no longer share is switched off.
     """
     from .api import state_items
     from .atomic import staged
+    from .codec import aliases
+    from .hf_config import rewritten_config
     from .writer import write_packed
 
+    state = model.state_dict()
     with staged(dst, force=force) as tmp:
-        write_packed(state_items(model.state_dict()), tmp, max_shard_size=max_shard_size)
+        write_packed(state_items(state), tmp, max_shard_size=max_shard_size)
         model.config.save_pretrained(tmp)
+        text = rewritten_config(tmp / CONFIG_NAME, state, aliases(list(state.items())))
+        if text is not None:
+            (tmp / CONFIG_NAME).write_text(text)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
     return Path(dst)
@@ -145,7 +55,6 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError.
     """
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     from .api import load_quantized
 
@@ -155,12 +64,12 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model_class = (model_class or MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-                   or MODEL_MAPPING.get(type(config), None))
+    model_class = model_class or _causal_lm_class(config)
     if model_class is None:
         raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
                                      f"{config.model_type!r}; pass model_class=")
     state = load_quantized(folder, device, relayout=relayout)
+    _settle_ties(config, state, folder)
     model, info = model_class.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
                                               dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
     problems = [f"{k} {kind}" for kind in ("missing", "unexpected", "mismatched")
@@ -170,3 +79,20 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
                                + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
     return model.to(device).eval()
 
+
+
+def _settle_ties(config: Any, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Leave a stored tie to transformers (drop the second name) and untie names stored apart.
+
+    transformers compares two stored tied weights with ``torch.equal``, which torchao tensors do not
+    implement; deciding here keeps that comparison from running.
+    """
+    from .hf_config import read_config
+
+    skel = skeleton(read_config(folder / CONFIG_NAME))
+    for target, source in (skel.ties.items() if skel is not None else ()):
+        if target in state and source in state:
+            if state[target] is state[source]:
+                del state[target]
+            else:
+                config.tie_word_embeddings = False

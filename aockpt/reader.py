@@ -36,6 +36,7 @@ class Checkpoint:
     entries: dict[str, fmt.TensorEntry]
     producer: dict[str, str] = field(default_factory=dict)
     format_version: str | None = None
+    omitted: list[str] = field(default_factory=list)  # listed by torchao's records, no part stored (tied)
 
     def part(self, key: str) -> torch.Tensor:
         """The stored tensor under `key`, from whichever shard holds it."""
@@ -128,9 +129,22 @@ def _assemble(path: Path, shards: dict[str, SafetensorsFile], weight_map: dict[s
         raise CorruptCheckpointError(f"{path}: index lists keys that no shard holds: {missing}")
     flavor = _flavor(shards)
     entries, producer, version = _READERS[flavor](path, shards)
-    ckpt = Checkpoint(path, flavor, shards, key_to_shard, entries, producer, version)
+    omitted = _omitted(entries, key_to_shard) if flavor in (TORCHAO, TORCHAO_014) else []
+    ckpt = Checkpoint(path, flavor, shards, key_to_shard, entries, producer, version, omitted)
     _check_parts(ckpt)
     return ckpt
+
+
+def _omitted(entries: dict[str, fmt.TensorEntry], key_to_shard: dict[str, str]) -> list[str]:
+    """Take out the tensors listed with none of their parts stored: transformers omits tied weights so.
+
+    Whether each is really tied is decided by whoever knows the model (``sources.open_source``);
+    a tensor with only some of its parts stored stays an error.
+    """
+    omitted = [n for n, e in entries.items() if e.parts and not any(p.key in key_to_shard for p in e.parts.values())]
+    for name in omitted:
+        del entries[name]
+    return omitted
 
 
 def _flavor(shards: dict[str, SafetensorsFile]) -> str:

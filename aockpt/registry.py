@@ -12,6 +12,7 @@ import enum
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -38,13 +39,20 @@ from torchao.prototype.mx_formats.nvfp4_tensor import (  # noqa: E402
 )
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
 from torchao.quantization import (  # noqa: E402
+    Float8DynamicActivationFloat8WeightConfig,
     Float8Tensor,
+    Float8WeightOnlyConfig,
     Int4PlainInt32Tensor,
     Int4PreshuffledTensor,
     Int4Tensor,
     Int4TilePackedTo4dTensor,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8DynamicActivationIntxWeightConfig,
     Int8Tensor,
+    Int8WeightOnlyConfig,
     IntxUnpackedToInt8Tensor,
+    IntxWeightOnlyConfig,
     MappingType,
 )
 from torchao.quantization import granularity as _g  # noqa: E402
@@ -83,6 +91,7 @@ class TensorType:
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
+    config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it (config.json)
 
     def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
@@ -96,8 +105,37 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, config=None) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, config)
+
+
+def _int8_config(t: Any) -> Any:
+    """Int8Tensor: weight-only, or with int8 dynamic activations."""
+    return Int8WeightOnlyConfig() if t.act_quant_kwargs is None else Int8DynamicActivationInt8WeightConfig()
+
+
+def _float8_config(t: Any) -> Any:
+    """Float8Tensor: weight-only, or with float8 dynamic activations of the same granularity."""
+    if t.act_quant_kwargs is None:
+        return Float8WeightOnlyConfig()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=t.act_quant_kwargs.granularity)
+
+
+def _intx_config(t: Any) -> Any:
+    """IntxUnpackedToInt8Tensor: its bit width and group, weight-only or with int8 dynamic activations."""
+    group = t.block_size[-1]
+    granularity = _g.PerAxis(0) if group == t.shape[-1] else _g.PerGroup(group)
+    if t.activation_quantization is None:
+        return IntxWeightOnlyConfig(weight_dtype=t.target_dtype, granularity=granularity)
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=t.target_dtype, weight_granularity=granularity)
+
+
+def _int4_config(packing: str) -> Callable[[Any], Any]:
+    """An int4 tensor of one packing format: Int4WeightOnlyConfig with its group size."""
+    def make(t: Any) -> Any:
+        return Int4WeightOnlyConfig(group_size=t.block_size[-1], int4_packing_format=packing)
+
+    return make
 
 
 _P, _X = Portability.PORTABLE, Portability.PINNED
@@ -106,21 +144,21 @@ TENSOR_TYPES: dict[str, TensorType] = {
     t.name: t
     for t in (
         _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
-           "int8 per-row weight, optional int8 dynamic activation"),
+           "int8 per-row weight, optional int8 dynamic activation", config=_int8_config),
         _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
-           "float8 weight, optional float8 dynamic activation"),
+           "float8 weight, optional float8 dynamic activation", config=_float8_config),
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
-           "int1..int8 values held unpacked in int8"),
+           "int1..int8 values held unpacked in int8", config=_intx_config),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
-           "int4 in CUDA tinygemm tile packing"),
+           "int4 in CUDA tinygemm tile packing", config=_int4_config("tile_packed_to_4d")),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
            "int4 in the CPU kernel's ISA-dependent packing"),
         _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
-           "int4 plain nibble packing (mslk kernels)"),
+           "int4 plain nibble packing (mslk kernels)", config=_int4_config("plain")),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
            "int4 preshuffled for mslk CUDA kernels"),
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
-           "int4 packed in int32 for XPU/NPU kernels"),
+           "int4 packed in int32 for XPU/NPU kernels", config=_int4_config("plain_int32")),
         _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
            "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales"),
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,

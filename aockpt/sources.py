@@ -152,7 +152,9 @@ def open_source(path: str | Path) -> Source:
         raise UsageError(f"{path} does not exist; pass a checkpoint file or folder")
     if path.is_file():
         if path.suffix == ".safetensors":
-            return _safetensors_source(path)
+            source = _safetensors_source(path)
+            _restore_ties(source, path.parent)
+            return source
         return from_state_dict(_load_pickle(path), path, "torch pickle", _made_on([path]))
     if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
         source = _safetensors_source(path)
@@ -166,4 +168,24 @@ def open_source(path: str | Path) -> Source:
     others = sorted(p for p in path.iterdir()
                     if p.is_file() and not p.name.startswith(".") and p.resolve().parent in homes)
     source.extra_files = [p for p in others if not _is_weight_file(p)]
+    _restore_ties(source, path)
     return source
+
+
+def _restore_ties(source: Source, folder: Path) -> None:
+    """Alias each tensor the writer omitted to the stored one the model ties it to; refuse any other gap."""
+    omitted = source.checkpoint.omitted if source.checkpoint is not None else []
+    if not omitted:
+        return
+    from .hf_config import folder_skeleton, tied_partner
+
+    skel = folder_skeleton(folder)
+    for name in omitted:
+        partner = tied_partner(name, skel)
+        if partner is None or (partner not in source.types and partner not in source.aliases):
+            source.close()
+            raise CorruptCheckpointError(
+                f"{folder}: {name} is listed but none of its data is stored, and config.json does not tie it "
+                "to a stored tensor; the checkpoint is incomplete: re-download or re-save it"
+            )
+        source.aliases[name] = source.aliases.get(partner, partner)

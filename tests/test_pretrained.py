@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import aockpt
 from aockpt.errors import KeyMismatchError
-from aockpt.pretrained import is_legacy_config
+from aockpt.hf_config import is_legacy_config
 
 LEGACY = Path(__file__).parent.parent / "fixtures" / "legacy" / "ao0.13"
 FOLDERS = ["hf_llama_int8wo", "hf_llama_int8dyn", "hf_llama_fqn_mix"]

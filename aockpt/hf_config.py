@@ -1,0 +1,214 @@
+"""config.json of a quantized model folder: the quantization_config its tensors imply, its weight ties, and
+what stock transformers' ``from_pretrained`` will do with the folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError
+from .registry import PLAIN_TENSOR, TENSOR_TYPES, tensor_type_of
+
+CONFIG_NAME = "config.json"
+_CONTAINERS = frozenset({"FqnToConfig", "ModuleFqnToConfig", "AOPerModuleConfig"})
+# The `_type` of a torchao config record that no torchao module defines: stock transformers refuses the
+# folder with "Failed to find class ...", instead of loading the weights it cannot read as random ones.
+AOCKPT_ONLY = "LoadWithAockptLoadPretrained"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, refused unless it is a JSON object."""
+    from .typed_json import loads_strict
+
+    config = loads_strict(path.read_bytes(), str(path))
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def is_legacy_config(quantization_config: Any) -> bool:
+    """Whether a quantization_config holds configs or layouts that torchao 0.18 refuses (version 1)."""
+    stack = [quantization_config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            kind = item.get("_type")
+            if isinstance(kind, str) and (kind.endswith("Layout") or (
+                    kind.endswith("Config") and kind not in _CONTAINERS and item.get("_version") == 1)):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def model_class(config: Any) -> type | None:
+    """transformers' causal-LM class for a config, else its base model class; None where it has neither."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) or MODEL_MAPPING.get(type(config), None)
+
+
+def transformers_config(config: dict[str, Any]) -> Any | None:
+    """config.json as a transformers config (its quantization_config left out), None for an unknown model type."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    return CONFIG_MAPPING[model_type].from_dict(plain)
+
+
+@dataclass
+class Skeleton:
+    """What the model class says about its parameters: weight ties and which modules are embeddings."""
+
+    ties: dict[str, str]  # tied name -> the name it shares storage with (transformers' target -> source)
+    embeddings: frozenset[str]  # module names of the input and output embeddings
+    linear: frozenset[str]  # module names of nn.Linear modules
+
+
+def skeleton(config: dict[str, Any]) -> Skeleton | None:
+    """The model config.json describes, built on the meta device (no memory); None where transformers lacks it."""
+    hf = transformers_config(config)
+    cls = model_class(hf) if hf is not None else None
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        model = cls._from_config(hf)
+    modules = dict(model.named_modules())
+    emb = [model.get_input_embeddings()]
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = frozenset(n for n, m in modules.items() if any(m is e for e in [*emb, out] if e is not None))
+    linear = frozenset(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))
+    return Skeleton(dict(model.get_expanded_tied_weights_keys(all_submodels=True)), embeddings, linear)
+
+
+def folder_skeleton(folder: Path) -> Skeleton | None:
+    """The skeleton of a folder's config.json, None when it has none or names no transformers model."""
+    path = folder / CONFIG_NAME
+    return skeleton(read_config(path)) if path.is_file() else None
+
+
+def _module(name: str) -> str:
+    """The module a parameter belongs to (the parameter's own name for a non-`weight` parameter)."""
+    module, _, leaf = name.rpartition(".")
+    return module if leaf == "weight" else name
+
+
+def quantization_config(state: dict[str, torch.Tensor], skel: Skeleton | None) -> dict[str, Any] | None:
+    """The quantization_config transformers 5 + torchao 0.18 read for exactly these tensors; None if none is quantized.
+
+    One config when every quantized module agrees, else FqnToConfig per module; plain linear weights are
+    listed in `modules_to_not_convert`; quantized embeddings set `include_input_output_embeddings`. A type
+    stock torchao cannot read gets a config record stock transformers refuses with an error.
+    """
+    from torchao.core.config import config_to_dict
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+
+    quantized = {n: (tensor_type_of(t, n), t) for n, t in state.items() if tensor_type_of(t, n) is not None}
+    if not quantized:
+        return None
+    unreadable = sorted({e.name for e, _ in quantized.values() if e.config is None or not e.stock_loadable})
+    if unreadable:
+        return {"quant_method": "torchao", "quant_type": {"default": {
+            "_type": AOCKPT_ONLY, "_version": 1,
+            "_data": {"tensor_types": unreadable, "reason": "stock torchao 0.18 cannot read these tensors"}}}}
+    per_module = {_module(n): e.config(t) for n, (e, t) in quantized.items()}
+    records = [config_to_dict(c) for c in per_module.values()]
+    quant = next(iter(per_module.values())) if all(r == records[0] for r in records) else FqnToConfig(per_module)
+    plain_linear = [_module(n) for n, t in state.items() if n not in quantized and n.endswith(".weight")
+                    and t.dim() == 2 and (skel is None or _module(n) in skel.linear)]
+    embedded = skel is not None and any(_module(n) in skel.embeddings for n in quantized)
+    config = TorchAoConfig(quant, modules_to_not_convert=sorted(set(plain_linear)) or None,
+                           include_input_output_embeddings=embedded)
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def truthful_config(config: dict[str, Any], state: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, Any]:
+    """config.json as it must read for these tensors: derived quantization_config, ties only where stored as ties.
+
+    Args:
+        state: every tensor written, by name (aliases included).
+        aliases: name -> the name whose storage it shares.
+    """
+    skel = skeleton(config)
+    out = dict(config)
+    derived = quantization_config(state, skel)
+    if derived is None:
+        out.pop("quantization_config", None)
+    else:
+        out["quantization_config"] = derived
+    if skel is not None and out.get("tie_word_embeddings"):
+        def root(n: str) -> str:
+            return aliases.get(n, n)
+        if any(t in state and s in state and root(t) != root(s) for t, s in skel.ties.items()):
+            out["tie_word_embeddings"] = False
+    return out
+
+
+def rewritten_config(config_path: Path, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> str | None:
+    """config.json text made truthful for the tensors written, or None if it already is."""
+    config = read_config(config_path)
+    if "model_type" not in config:
+        return None
+    new = truthful_config(config, state, aliases)
+    return None if new == config else json.dumps(new, indent=2, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class StockVerdict:
+    """What stock ``AutoModelForCausalLM.from_pretrained(folder)`` does with a model folder."""
+
+    loads: bool  # True: it loads exactly these tensors; False: it refuses or would load wrong weights
+    verdict: str  # "loads exactly" | "refuses" | "loads wrong weights"
+    reason: str
+
+
+def stock_verdict(config: dict[str, Any], types: dict[str, str], aliases: dict[str, str], *,
+                  legacy: bool) -> StockVerdict:
+    """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
+
+    Args:
+        types: stored tensor name -> registry type name (aliases excluded).
+        aliases: tied name -> stored name.
+        legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
+    """
+    quantized = sorted({t for t in types.values() if t != PLAIN_TENSOR})
+    qc = config.get("quantization_config")
+    if legacy:
+        return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "
+                                              "run aockpt pack")
+    if not quantized:
+        return StockVerdict(True, "loads exactly", "plain tensors only")
+    if not isinstance(qc, dict):
+        return StockVerdict(False, "loads wrong weights", "config.json has no quantization_config, so transformers "
+                                                          "ignores the quantized parts and keeps random weights; "
+                                                          "run aockpt pack to write one")
+    if qc.get("quant_method") != "torchao":
+        return StockVerdict(False, "loads wrong weights", f"quantization_config names quant_method "
+                                                          f"{qc.get('quant_method')!r}, which transformers skips; "
+                                                          "run aockpt pack to write the right one")
+    if is_legacy_config(qc):
+        return StockVerdict(False, "refuses", "quantization_config holds torchao <= 0.17 (version 1) configs; "
+                                              "run aockpt pack to rewrite it")
+    unreadable = [t for t in quantized if not TENSOR_TYPES[t].stock_loadable or TENSOR_TYPES[t].config is None]
+    if unreadable or AOCKPT_ONLY in json.dumps(qc):
+        return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
+                                              "load with aockpt.load_pretrained")
+    return StockVerdict(True, "loads exactly", f"torchao {', '.join(quantized)} with a matching quantization_config")
+
+
+def tied_partner(name: str, skel: Skeleton | None) -> str | None:
+    """The name a parameter is tied to by the model's rules (either direction), None if it is not tied."""
+    if skel is None:
+        return None
+    if name in skel.ties:
+        return skel.ties[name]
+    return next((t for t, s in skel.ties.items() if s == name), None)
