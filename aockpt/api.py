@@ -13,7 +13,7 @@ import torch
 from . import codec, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
-from .hf_config import CONFIG_NAME, rewritten_config
+from .hf_config import CONFIG_NAME, StockVerdict, read_config, rewritten_config, stock_verdict
 from .reader import check_torchao_records
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
@@ -231,6 +231,7 @@ class CheckpointInfo:
     format_version: str | None
     producer: dict[str, str]
     tensors: list[TensorInfo]
+    stock: StockVerdict | None = None  # what stock from_pretrained does with a model folder
 
     @property
     def total_bytes(self) -> int:
@@ -282,9 +283,19 @@ def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
             tensors.append(TensorInfo(alias, t.type, t.shape, t.dtype, 0, t.device, t.portability, t.packer,
                                       target, t.devices))
         producer = ckpt.producer if ckpt else {}
-        return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors)
+        return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors,
+                              _stock(source))
     finally:
         source.close()
+
+
+def _stock(source: Source) -> StockVerdict | None:
+    """For a model folder, what stock from_pretrained does with it; None for anything else."""
+    config = next((f for f in source.extra_files if f.name == CONFIG_NAME), None)
+    if config is None:
+        return None
+    types = {n: t for n, (t, _) in source.types.items()}
+    return stock_verdict(read_config(config), types, source.aliases, legacy=bool(source.origins))
 
 
 def _portability(type_name: str) -> str:

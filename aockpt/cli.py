@@ -147,9 +147,10 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     share = info.total_bytes / info.bf16_bytes if info.bf16_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")
-    blocked = info.not_stock_loadable
-    click.echo("stock transformers + torchao: " + (f"cannot read {', '.join(blocked)}; load with aockpt.load_pretrained"
-                                                   if blocked else "can read every tensor once packed"))
+    if info.stock is not None:
+        click.echo(f"stock from_pretrained: {info.stock.verdict} ({info.stock.reason})")
+    elif info.not_stock_loadable:
+        click.echo(f"stock transformers + torchao: cannot read {', '.join(info.not_stock_loadable)}")
 
 
 @main.command()

@@ -28,9 +28,10 @@ def test_inspect_table_and_json(packed):
     table = run("inspect", packed, "--device", "cpu")
     assert table.exit_code == 0
     assert "Int8Tensor" in table.output and "runs: portable" in table.output and "x the bf16 size" in table.output
-    assert "can read every tensor once packed" in table.output
+    assert "stock from_pretrained" not in table.output  # not a model folder: no verdict
     data = json.loads(run("inspect", packed, "--json").output)
     assert {t["name"] for t in data["tensors"]} == {"m.weight", "m.bias"} and data["total_bytes"] > 0
+    assert data["stock"] is None
 
 
 def test_verify_ok_and_corrupt(packed):
