@@ -12,7 +12,7 @@ import torch
 
 from . import codec, portability
 from .atomic import staged
-from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
+from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, UnsupportedTensorError
 from .hf_config import CONFIG_NAME, StockVerdict, read_config, rewritten_config, stock_verdict
 from .reader import check_torchao_records
 from .progress import track
@@ -111,6 +111,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
     """
     source = open_source(src)
     try:
+        _check_weights_only_loadable(source)
         state = _build(source, _select(source, None), torch.device("cpu"), {})
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
         with staged(dst, force=force, folder=as_folder) as tmp:
@@ -120,6 +121,17 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
     finally:
         source.close()
     return Path(dst)
+
+
+def _check_weights_only_loadable(source: Source) -> None:
+    """Refuse to unpack tensor types that ``torch.load(weights_only=True)`` refuses even after ``import torchao``."""
+    refused = sorted({t for t, _ in source.types.values() if t != PLAIN_TENSOR and not TENSOR_TYPES[t].weights_only})
+    if refused:
+        raise UnsupportedTensorError(
+            f"{source.path} holds {', '.join(refused)}, which torch.load(weights_only=True) refuses even after "
+            "import torchao, so an unpacked pickle would not load; keep the packed folder and load it with "
+            "aockpt.load_quantized or aockpt.load_pretrained"
+        )
 
 
 def _torch_save(state: dict[str, torch.Tensor], path: Path, dst: Path) -> None:

@@ -92,6 +92,7 @@ class TensorType:
     note: str
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
     config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it (config.json)
+    weights_only: bool = True  # torch.load(weights_only=True) rebuilds it after a plain `import torchao`
 
     def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
@@ -105,8 +106,10 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, config=None) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, config)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, config=None,
+       weights_only=True) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, config,
+                      weights_only)
 
 
 def _int8_config(t: Any) -> Any:
@@ -152,7 +155,7 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
            "int4 in CUDA tinygemm tile packing", config=_int4_config("tile_packed_to_4d")),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
-           "int4 in the CPU kernel's ISA-dependent packing"),
+           "int4 in the CPU kernel's ISA-dependent packing", weights_only=False),
         _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
            "int4 plain nibble packing (mslk kernels)", config=_int4_config("plain")),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
@@ -160,9 +163,9 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
            "int4 packed in int32 for XPU/NPU kernels", config=_int4_config("plain_int32")),
         _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
-           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales"),
+           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", weights_only=False),
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
-           "NVIDIA fp4 with float8 block scales"),
+           "NVIDIA fp4 with float8 block scales", weights_only=False),
         _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
            "QLoRA normal-float 4 with double-quantized scalers",
            (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
