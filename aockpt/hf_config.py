@@ -202,7 +202,20 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], aliases: dict[s
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
+    twice = [(t, s) for t, s in _stored_ties(config, types) if PLAIN_TENSOR not in (types[t], types[s])]
+    if twice:
+        return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
+                                              f"and transformers' tie check (torch.equal) is not implemented for "
+                                              f"{types[twice[0][0]]}; run aockpt pack")
     return StockVerdict(True, "loads exactly", f"torchao {', '.join(quantized)} with a matching quantization_config")
+
+
+def _stored_ties(config: dict[str, Any], types: dict[str, str]) -> list[tuple[str, str]]:
+    """Tied pairs (by the model's rules) stored as two tensors."""
+    if not config.get("tie_word_embeddings"):
+        return []
+    skel = skeleton(config)
+    return [(t, s) for t, s in (skel.ties.items() if skel else ()) if t in types and s in types]
 
 
 def tied_partner(name: str, skel: Skeleton | None) -> str | None:
