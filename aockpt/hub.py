@@ -234,23 +234,36 @@ _STATUS_ADVICE = {
 @contextmanager
 def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
     """Turn huggingface_hub and transport errors into one-line HubErrors saying nothing was committed."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
+    transport = _transport_errors()
     tail = "no commit was made; re-run the same command to retry (files already uploaded are skipped)"
     try:
         yield
-    except (HfHubHTTPError, httpx2.HTTPError, RuntimeError, ValueError) as e:
-        cause = _root_cause(e, (HfHubHTTPError, httpx2.HTTPError))
+    except (HfHubHTTPError, *transport, RuntimeError, ValueError) as e:
+        cause = _root_cause(e, (HfHubHTTPError, *transport))
         response = getattr(cause, "response", None)
         if isinstance(cause, HfHubHTTPError) and response is not None:
             status = response.status_code
             why = f"HTTP {status}: {_STATUS_ADVICE.get(status, _first_line(cause))}"
-        elif isinstance(cause, httpx2.HTTPError):
+        elif isinstance(cause, transport):
             why = f"could not talk to {endpoint} ({type(cause).__name__}: {_first_line(cause)})"
         else:
             why = f"{type(cause).__name__}: {_first_line(cause)}"
         raise HubError(f"push to {repo_id} failed: {why}; {tail}") from e
+
+
+def _transport_errors() -> tuple[type, ...]:
+    """The HTTP clients' error base classes: huggingface_hub 2.x talks through httpx2, 1.x through httpx."""
+    import importlib
+
+    errors = []
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _root_cause(exc: BaseException, wanted: tuple[type, ...]) -> BaseException:

@@ -130,5 +130,6 @@ def _offenders_message(stuck: dict[str, tuple[str, str]], device_type: str, rela
     more = f"; and {len(stuck) - 5} more" if len(stuck) > 5 else ""
     remedy = (f"no exact re-layout to {device_type} exists for them: load them on the device they were packed for"
               if relayout else
-              f"pass relayout=True (CLI: --relayout) to re-pack them exactly for {device_type}")
+              f"pass relayout=True to re-pack them exactly for {device_type} while loading, or re-pack the "
+              f"checkpoint once with `aockpt pack SRC DST --device {device_type}`")
     return f"{len(stuck)} tensor(s) cannot load on {device_type}: {shown}{more}; {remedy}"

@@ -1,6 +1,7 @@
 """The CLI: each verb works, and every user mistake is one line on stderr with no traceback."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,20 @@ def test_inspect_and_pack_a_legacy_pickle(tmp_path):
     assert run("pack", legacy_file, tmp_path / "p").exit_code == 0
     assert run("verify", tmp_path / "p").exit_code == 0
     assert type(aockpt.load_quantized(tmp_path / "p")["0.weight"]).__name__ == "Int8Tensor"
+
+
+def test_portability_advice_names_a_command_that_works(tmp_path):
+    """The remedy a PortabilityError prints is a real CLI command, and following it makes the load work."""
+    import re
+    import shlex
+
+    from aockpt.errors import PortabilityError
+
+    folder = Path(__file__).parent.parent / "fixtures" / "cuda" / "llama_int4_tile_g32"
+    with pytest.raises(PortabilityError) as caught:
+        aockpt.load_quantized(folder, "cpu")
+    command = shlex.split(re.search(r"`aockpt (pack [^`]+)`", str(caught.value)).group(1))
+    args = [str(folder) if a == "SRC" else str(tmp_path / "cpu") if a == "DST" else a for a in command]
+    assert run(*args).exit_code == 0
+    state = aockpt.load_quantized(tmp_path / "cpu", "cpu")
+    assert type(state["model.layers.0.mlp.up_proj.weight"]).__name__ == "Int4OpaqueTensor"
