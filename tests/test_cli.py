@@ -68,10 +68,10 @@ def test_errors_are_one_line(packed, tmp_path, args, code, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_help_teaches_with_examples():
-    for verb in ("pack", "unpack", "inspect", "verify"):
-        result = run(verb, "--help")
-        assert result.exit_code == 0 and "Example" in result.output or verb == "verify"
+@pytest.mark.parametrize("verb", [["pack"], ["unpack"], ["inspect"], ["verify"], ["push"], ["hook", "install"]])
+def test_help_teaches_with_examples(verb):
+    result = run(*verb, "--help")
+    assert result.exit_code == 0 and "aockpt " + " ".join(verb) + " " in result.output
 
 
 @pytest.mark.parametrize("verb", ["pack", "unpack", "inspect", "verify"])
@@ -118,3 +118,14 @@ def test_portability_advice_names_a_command_that_works(tmp_path):
     assert run(*args).exit_code == 0
     state = aockpt.load_quantized(tmp_path / "cpu", "cpu")
     assert type(state["model.layers.0.mlp.up_proj.weight"]).__name__ == "Int4OpaqueTensor"
+
+
+def test_readme_lists_every_exit_code():
+    """The README's exit-status table is the CLI's EXIT_CODES table, row for row."""
+    from pathlib import Path
+
+    from aockpt.cli import EXIT_CODES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [f"| {code} | {cls.__name__} | {meaning} |" for cls, (code, meaning) in EXIT_CODES.items()]
+    assert "\n".join(rows) in readme
