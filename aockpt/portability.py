@@ -54,11 +54,12 @@ def assumed_packer(type_name: str) -> str | None:
 
 
 def _pinned_to_cpu(type_name: str) -> bool:
+    """Whether a type's bytes are in a CPU packing, which depends on the ISA of the machine that packed them."""
     entry = TENSOR_TYPES.get(type_name)
     return entry is not None and entry.portability is not Portability.PORTABLE and entry.packed_for == "cpu"
 
 
-def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str], int], choice: str | None,
+def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str], int | None], choice: str | None,
                    where: str) -> dict[str, tuple[str, str | None]]:
     """Fill in the CPU int4 packer a file does not record: the user's `cpu_packer=` choice, else proof from
     the shape (`cpu.packings_agree`); where neither decides it stays None (unknown), never guessed."""
@@ -71,9 +72,14 @@ def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str
                 raise UsageError(f"{where}: {name} records that {packer} packed it, but cpu_packer={choice!r} says "
                                  f"{stated}; drop cpu_packer (the file's record is used)")
             if packer is None:
-                packer = stated or (agreed if cpu.packings_agree(rows(name)) else None)
+                packer = stated or (agreed if _agree(rows(name)) else None)
         settled[name] = (type_name, packer)
     return settled
+
+
+def _agree(n: int | None) -> bool:
+    """Whether an N-row CPU int4 weight reads the same under every packer (False where N is unknown)."""
+    return n is not None and cpu.packings_agree(n)
 
 
 def packer_candidates(type_name: str, packer: str | None) -> list[str]:

@@ -160,9 +160,10 @@ def open_source(path: str | Path, cpu_packer: str | None = None) -> Source:
     return source
 
 
-def _rows(flat: codec.FlatTensor) -> int:
+def _rows(flat: codec.FlatTensor) -> int | None:
     """N of an int4 weight [N, K], from its attributes where a foreign file declares no outer shape."""
-    return int((flat.shape or flat.attrs["shape"])[0])
+    shape = flat.shape or flat.attrs.get("shape")
+    return shape[0] if shape and isinstance(shape[0], int) else None
 
 
 def _open(path: Path) -> Source:
