@@ -7,7 +7,7 @@ import torch
 
 import aockpt
 from aockpt import format as fmt, registry
-from aockpt.errors import CorruptCheckpointError, KeyMismatchError, PortabilityError, UsageError
+from aockpt.errors import CorruptCheckpointError, KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from aockpt.safetensors_io import SafetensorsFile
 from conftest import CASES, assert_same_tensor
 
@@ -39,6 +39,10 @@ def test_unpack_is_pack_inverse(case, tmp_path):
     _, _, tensor = case
     state = _state(tensor)
     aockpt.save(state, tmp_path / "p")
+    if not registry.tensor_type_of(tensor, "t").weights_only:  # torch.load would refuse the pickle: unpack says so first
+        with pytest.raises(UnsupportedTensorError, match="weights_only"):
+            aockpt.unpack(tmp_path / "p", tmp_path / "back.pt")
+        return
     aockpt.unpack(tmp_path / "p", tmp_path / "back.pt")
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     assert sorted(back) == sorted(state)
