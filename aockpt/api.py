@@ -320,7 +320,7 @@ def _stock(source: Source) -> StockVerdict | None:
     if config is None:
         return None
     types = {n: t for n, (t, _) in source.types.items()}
-    return stock_verdict(read_config(config), types, source.aliases, legacy=bool(source.origins))
+    return stock_verdict(read_config(config), types, legacy=bool(source.origins))
 
 
 def _portability(type_name: str) -> str:

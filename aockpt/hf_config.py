@@ -74,13 +74,20 @@ class Skeleton:
 
 
 def skeleton(config: dict[str, Any]) -> Skeleton | None:
-    """The model config.json describes, built on the meta device (no memory); None where transformers lacks it."""
-    hf = transformers_config(config)
-    cls = model_class(hf) if hf is not None else None
-    if cls is None:
+    """The model config.json describes, built on the meta device (no memory); None where transformers lacks it.
+
+    A config this transformers cannot build (a newer model type, a missing optional package) gives None:
+    the folder is then written and read without tie or embedding knowledge, never refused for it.
+    """
+    try:
+        hf = transformers_config(config)
+        cls = model_class(hf) if hf is not None else None
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            model = cls._from_config(hf)
+    except (ImportError, ValueError, TypeError, KeyError, AttributeError, RuntimeError):
         return None
-    with torch.device("meta"):
-        model = cls._from_config(hf)
     modules = dict(model.named_modules())
     emb = [model.get_input_embeddings()]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -171,13 +178,11 @@ class StockVerdict:
     reason: str
 
 
-def stock_verdict(config: dict[str, Any], types: dict[str, str], aliases: dict[str, str], *,
-                  legacy: bool) -> StockVerdict:
+def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
 
     Args:
         types: stored tensor name -> registry type name (aliases excluded).
-        aliases: tied name -> stored name.
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
     """
     quantized = sorted({t for t in types.values() if t != PLAIN_TENSOR})
@@ -193,8 +198,8 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], aliases: dict[s
                                                           "run aockpt pack to write one")
     if qc.get("quant_method") != "torchao":
         return StockVerdict(False, "loads wrong weights", f"quantization_config names quant_method "
-                                                          f"{qc.get('quant_method')!r}, which transformers skips; "
-                                                          "run aockpt pack to write the right one")
+                                                          f"{qc.get('quant_method')!r}, not torchao, so the torchao "
+                                                          "parts are not read; run aockpt pack to write the right one")
     if is_legacy_config(qc):
         return StockVerdict(False, "refuses", "quantization_config holds torchao <= 0.17 (version 1) configs; "
                                               "run aockpt pack to rewrite it")
@@ -202,11 +207,11 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], aliases: dict[s
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
-    twice = [(t, s) for t, s in _stored_ties(config, types) if PLAIN_TENSOR not in (types[t], types[s])]
+    twice = [(t, s) for t, s in _stored_ties(config, types) if {types[t], types[s]} != {PLAIN_TENSOR}]
     if twice:
         return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
                                               f"and transformers' tie check (torch.equal) is not implemented for "
-                                              f"{types[twice[0][0]]}; run aockpt pack")
+                                              f"{types[twice[0][0]]}/{types[twice[0][1]]}; run aockpt pack")
     return StockVerdict(True, "loads exactly", f"torchao {', '.join(quantized)} with a matching quantization_config")
 
 

@@ -36,9 +36,9 @@ DOC = ROOT / "docs" / "transformers.md"
 NEW_TOKENS = 16
 
 ARCHS = {
-    "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False),
-    "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=True),
 }
 
@@ -47,7 +47,7 @@ def _mix():
     return FqnToConfig({
         "_default": Int8WeightOnlyConfig(),
         "model.layers.0.self_attn.q_proj": Int8DynamicActivationInt8WeightConfig(),
-        "model.layers.1.mlp.down_proj": None,
+        "model.layers.0.mlp.down_proj": None,
         "model.embed_tokens": IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
     })
 
@@ -288,6 +288,30 @@ def test_quantize_then_save_writes_the_quantization_config(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "torchao"
     assert config["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
+
+
+def test_folder_without_quantization_config_is_called_wrong_then_fixed_by_pack(tmp_path):
+    """The verdict for a folder stock loads silently wrong, checked against stock; `aockpt pack` fixes it."""
+    from click.testing import CliRunner
+
+    from aockpt.cli import main
+
+    model = _quantized_in_memory("llama", "int8 weight-only")
+    aockpt.save(model.state_dict(), tmp_path / "bare")
+    model.config.save_pretrained(tmp_path / "bare")  # what a user writes by hand after quantize_
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "bare", dtype=torch.bfloat16).eval()(ids).logits
+    assert aockpt.inspect(tmp_path / "bare").stock.verdict == "loads wrong weights"
+    assert not torch.equal(stock, want)
+    result = CliRunner().invoke(main, ["pack", str(tmp_path / "bare"), str(tmp_path / "packed")])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "packed"), "--json"]).output)
+    assert shown["stock"]["verdict"] == "loads exactly" and shown["stock"]["loads"] is True
+    with torch.no_grad():
+        fixed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16).eval()(ids).logits
+    assert torch.equal(fixed, want)
 
 
 def test_tied_quantized_embedding_is_stored_once(tmp_path):
