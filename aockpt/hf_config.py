@@ -119,7 +119,8 @@ def quantization_config(state: dict[str, torch.Tensor], skel: Skeleton | None) -
     from torchao.quantization import FqnToConfig
     from transformers import TorchAoConfig
 
-    quantized = {n: (tensor_type_of(t, n), t) for n, t in state.items() if tensor_type_of(t, n) is not None}
+    typed = {n: (tensor_type_of(t, n), t) for n, t in state.items()}
+    quantized = {n: (e, t) for n, (e, t) in typed.items() if e is not None}
     if not quantized:
         return None
     unreadable = sorted({e.name for e, _ in quantized.values() if e.config is None or not e.stock_loadable})
