@@ -10,11 +10,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import codec, portability
+from . import codec, device_load, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
 from .pretrained import CONFIG_NAME, migrated_config
-from .reader import check_torchao_records
+from .reader import check_torchao_records, read_flat
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
@@ -176,16 +176,42 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
 
 
 def _build(source: Source, names: list[str], device: torch.device,
-           converters: dict[str, portability.Converter]) -> dict[str, torch.Tensor]:
-    """Rebuild the named tensors on `device`, re-laying out those with a converter; aliases share."""
+           converters: dict[str, portability.Converter],
+           devices: dict[str, torch.device] | None = None) -> dict[str, torch.Tensor]:
+    """Rebuild the named tensors on `device` (or each on `devices[name]`), re-laying out those with a
+    converter; parts bound for an accelerator are read straight onto it; aliases share."""
     built = {}
     real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+    place = {n: _concrete((devices or {}).get(n, device)) for n in real}
+    direct = _read_direct(source, {n: d for n, d in place.items() if n not in converters})
     for name in track(real, "loading", len(real)):
-        flat = source.flat(name, device)
+        target = place[name]
+        if name in direct:
+            flat = read_flat(source.checkpoint, name, target, direct[name].__getitem__)
+        else:
+            flat = source.flat(name, target)
         if name in converters:
-            flat, _ = converters[name](flat, device)
-        built[name] = codec.rebuild(flat, f"{source.path}: {name}", device)
+            flat, _ = converters[name](flat, target)
+        built[name] = codec.rebuild(flat, f"{source.path}: {name}", target)
     return {n: built[source.aliases.get(n, n)] for n in names}
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """A CUDA device with its index, so parts bound for "cuda" and "cuda:0" share one allocation."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _read_direct(source: Source, place: dict[str, torch.device]) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> part key -> stored tensor, for safetensors tensors bound for an accelerator (device_load)."""
+    ckpt = source.checkpoint
+    wanted = {n: d for n, d in place.items() if d.type != "cpu"}
+    if ckpt is None or not wanted:
+        return {}
+    keys = {n: [p.key for p in ckpt.entries[n].parts.values()] for n in wanted}
+    parts = device_load.load_parts(ckpt.shards, {k: (ckpt.key_to_shard[k], wanted[n]) for n in keys for k in keys[n]})
+    return {n: {k: parts[k] for k in keys[n]} for n in keys}
 
 
 def _verify_digests(source: Source, names: list[str]) -> list[str]:
