@@ -111,7 +111,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
     """
     source = open_source(src)
     try:
-        state = _build(source, _select(source, None), torch.device("cpu"), {})
+        state = _build(source, _select(source, None), lambda _: torch.device("cpu"), {})
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
         with staged(dst, force=force, folder=as_folder) as tmp:
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
@@ -163,26 +163,45 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
     """
     target = portability.parse_device(device)
+    return load_placed(path, lambda _: target, relayout=relayout, keys=keys, verify=verify)
+
+
+def load_placed(path: PathLike, device_of: Callable[[str], torch.device], *, relayout: bool = False,
+                keys: KeyFilter = None, verify: bool = False) -> dict[str, torch.Tensor]:
+    """`load_quantized` with each tensor read straight onto its own device, `device_of(name)` (device maps)."""
     source = open_source(path)
     try:
         names = _select(source, keys)
         real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
-        plan = portability.plan_loading({n: source.types[n] for n in real}, target, relayout=relayout)
+        place = {n: _concrete(device_of(n)) for n in real}
+        plan: dict[str, portability.Converter] = {}
+        for device in dict.fromkeys(place.values()):
+            types = {n: source.types[n] for n in real if place[n] == device}
+            plan.update(portability.plan_loading(types, device, relayout=relayout))
         if verify:
             _verify_digests(source, real)
-        return _build(source, names, target, plan)
+        return _build(source, names, place.__getitem__, plan)
     finally:
         source.close()
 
 
-def _build(source: Source, names: list[str], device: torch.device,
-           converters: dict[str, portability.Converter],
-           devices: dict[str, torch.device] | None = None) -> dict[str, torch.Tensor]:
-    """Rebuild the named tensors on `device` (or each on `devices[name]`), re-laying out those with a
-    converter; parts bound for an accelerator are read straight onto it; aliases share."""
+def stored_bytes(path: PathLike) -> dict[str, int]:
+    """Bytes each tensor stores (tied names share their target's), read from headers alone."""
+    source = open_source(path)
+    try:
+        sizes = {n: source.flat(n, None).nbytes for n in source.types}
+        return {**sizes, **{a: sizes[t] for a, t in source.aliases.items()}}
+    finally:
+        source.close()
+
+
+def _build(source: Source, names: list[str], device_of: Callable[[str], torch.device],
+           converters: dict[str, portability.Converter]) -> dict[str, torch.Tensor]:
+    """Rebuild the named tensors each on `device_of(name)`, re-laying out those with a converter; parts
+    bound for an accelerator are read straight onto it; aliases share."""
     built = {}
     real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
-    place = {n: _concrete((devices or {}).get(n, device)) for n in real}
+    place = {n: device_of(n) for n in real}
     direct = _read_direct(source, {n: d for n, d in place.items() if n not in converters})
     for name in track(real, "loading", len(real)):
         target = place[name]

@@ -90,3 +90,16 @@ def test_file_truncated_after_opening_is_one_clear_error(tmp_path):
     os.truncate(shard.path, shard.data_start + 100)
     with pytest.raises(CorruptCheckpointError, match="ended while reading"):
         device_load.load_parts(ckpt.shards, _everything(ckpt), threads=2, chunk_bytes=1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_load_equals_the_cpu_load_byte_for_byte(packed):
+    loads = [t.name for t in aockpt.inspect(packed, devices=["cuda"]).tensors if not t.devices["cuda"].startswith("no")]
+    on_gpu = aockpt.load_quantized(packed, "cuda", keys=loads)
+    on_cpu = aockpt.load_quantized(packed, "cpu", keys=[n for n in loads if n.startswith(("odd", "half", "empty", "scalar"))])
+    expected = _state()
+    for name in loads:
+        assert_same_tensor(on_gpu[name].cpu(), expected[name])
+        assert on_gpu[name].device.type == "cuda"
+    for name, tensor in on_cpu.items():
+        assert_same_tensor(tensor, on_gpu[name].cpu())
