@@ -8,7 +8,7 @@ host RSS is VmHWM after resetting it once setup is done. Cold rows drop the page
 (``echo 3 > /proc/sys/vm/drop_caches``, needs root); the row records the page cache size before and
 after the drop so a drop that did nothing shows. One JSON line per row is appended to --out.
 
-Run (GPU machine): python benchmarks/bench_gpu_load.py --workdir /tmp/b --out results.jsonl [--cold] [--runs 2]
+Run (GPU machine): python benchmarks/bench_gpu_load.py --workdir /tmp/b --out results.jsonl [--plan case:2c,...]
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("AOCKPT_NO_PROGRESS", "1")
 HERE = Path(__file__).resolve().parent.parent
-CASES = ["aockpt-quantized", "floor", "cat", "safetensors", "fastsafetensors-nogds", "runai", "skeleton",
-         "aockpt-pretrained", "stock-from-pretrained", "device-map-2gpu", "fastsafetensors-gds"]
+# case:warm runs, "c" adds a cold run (page cache dropped first)
+PLAN = ("aockpt-quantized:2c,floor:2,cat:1c,safetensors:1c,fastsafetensors-nogds:1c,runai:1c,skeleton:1,"
+        "aockpt-pretrained:2c,stock-from-pretrained:1c,device-map-2gpu:1,fastsafetensors-gds:1")
 
 
 def _generate(folder: Path) -> None:
@@ -57,10 +58,13 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def _gpu_bytes(tensors) -> int:
-    """Bytes the loaded tensors hold on GPUs (subclass parts counted through their inner tensors)."""
+def _gpu_bytes(loaded) -> int:
+    """Bytes a load put on GPUs (subclass parts counted through their inner tensors), after the clock."""
     from aockpt.codec import flatten
 
+    if isinstance(loaded, int):
+        return loaded
+    tensors = loaded.items() if isinstance(loaded, dict) else loaded.state_dict().items()
     seen, total = set(), 0
     for name, t in tensors:
         for part in flatten(name, t).parts.values():
@@ -73,6 +77,13 @@ def _gpu_bytes(tensors) -> int:
 def _setup(case: str, folder: Path):
     """Import and prepare what `case` needs (untimed); return the timed callable."""
     import torch
+    import torchao.quantization  # noqa: F401  (every row pays its imports before the clock)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.quantizers.auto  # noqa: F401
+
+    import aockpt.api
+    import aockpt.codec  # noqa: F401
+    import aockpt.pretrained  # noqa: F401
 
     torch.empty(1, device="cuda")
     files = _files(folder)
@@ -96,7 +107,7 @@ def _setup(case: str, folder: Path):
             out = {}
             for f in files:
                 out.update(load_file(f, device="cuda:0"))
-            return _gpu_bytes(out.items())
+            return out
         return st
     if case.startswith("fastsafetensors"):
         from fastsafetensors import SafeTensorsFileLoader
@@ -107,7 +118,7 @@ def _setup(case: str, folder: Path):
             fb = loader.copy_files_to_device()
             out = {k: fb.get_tensor(k) for k in loader.get_keys()}
             torch.cuda.synchronize()
-            return _gpu_bytes(out.items())
+            return out
         return fst
     if case == "runai":
         from runai_model_streamer import SafetensorsStreamer
@@ -118,13 +129,13 @@ def _setup(case: str, folder: Path):
                 streamer.stream_files(files)
                 for name, tensor in streamer.get_tensors():
                     out[name] = tensor.to("cuda:0")
-            return _gpu_bytes(out.items())
+            return out
         return runai
     import aockpt
     import transformers  # noqa: F401  (imported outside the clock for every transformers row)
 
     if case == "aockpt-quantized":
-        return lambda: _gpu_bytes(aockpt.load_quantized(folder, "cuda").items())
+        return lambda: aockpt.load_quantized(folder, "cuda")
     if case == "skeleton":
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
@@ -139,14 +150,13 @@ def _setup(case: str, folder: Path):
             return 0
         return skeleton
     if case == "aockpt-pretrained":
-        return lambda: _gpu_bytes(aockpt.load_pretrained(folder, "cuda").state_dict().items())
+        return lambda: aockpt.load_pretrained(folder, "cuda")
     if case == "stock-from-pretrained":
         from transformers import AutoModelForCausalLM
 
-        return lambda: _gpu_bytes(AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
-                                  .state_dict().items())
+        return lambda: AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
     if case == "device-map-2gpu":
-        return lambda: _gpu_bytes(aockpt.load_pretrained(folder, device_map="auto").state_dict().items())
+        return lambda: aockpt.load_pretrained(folder, device_map="auto")
     raise SystemExit(f"unknown case {case}")
 
 
@@ -188,9 +198,11 @@ def _child(case: str, folder: Path, check: bool) -> None:
     Path("/proc/self/clear_refs").write_text("5")
     start_kb = _rss_kb("VmRSS")
     t0 = time.perf_counter()
-    nbytes = run()
+    loaded = run()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    nbytes = _gpu_bytes(loaded)
+    del loaded
     row = {"seconds": round(seconds, 3), "gpu_bytes": nbytes, "rss_start_mb": start_kb // 1024,
            "peak_rss_above_start_mb": (_rss_kb("VmHWM") - start_kb) // 1024}
     try:
@@ -218,9 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/aockpt-gpu-bench"))
     parser.add_argument("--out", type=Path, default=Path("gpu_load.jsonl"))
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--plan", default=PLAN, help="comma-separated case:N[c] (N warm runs, c: one cold run)")
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -233,8 +243,9 @@ def main() -> None:
         _generate(folder)
         _emit(args.out, {"case": "generate", "seconds": round(time.perf_counter() - t0, 1),
                          "bytes": sum(os.path.getsize(f) for f in _files(folder)), "files": len(_files(folder))})
-    for case in args.cases.split(","):
-        modes = ["warm"] * args.runs + (["cold"] if args.cold and case not in ("floor", "skeleton") else [])
+    for item in args.plan.split(","):
+        case, _, spec = item.partition(":")
+        modes = ["warm"] * int(spec.rstrip("c") or 1) + (["cold"] if spec.endswith("c") else [])
         for i, mode in enumerate(modes):
             if mode == "warm" and i == 0:
                 subprocess.run(["cat", *_files(folder)], stdout=subprocess.DEVNULL, check=True)
