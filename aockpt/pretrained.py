@@ -170,14 +170,15 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     with _parameters_on_meta():
         model = model_class._from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
     model.tie_weights()
-    sizes = stored_bytes(folder)
     tied = _ties(model)
-    _check_names(model, set(sizes), tied, folder)
     if device_map is None:
         mapping = {"": parse_device(device)}
-    else:
+    else:  # placing needs every name and size first, so a mismatch is reported before anything is read
+        sizes = stored_bytes(folder)
+        _check_names(model, set(sizes), tied, folder)
         mapping = dm.resolve(device_map, model, sizes, tied)
     state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout)
+    _check_names(model, set(state), tied, folder)
     _attach(model, state, tied, mapping, folder)
     if device_map is not None:
         dm.dispatch(model, mapping)
@@ -215,7 +216,7 @@ def _ties(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _check_names(model: torch.nn.Module, names: set[str], tied: dict[str, str], folder: Path) -> None:
-    """Refuse, before reading any weight, a checkpoint whose names do not cover the model's or add others."""
+    """Refuse a checkpoint whose names do not cover the model's or add others."""
     expected = set(model.state_dict(keep_vars=True))
     given = names | {t for t, s in tied.items() if s in names} | {s for t, s in tied.items() if t in names}
     _report(folder, {"missing": sorted(expected - given), "unexpected": sorted(names - expected)})

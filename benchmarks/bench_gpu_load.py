@@ -78,6 +78,7 @@ def _setup(case: str, folder: Path):
     """Import and prepare what `case` needs (untimed); return the timed callable."""
     import torch
     import torchao.quantization  # noqa: F401  (every row pays its imports before the clock)
+    import transformers.models.auto.modeling_auto  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     import transformers.quantizers.auto  # noqa: F401
 
