@@ -9,18 +9,21 @@ import sys
 import click
 
 from . import api, errors
-from .cli_hub import hook, push
+from .cli_hub import CPU_PACKER, hook, push
 
-# exception type -> exit status; the message is always the exception's own one line.
-EXIT_CODES: dict[type, int] = {
-    errors.UsageError: 2,
-    errors.UnsafeCheckpointError: 3,
-    errors.CorruptCheckpointError: 4,
-    errors.KeyMismatchError: 4,
-    errors.PortabilityError: 5,
-    errors.UnsupportedTensorError: 6,
-    errors.HubError: 7,
-    errors.OutputError: 8,
+# Every exit status of the command, most specific first; the README's table is checked against this one.
+EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
+    errors.UsageError: (2, "bad argument or option (click's own usage errors exit 2 too)"),
+    errors.UnsafeCheckpointError: (3, "the file asks to run or import something outside the allowlist"),
+    errors.CorruptCheckpointError: (4, "malformed, truncated or changed file"),
+    errors.KeyMismatchError: (4, "missing or unexpected tensor names"),
+    errors.PortabilityError: (5, "a tensor cannot live or run on the requested device"),
+    errors.UnsupportedTensorError: (6, "a tensor type or legacy layout aockpt has no codec for"),
+    errors.HubError: (7, "the Hub refused the upload or could not be reached"),
+    errors.OutputError: (8, "the output could not be written (disk full, permissions)"),
+    errors.AockptError: (1, "any other error aockpt raises on purpose"),
+    KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
+    Exception: (70, "internal error: a bug in aockpt (AOCKPT_DEBUG=1 shows the traceback)"),
 }
 
 
@@ -32,9 +35,9 @@ class _Failure(click.ClickException):
         self.exit_code = exit_code
 
 
-def _exit_code(exc: errors.AockptError) -> int:
-    """The most specific exit status for an error."""
-    return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+def _exit_code(exc: BaseException) -> int:
+    """The exit status of the most specific row of EXIT_CODES that matches."""
+    return next(code for cls, (code, _) in EXIT_CODES.items() if isinstance(exc, cls))
 
 
 class _Group(click.Group):
@@ -47,13 +50,13 @@ class _Group(click.Group):
             raise
         except errors.AockptError as e:
             raise _Failure(str(e), _exit_code(e)) from e
-        except KeyboardInterrupt:
-            raise _Failure("interrupted; nothing was left at the destination", 130) from None
+        except KeyboardInterrupt as e:
+            raise _Failure("interrupted; nothing was left at the destination", _exit_code(e)) from None
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
             raise _Failure(f"internal error {type(e).__name__}: {e} (set AOCKPT_DEBUG=1 for the traceback "
-                           "and please report it)", 70) from e
+                           "and please report it)", _exit_code(e)) from e
 
 
 def _mb(n: int) -> str:
@@ -84,7 +87,9 @@ def main() -> None:
               help="Re-lay out device-pinned int4 exactly for DEV's kernel (cpu, cuda, xpu); nothing is re-quantized.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes writing shards in parallel; the output is byte-identical for any value.")
-def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None, workers: int) -> None:
+@CPU_PACKER
+def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None, workers: int,
+         cpu_packer: str | None) -> None:
     """Convert SRC into a packed safetensors folder DST.
 
     SRC may be a torch pickle state dict (.pt/.bin, any torchao release), a Hugging Face model folder, or
@@ -93,8 +98,10 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
     \b
     Example: aockpt pack llama-int8.pt llama-int8/
     Example: aockpt pack cuda-int4/ cpu-int4/ --device cpu
+    Example: aockpt pack old-int4cpu.pt packed/ --cpu-packer cpu-avx2
     """
-    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers)
+    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers,
+             cpu_packer=cpu_packer)
     info = api.inspect(dst)
     click.echo(f"packed {len(info.tensors)} tensors ({_mb(info.total_bytes)}) into {dst}")
 
@@ -103,7 +110,8 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def unpack(src: str, dst: str, force: bool) -> None:
+@CPU_PACKER
+def unpack(src: str, dst: str, force: bool, cpu_packer: str | None) -> None:
     """Write SRC back as a torch pickle state dict.
 
     DST loads with torch.load(DST, weights_only=True) once torchao is imported, tensor subclasses included.
@@ -114,7 +122,7 @@ def unpack(src: str, dst: str, force: bool) -> None:
     Example: aockpt unpack llama-int8/ llama-int8.pt
     Example: aockpt unpack llama-int8/ llama-int8-pickle/
     """
-    api.unpack(src, dst, force=force)
+    api.unpack(src, dst, force=force, cpu_packer=cpu_packer)
     click.echo(f"unpacked {src} into {dst}")
 
 
@@ -123,20 +131,21 @@ def unpack(src: str, dst: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", "devices", multiple=True, metavar="DEV",
               help="Also say, per tensor, whether it loads and runs on DEV (repeatable): cpu, cuda, xpu.")
-def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
+@CPU_PACKER
+def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str | None) -> None:
     """Show what a checkpoint holds: per tensor type, shape, dtype, bytes, origin and portability.
 
     \b
     Example: aockpt inspect llama-int4/ --device cpu
     """
-    info = api.inspect(path, devices=devices)
+    info = api.inspect(path, devices=devices, cpu_packer=cpu_packer)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
     click.echo(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
     header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", *devices]
     rows = [[t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
-             t.dtype, str(t.nbytes), t.device, t.portability + (f" ({t.packer})" if t.packer else ""),
+             t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t),
              *(t.devices[d] for d in devices)] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -144,6 +153,10 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     for t in info.tensors:
         if t.origin:
             click.echo(f"  {t.name}: {t.origin}")
+    unknown = [t.name for t in info.tensors if t.packer_candidates and not t.alias_of]
+    if unknown:
+        click.echo(f"CPU packer unknown for {len(unknown)} int4 tensor(s): the file does not say and nothing in it "
+                   "decides; pass --cpu-packer (cpu-avx512, cpu-avx2, cpu-default, or native if made on this machine)")
     share = info.total_bytes / info.bf16_bytes if info.bf16_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")
@@ -152,12 +165,22 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
                                                    if blocked else "can read every tensor once packed"))
 
 
+def _packer_text(t: api.TensorInfo) -> str:
+    """The packer column suffix: the packer, or the candidates where it is unknown."""
+    if t.packer_candidates:
+        return f" (packer unknown: {' | '.join(t.packer_candidates)})"
+    return f" ({t.packer})" if t.packer else ""
+
+
 @main.command()
 @click.argument("path", type=click.Path())
 def verify(path: str) -> None:
     """Check a packed checkpoint's structure and every tensor's digest.
 
     Exits non-zero naming each tensor whose bytes changed since it was packed.
+
+    \b
+    Example: aockpt verify llama-int8/
     """
     report = api.verify(path)
     click.echo(f"ok: {report.tensors} tensors, {_mb(report.bytes)} verified in {path}")

@@ -134,7 +134,7 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
                     dtype: torch.dtype | None = None, model_class: type | None = None,
-                    device_map: str | dict[str, Any] | None = None) -> Any:
+                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
@@ -142,9 +142,10 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     no code from the folder runs: the class is `model_class` if given, else transformers' causal-LM class
     for the config's type, else its base model class. The model is built with its parameters on the meta
     device and aockpt's tensors are attached as they are (each read once, straight onto its device);
-    missing, unexpected or mis-shaped weights are an error listing each name. `device_map` ("auto",
-    "balanced", "sequential" or a dict of module name -> device, accelerate's conventions) spreads the
-    model over several devices instead of `device`.
+    missing, unexpected or mis-shaped weights are an error listing each name. `cpu_packer` names the CPU
+    packer of int4 weights the folder does not record (as for `pack`). `device_map` ("auto", "balanced",
+    "sequential" or a dict of module name -> device, accelerate's conventions) spreads the model over
+    several devices instead of `device`.
 
     Raises:
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError.
@@ -174,10 +175,10 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if device_map is None:
         mapping = {"": parse_device(device)}
     else:  # placing needs every name and size first, so a mismatch is reported before anything is read
-        sizes = stored_bytes(folder)
+        sizes = stored_bytes(folder, cpu_packer)
         _check_names(model, set(sizes), tied, folder)
         mapping = dm.resolve(device_map, model, sizes, tied)
-    state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout)
+    state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer)
     _check_names(model, set(state), tied, folder)
     _attach(model, state, tied, mapping, folder)
     if device_map is not None:
