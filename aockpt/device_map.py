@@ -9,7 +9,7 @@ forward pre-hook that moves its inputs to its device, so activations follow the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_map_only
@@ -108,7 +108,7 @@ def dispatch(model: torch.nn.Module, mapping: dict[str, torch.device]) -> None:
         module.register_forward_pre_hook(_mover(target), with_kwargs=True)
 
 
-def _mover(device: torch.device):
+def _mover(device: torch.device) -> Callable[[torch.nn.Module, tuple, dict], tuple[tuple, dict]]:
     """A pre-hook moving every tensor in a call's arguments to `device`."""
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (args, kwargs))
