@@ -16,7 +16,7 @@ from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
 from .pretrained import CONFIG_NAME, migrated_config
 from .reader import check_torchao_records
 from .progress import track
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
+from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES, TpSplit
 from .safetensors_io import sha256_hex
 from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .sources import Source, from_state_dict, open_source
@@ -147,7 +147,7 @@ def _select(source: Source, keys: KeyFilter) -> list[str]:
 
 
 def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
-                   keys: KeyFilter = None, verify: bool = False) -> dict[str, torch.Tensor]:
+                   keys: KeyFilter = None, verify: bool = False, shard: Any = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors onto `device`, every tensor checked before any is built.
 
     Args:
@@ -156,12 +156,18 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         relayout: re-pack device-pinned int4 exactly for `device` instead of refusing it.
         keys: names to load (a list), or a predicate on names; only those bytes are read.
         verify: also check every loaded part against its recorded digest.
+        shard: an ``aockpt.tp.TPShard`` (plan, rank, world size): load only this rank's slices
+            (see docs/distributed.md); `keys` must then be a list or None.
     Returns:
         name -> tensor (torchao subclasses rebuilt); tied names share one tensor.
     Raises:
         PortabilityError (naming every tensor that cannot live on `device`), CorruptCheckpointError,
         KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
     """
+    if shard is not None:
+        from . import tp
+
+        return tp.load_shard(path, device, shard=shard, keys=keys)
     target = portability.parse_device(device)
     source = open_source(path)
     try:
@@ -220,6 +226,7 @@ class TensorInfo:
     alias_of: str | None = None
     devices: dict[str, str] = field(default_factory=dict)
     origin: str | None = None  # for a migrated legacy tensor: what it was and what it became
+    tp: str = "direct"  # how tensor parallelism splits it: direct | relayout | none (registry TensorType.tp)
 
 
 @dataclass
@@ -275,12 +282,12 @@ def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
             verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
             tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
                                       source.made_on[name], _portability(type_name), packer, None, verdicts,
-                                      source.origins.get(name)))
+                                      source.origins.get(name), _tp_split(type_name)))
         by_name = {t.name: t for t in tensors}
         for alias, target in source.aliases.items():
             t = by_name[target]
             tensors.append(TensorInfo(alias, t.type, t.shape, t.dtype, 0, t.device, t.portability, t.packer,
-                                      target, t.devices))
+                                      target, t.devices, tp=t.tp))
         producer = ckpt.producer if ckpt else {}
         return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors)
     finally:
@@ -290,6 +297,11 @@ def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
 def _portability(type_name: str) -> str:
     """The portability class of a type name."""
     return "portable" if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].portability.value
+
+
+def _tp_split(type_name: str) -> str:
+    """How tensor parallelism slices a type (registry `TensorType.tp`); plain tensors slice directly."""
+    return TpSplit.DIRECT.value if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].tp.value
 
 
 def _verdict_text(type_name: str, packer: str | None, device: str) -> str:

@@ -1,0 +1,148 @@
+"""Tensor-parallel slices read from disk (aockpt/tp.py): every registry type, both splits, bytes counted,
+and a real 2-process gloo forward of a tiny Llama block against the single-process one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torchao.quantization import Int8WeightOnlyConfig
+
+import aockpt
+from aockpt import codec, relayout, tp
+from aockpt.errors import KeyMismatchError, UnsupportedTensorError, UsageError
+from aockpt.registry import TENSOR_TYPES, TpSplit
+from aockpt.relayout import xpu as xpu_layout
+from aockpt.relayout.canonical import bytes_to_nibbles
+from conftest import CASES
+from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state, PLAN
+
+
+def _int4_plain(t: torch.Tensor) -> torch.Tensor:
+    """Int4Tensor (mslk) has no CPU dequantize: w = q * scale + zero, q signed, even k in the low nibble."""
+    q = bytes_to_nibbles(t.qdata.view(torch.uint8)).to(torch.float32)
+    q = torch.where(q >= 8, q - 16, q)
+    g = t.block_size[-1]
+    scale, zero = (p.float().T.repeat_interleave(g, 1) for p in (t.scale, t.zero_point))
+    return (q * scale + zero).to(t.dtype)
+
+
+def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
+    codes = bytes_to_nibbles(t.qdata.contiguous().view(torch.uint8)).view(t.shape)
+    return xpu_layout._xpu_dequantize(codes, t.scale, t.zero_point, t.block_size[-1])
+
+
+def _canonical(t: torch.Tensor, type_name: str, packer: str) -> torch.Tensor:
+    flat = codec.flatten("w", t)
+    return relayout.dequantize(relayout.to_canonical(type_name, flat.parts, flat.attrs, packer=packer))
+
+
+# how to dequantize each type on CPU where torchao 0.18 cannot
+_DEQUANTIZE = {
+    "Int4Tensor": lambda t: _int4_plain(t),
+    "Int4PlainInt32Tensor": _int4_xpu,
+    "Int4TilePackedTo4dTensor": lambda t: _canonical(t, "Int4TilePackedTo4dTensor", "cuda-tinygemm"),
+    "Int4OpaqueTensor": lambda t: _canonical(t, "Int4OpaqueTensor", relayout.cpu_packer()),
+}
+
+
+def dequantize(t: torch.Tensor, type_name: str) -> torch.Tensor:
+    return _DEQUANTIZE.get(type_name, lambda x: x.dequantize())(t)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("style,dim", [("colwise", 0), ("rowwise", 1)])
+def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world, tmp_path):
+    case_id, type_name, tensor = case
+    aockpt.save({"m.weight": tensor, "m.bias": torch.arange(tensor.shape[0], dtype=torch.bfloat16)}, tmp_path / "p")
+    split = TENSOR_TYPES[type_name].tp
+    if split is TpSplit.NONE:
+        with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a .* split of this " + type_name):
+            aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": style}, 0, world))
+        return
+    full = dequantize(tensor, type_name)
+    for rank in range(world):
+        ckpt = tp.open_sliceable(tmp_path / "p")
+        local = tp.read_shard(ckpt, tp.TPShard({"m": style}, rank, world))
+        start, stop = tp.chunk(tensor.shape[dim], rank, world)
+        assert type(local["m.weight"]) is type(tensor)
+        assert torch.equal(_bytes(dequantize(local["m.weight"], type_name)), _bytes(full.narrow(dim, start, stop - start)))
+        bias = torch.arange(tensor.shape[0], dtype=torch.bfloat16)
+        assert torch.equal(local["m.bias"], bias[start:stop] if dim == 0 else bias)
+        read, total = tp.bytes_read(ckpt), tp.shard_bytes(ckpt)
+        ckpt.close()
+        if split is TpSplit.DIRECT:
+            assert read <= total * (1 / world + 0.05), (read, total)
+        else:
+            assert read >= codec.flatten("w", tensor).nbytes  # device-packed int4 is read whole, then re-laid out
+
+
+def test_every_registry_type_says_how_it_splits():
+    for entry in TENSOR_TYPES.values():
+        required, _, _ = entry.inner_names()
+        axes = {part for part, _, _ in entry.tp_axes}
+        assert (entry.tp is TpSplit.DIRECT) == bool(axes), entry.name
+        assert entry.tp is not TpSplit.DIRECT or set(required) <= axes, entry.name
+        assert entry.tp is not TpSplit.RELAYOUT or entry.name in relayout.CONVERTERS, entry.name
+
+
+def test_inspect_reports_the_split(tmp_path):
+    state = {name: make() for name, (_, make) in [("a.weight", CASES["int8-weight-only"]),
+                                                   ("b.weight", CASES["int4-tile-packed"]), ("c.weight", CASES["nf4"])]}
+    aockpt.save(state, tmp_path / "p")
+    assert {t.name: t.tp for t in aockpt.inspect(tmp_path / "p").tensors} == {
+        "a.weight": "direct", "b.weight": "relayout", "c.weight": "none"}
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_a_split_inside_a_quantization_group_is_refused(world, tmp_path):
+    aockpt.save({"m.weight": CASES["intx-weight-only"][1]()}, tmp_path / "p")  # K=128 in groups of 32
+    with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a rowwise split .* cut a quantization group of 32"):
+        aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": "rowwise"}, 1, world))
+
+
+def test_torch_styles_patterns_and_bad_plans(tmp_path):
+    w = CASES["int8-weight-only"][1]()  # [64, 128]
+    state = {"layers.0.mlp.up_proj.weight": w, "layers.1.mlp.down_proj.weight": w, "embed.weight": w,
+             "norm.weight": torch.ones(64)}
+    aockpt.save(state, tmp_path / "p")
+    plan = {"layers.*.mlp.up_proj": ColwiseParallel(), "layers.*.mlp.down_proj": RowwiseParallel(), "embed": "vocab"}
+    local = aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard(plan, 1, 2))
+    assert {k: tuple(v.shape) for k, v in local.items()} == {
+        "layers.0.mlp.up_proj.weight": (32, 128), "layers.1.mlp.down_proj.weight": (64, 64),
+        "embed.weight": (32, 128), "norm.weight": (64,)}
+    with pytest.raises(UsageError, match="'layers.*' has style 'diagonal'"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard({"layers.*": "diagonal"}, 0, 2))
+    with pytest.raises(UsageError, match="embed.weight matches plan patterns with different styles"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard({"embed": "vocab", "emb*": "rowwise"}, 0, 2))
+    with pytest.raises(UsageError, match="rank 2 / world size 2"):
+        tp.TPShard(plan, 2, 2)
+    with pytest.raises(KeyMismatchError, match="no tensor named nope"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard(plan, 0, 2), keys=["nope"])
+
+
+def test_a_pickle_is_refused_with_the_pack_command(tmp_path):
+    torch.save({"m.weight": torch.ones(2, 2)}, tmp_path / "model.pt")
+    with pytest.raises(UsageError, match="aockpt pack .*model.pt packed/"):
+        tp.load_shard(tmp_path / "model.pt", shard=tp.TPShard({"m": "colwise"}, 0, 2))
+
+
+def test_two_gloo_ranks_reproduce_the_single_process_forward(tmp_path):
+    state = tiny_llama_block_state(Int8WeightOnlyConfig())
+    aockpt.save(state, tmp_path / "p")
+    single = forward(aockpt.load_quantized(tmp_path / "p"), block_input())
+    run_ranks("forward", 2, tmp_path / "p", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in ("gate", "q"):  # colwise: each rank computes its output columns exactly
+        assert torch.equal(torch.cat([r["out"][name] for r in ranks], dim=-1), single[name])
+    for name in ("mlp", "attn_proj"):  # rowwise + all-reduce: only the summation order differs
+        assert torch.equal(ranks[0]["out"][name], ranks[1]["out"][name])
+        diff = (ranks[0]["out"][name].float() - single[name].float()).abs().max().item()
+        scale = single[name].float().abs().max().item()
+        assert diff <= 2 ** -7 * scale, (name, diff, scale)  # bf16 rounding of differently ordered sums
+    for r in ranks:
+        assert r["bytes_read"] <= r["total"] * (1 / 2 + 0.05)

@@ -1,0 +1,106 @@
+"""One rank of the real torch.distributed (gloo) runs in tests/test_tp.py and tests/test_dcp.py, plus their shared helpers.
+
+Run as ``python tests/tp_worker.py MODE RANK WORLD PORT CHECKPOINT OUT`` with PYTHONPATH at the repo root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+# the Llama block's projections, torch TP's usual plan for them
+PLAN = {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+        "self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}
+HIDDEN, INTERMEDIATE, HEADS = 64, 128, 4
+
+
+def tiny_llama_block_state(config) -> dict[str, torch.Tensor]:
+    """A transformers Llama decoder layer's MLP and q/o projections, bf16, quantized with `config`."""
+    from torchao.quantization import quantize_
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS,
+                      num_key_value_heads=HEADS, num_hidden_layers=1, vocab_size=32)
+    layer = LlamaDecoderLayer(cfg, 0).to(torch.bfloat16)
+    quantize_(layer, config)
+    return {k: v for k, v in layer.state_dict().items() if k.removesuffix(".weight") in PLAN}
+
+
+def block_input() -> torch.Tensor:
+    """The same activations on every rank."""
+    return torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+
+def forward(w: dict[str, torch.Tensor], x: torch.Tensor, reduce=lambda t: t) -> dict[str, torch.Tensor]:
+    """The MLP (gate/up colwise, down rowwise) and q->o projections on whatever slices `w` holds.
+
+    `reduce` sums the rowwise partial outputs across ranks (identity on one process).
+    """
+    lin = torch.nn.functional.linear
+    gate, up = lin(x, w["mlp.gate_proj.weight"]), lin(x, w["mlp.up_proj.weight"])
+    q = lin(x, w["self_attn.q_proj.weight"])
+    return {"gate": gate, "q": q,
+            "mlp": reduce(lin(torch.nn.functional.silu(gate) * up, w["mlp.down_proj.weight"])),
+            "attn_proj": reduce(lin(q, w["self_attn.o_proj.weight"]))}
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum partial outputs in float32 (gloo has no bf16 sum on every build), rounded once."""
+    import torch.distributed as dist
+
+    acc = t.float()
+    dist.all_reduce(acc)
+    return acc.to(t.dtype)
+
+
+def _forward_rank(rank: int, world: int, ckpt: str, out: Path) -> None:
+    """Load this rank's slices from disk, run the block, save outputs and bytes read."""
+    from aockpt import tp
+
+    opened = tp.open_sliceable(ckpt)
+    local = tp.read_shard(opened, tp.TPShard(PLAN, rank, world))
+    torch.save({"out": forward(local, block_input(), _all_reduce), "bytes_read": tp.bytes_read(opened),
+                "total": tp.shard_bytes(opened)}, out / f"rank{rank}.pt")
+    opened.close()
+
+
+def run_ranks(mode: str, world: int, ckpt: str | Path, out: Path, timeout: float = 120) -> None:
+    """Start `world` real processes of this script (gloo on 127.0.0.1) and require every one to succeed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, mode, str(r), str(world), str(port), str(ckpt), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+
+
+def main(mode: str, rank: int, world: int, port: int, ckpt: str, out: Path) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _MODES[mode](rank, world, ckpt, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+_MODES = {"forward": _forward_rank}
+
+if __name__ == "__main__":
+    m, r, n, p, c, o = sys.argv[1:]
+    main(m, int(r), int(n), int(p), c, Path(o))
