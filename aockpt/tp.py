@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import codec, relayout
 from .errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
@@ -99,6 +100,24 @@ def chunk(size: int, rank: int, world_size: int) -> tuple[int, int]:
     full = -(-size // world_size)
     start = min(rank * full, size)
     return start, min(start + full, size)
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """Where a rank's local tensor sits in the full one, for writers that reassemble it (aockpt.dcp)."""
+
+    full_shape: tuple[int, ...]
+    full_attrs: dict[str, Any]
+    parts: dict[str, tuple[int, int, int] | None] | None  # part -> (dim, start, full length); None: replicated
+    # parts is None for re-laid-out int4, whose local parts are not pieces of the stored ones
+
+
+_SLICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def slice_info(tensor: torch.Tensor) -> SliceInfo | None:
+    """How a tensor returned by load_shard was cut, None for a whole tensor or one aockpt did not slice."""
+    return _SLICES.get(tensor)
 
 
 @dataclass(frozen=True)
@@ -234,11 +253,14 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
     start, stop = chunk(size, shard.rank, shard.world_size)
     cut = _Cut(name, dim, size, start, stop, ("colwise/vocab", "rowwise")[dim])
     if flat.type_name == PLAIN_TENSOR:
-        data = _read(ckpt, ckpt.entries[name].parts[codec.PLAIN_PART].key, dim, start, stop, pin)
-        return _Piece(data.to(device), dim, flat.shape)
+        data = _read(ckpt, ckpt.entries[name].parts[codec.PLAIN_PART].key, dim, start, stop, pin).to(device)
+        _SLICES[data] = SliceInfo(flat.shape, {}, {codec.PLAIN_PART: (dim, start, size)})
+        return _Piece(data, dim, flat.shape)
     entry = TENSOR_TYPES[flat.type_name]
-    local = _SLICERS[entry.tp](ckpt, flat, entry, cut, device, pin)
-    return _Piece(codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device), dim, flat.shape)
+    local, spans = _SLICERS[entry.tp](ckpt, flat, entry, cut, device, pin)
+    tensor = codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device)
+    _SLICES[tensor] = SliceInfo(flat.shape, flat.attrs, spans)
+    return _Piece(tensor, dim, flat.shape)
 
 
 def _read(ckpt: Checkpoint, key: str, dim: int, start: int | None, stop: int | None, pin: bool) -> torch.Tensor:
@@ -263,7 +285,7 @@ def _refuse(cut: _Cut, flat: codec.FlatTensor, why: str, fix: str) -> Unsupporte
 
 
 def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                  device: torch.device, pin: bool) -> codec.FlatTensor:
+                  device: torch.device, pin: bool) -> tuple[codec.FlatTensor, dict]:
     """Read only the slice's rows/columns of each part (registry tp_axes), group-aligned."""
     block = _blocks(flat)[cut.dim]
     whole_block = block >= cut.size
@@ -272,7 +294,7 @@ def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, c
                       f"use a world size that divides its {-(-cut.size // block)} groups, or re-quantize with a "
                       f"group size that divides {cut.stop - cut.start}")
     axes = {part: (rows, cols)[cut.dim] for part, rows, cols in entry.tp_axes}
-    parts = {}
+    parts, spans = {}, {}
     for inner, stored in flat.parts.items():
         key = ckpt.entries[cut.name].parts[inner].key
         axis = axes.get(inner)
@@ -280,13 +302,15 @@ def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, c
             if stored.numel() > 1:
                 raise _refuse(cut, flat, f"has a part {inner!r} that the registry does not say how to split",
                               "load it whole (no plan entry) or re-quantize without that option")
-            parts[inner] = _read(ckpt, key, 0, None, None, pin)
+            parts[inner], spans[inner] = _read(ckpt, key, 0, None, None, pin), None
             continue
         pdim, along = axis
         span = _part_span(cut, flat, inner, stored.shape[pdim], along, block, whole_block)
         parts[inner] = _read(ckpt, key, pdim, *span, pin)
-    return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, parts,
-                            _local_attrs(flat, cut, whole_block))
+        spans[inner] = (pdim, span[0], stored.shape[pdim]) if span != (0, stored.shape[pdim]) else None
+    local = codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, parts,
+                             _local_attrs(flat, cut, whole_block))
+    return local, spans
 
 
 def _part_span(cut: _Cut, flat: codec.FlatTensor, inner: str, stored: int, along: Along, block: int,
@@ -325,7 +349,7 @@ def _local_attrs(flat: codec.FlatTensor, cut: _Cut, whole_block: bool) -> dict[s
 
 
 def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                    device: torch.device, pin: bool) -> codec.FlatTensor:
+                    device: torch.device, pin: bool) -> tuple[codec.FlatTensor, None]:
     """Device-packed int4: read it whole, cut its exact canonical form, re-pack the slice for `device`."""
     parts = {inner: _read(ckpt, ckpt.entries[cut.name].parts[inner].key, 0, None, None, pin) for inner in flat.parts}
     packer = ckpt.entries[cut.name].packer
@@ -345,11 +369,11 @@ def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType,
     except PortabilityError as e:
         raise _refuse(cut, flat, f"cannot be re-packed on {device.type} ({e})",
                       f"load it on a {entry.packed_for} device") from e
-    return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, new_parts, attrs)
+    return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, new_parts, attrs), None
 
 
 def _slice_none(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                device: torch.device, pin: bool) -> codec.FlatTensor:
+                device: torch.device, pin: bool) -> tuple[codec.FlatTensor, None]:
     """Refuse: this layout keeps no row/column structure aockpt can cut exactly."""
     raise _refuse(cut, flat, f"is not supported ({entry.note}: the layout cannot be cut exactly)",
                   "leave it out of the plan to load it whole on every rank")

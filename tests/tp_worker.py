@@ -1,6 +1,7 @@
 """One rank of the real torch.distributed (gloo) runs in tests/test_tp.py and tests/test_dcp.py, plus their shared helpers.
 
-Run as ``python tests/tp_worker.py MODE RANK WORLD PORT CHECKPOINT OUT`` with PYTHONPATH at the repo root.
+Run as ``python tests/tp_worker.py RANK WORLD PORT DIR`` with PYTHONPATH at the repo root: one launch runs
+every step on the checkpoints prepared in DIR (``int8``, ``intx``, ``zeros``), paying torch's start-up once.
 """
 
 from __future__ import annotations
@@ -63,44 +64,65 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return acc.to(t.dtype)
 
 
-def _forward_rank(rank: int, world: int, ckpt: str, out: Path) -> None:
+def _forward_rank(rank: int, world: int, out: Path) -> None:
     """Load this rank's slices from disk, run the block, save outputs and bytes read."""
     from aockpt import tp
 
-    opened = tp.open_sliceable(ckpt)
+    opened = tp.open_sliceable(out / "int8")
     local = tp.read_shard(opened, tp.TPShard(PLAN, rank, world))
     torch.save({"out": forward(local, block_input(), _all_reduce), "bytes_read": tp.bytes_read(opened),
                 "total": tp.shard_bytes(opened)}, out / f"rank{rank}.pt")
     opened.close()
 
 
-def run_ranks(mode: str, world: int, ckpt: str | Path, out: Path, timeout: float = 120) -> None:
+def run_ranks(world: int, out: Path, timeout: float = 180) -> None:
     """Start `world` real processes of this script (gloo on 127.0.0.1) and require every one to succeed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(r), str(world), str(port), str(ckpt), str(out)],
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
 
 
-def main(mode: str, rank: int, world: int, port: int, ckpt: str, out: Path) -> None:
+def _dcp_save_rank(rank: int, world: int, out: Path) -> None:
+    """Save this rank's aockpt.tp slices of the intx checkpoint through DCP into one packed folder."""
+    import torch.distributed.checkpoint as dcp
+
+    from aockpt import dcp as adcp, tp
+
+    local = tp.load_shard(out / "intx", shard=tp.TPShard(PLAN, rank, world))
+    dcp.save(local, storage_writer=adcp.AockptStorageWriter(out / "saved"), planner=adcp.AockptSavePlanner())
+
+
+def _dcp_load_rank(rank: int, world: int, out: Path) -> None:
+    """Load a packed folder through DCP into this rank's slices of a same-shaped (zeroed) model."""
+    import torch.distributed.checkpoint as dcp
+
+    from aockpt import dcp as adcp, tp
+
+    template = tp.load_shard(out / "zeros", shard=tp.TPShard(PLAN, rank, world))
+    dcp.load(template, storage_reader=adcp.AockptStorageReader(out / "int8"), planner=adcp.AockptLoadPlanner())
+    expected = tp.load_shard(out / "int8", shard=tp.TPShard(PLAN, rank, world))
+    torch.save({"loaded": template, "expected": expected}, out / f"loaded{rank}.pt")
+
+
+def main(rank: int, world: int, port: int, out: Path) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _MODES[mode](rank, world, ckpt, out)
-        dist.barrier()
+        for step in (_forward_rank, _dcp_save_rank, _dcp_load_rank):
+            step(rank, world, out)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-_MODES = {"forward": _forward_rank}
-
 if __name__ == "__main__":
-    m, r, n, p, c, o = sys.argv[1:]
-    main(m, int(r), int(n), int(p), c, Path(o))
+    r, n, p, o = sys.argv[1:]
+    main(int(r), int(n), int(p), Path(o))

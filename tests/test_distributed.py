@@ -1,0 +1,71 @@
+"""Real torch.distributed (gloo, 2 processes on CPU): one launch runs a TP forward from per-rank slices,
+a DCP save from 2 ranks into one packed folder, and a DCP load resharded 1 -> 2; the tests check its outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+from torchao.quantization.granularity import PerGroup
+
+import aockpt
+from aockpt import dcp as adcp
+from conftest import assert_same_tensor
+from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state
+
+_CONFIGS = {"int8": Int8WeightOnlyConfig(), "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """The folder of one 2-rank launch: its inputs (int8, intx, zeros) and what each rank wrote."""
+    out = tmp_path_factory.mktemp("gloo")
+    for name, config in _CONFIGS.items():
+        aockpt.save(tiny_llama_block_state(config), out / name)
+    zeros = tiny_llama_block_state(_CONFIGS["int8"])
+    for t in zeros.values():
+        t.qdata.zero_(), t.scale.zero_()
+    aockpt.save(zeros, out / "zeros")
+    run_ranks(2, out)
+    return out
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_two_ranks_reproduce_the_single_process_forward(ran):
+    single = forward(aockpt.load_quantized(ran / "int8"), block_input())
+    ranks = [torch.load(ran / f"rank{r}.pt") for r in range(2)]
+    for name in ("gate", "q"):  # colwise: each rank computes its output columns exactly
+        assert torch.equal(torch.cat([r["out"][name] for r in ranks], dim=-1), single[name])
+    for name in ("mlp", "attn_proj"):  # rowwise + all-reduce: only the summation order differs
+        assert torch.equal(ranks[0]["out"][name], ranks[1]["out"][name])
+        diff = (ranks[0]["out"][name].float() - single[name].float()).abs().max().item()
+        assert diff <= 2 ** -7 * single[name].float().abs().max().item(), (name, diff)  # about one bf16 ulp
+    for r in ranks:
+        assert r["bytes_read"] <= r["total"] * (1 / 2 + 0.05)
+
+
+def test_two_ranks_save_one_folder_identical_to_a_single_process_save(ran):
+    assert _files(ran / "saved") == _files(ran / "intx")
+    assert aockpt.verify(ran / "saved").tensors == 5
+    assert not (ran / "saved.aockpt-dcp-staging").exists()
+
+
+def test_the_two_rank_folder_loads_on_one_process(ran):  # 2 -> 1, no process group at all
+    template = tiny_llama_block_state(_CONFIGS["intx"])
+    for t in template.values():
+        t.qdata.zero_()
+    dcp.load(template, storage_reader=adcp.AockptStorageReader(ran / "saved"), planner=adcp.AockptLoadPlanner())
+    for name, tensor in aockpt.load_quantized(ran / "intx").items():
+        assert_same_tensor(template[name], tensor)
+
+
+def test_a_one_process_folder_loads_resharded_on_two_ranks(ran):  # 1 -> 2
+    for rank in range(2):
+        got = torch.load(ran / f"loaded{rank}.pt", weights_only=False)
+        assert set(got["loaded"]) == set(got["expected"]) == {k for k in aockpt.load_quantized(ran / "int8")}
+        for name, tensor in got["expected"].items():
+            assert_same_tensor(got["loaded"][name], tensor)
