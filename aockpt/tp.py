@@ -14,6 +14,7 @@ import enum
 import fnmatch
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -224,9 +225,11 @@ def load_dtensors(path: str | os.PathLike, mesh: Any, plan: Mapping[str, Any], *
             out[name] = DTensor.from_local(piece.tensor, mesh, [placement], run_check=False,
                                            shape=torch.Size(piece.full_shape), stride=stride)
         except NotImplementedError as e:
+            op = re.search(r"op='([^']+)'", str(e))
             raise UnsupportedTensorError(
-                f"{name}: torchao's {type(piece.tensor).__name__} cannot be wrapped in a DTensor "
-                f"({str(e).splitlines()[0][:80]}...); use aockpt.tp.load_shard for plain local tensors") from e
+                f"{name}: torchao's {type(piece.tensor).__name__} cannot be wrapped in a DTensor (torchao does not "
+                f"implement {op.group(1) if op else 'an op DTensor needs'} for it); use aockpt.tp.load_shard for "
+                "plain local tensors") from e
     return out
 
 

@@ -3,10 +3,12 @@ a DCP save from 2 ranks into one packed folder, and a DCP load resharded 1 -> 2;
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
 from torchao.quantization.granularity import PerGroup
 
 import aockpt
@@ -14,12 +16,13 @@ from aockpt import dcp as adcp
 from conftest import assert_same_tensor
 from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state
 
-_CONFIGS = {"int8": Int8WeightOnlyConfig(), "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}
+_CONFIGS = {"int8": Int8WeightOnlyConfig(), "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+            "float8": Float8WeightOnlyConfig()}
 
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
-    """The folder of one 2-rank launch: its inputs (int8, intx, zeros) and what each rank wrote."""
+    """The folder of one 2-rank launch: its inputs (int8, intx, float8, zeros) and what each rank wrote."""
     out = tmp_path_factory.mktemp("gloo")
     for name, config in _CONFIGS.items():
         aockpt.save(tiny_llama_block_state(config), out / name)
@@ -69,3 +72,17 @@ def test_a_one_process_folder_loads_resharded_on_two_ranks(ran):  # 1 -> 2
         assert set(got["loaded"]) == set(got["expected"]) == {k for k in aockpt.load_quantized(ran / "int8")}
         for name, tensor in got["expected"].items():
             assert_same_tensor(got["loaded"][name], tensor)
+
+
+def test_float8_slices_wrap_as_dtensors_and_int8_is_refused_by_name(ran):
+    full = aockpt.load_quantized(ran / "float8")
+    single = forward(full, block_input())
+    for rank in range(2):
+        got = torch.load(ran / f"dtensor{rank}.pt", weights_only=False)
+        assert got["shapes"] == {k: tuple(v.shape) for k, v in full.items()}
+        assert got["placements"]["mlp.up_proj.weight"] == "(Shard(dim=0),)"
+        assert got["placements"]["mlp.down_proj.weight"] == "(Shard(dim=1),)"
+        assert torch.equal(got["q"], single["q"])
+        assert re.fullmatch(r"\S+\.weight: torchao's Int8Tensor cannot be wrapped in a DTensor \(torchao does not "
+                            r"implement aten\.view for it\); use aockpt\.tp\.load_shard for plain local tensors",
+                            got["refusal"]), got["refusal"]

@@ -1,7 +1,8 @@
 """One rank of the real torch.distributed (gloo) runs in tests/test_tp.py and tests/test_dcp.py, plus their shared helpers.
 
 Run as ``python tests/tp_worker.py RANK WORLD PORT DIR`` with PYTHONPATH at the repo root: one launch runs
-every step on the checkpoints prepared in DIR (``int8``, ``intx``, ``zeros``), paying torch's start-up once.
+every step on the checkpoints prepared in DIR (``int8``, ``intx``, ``float8``, ``zeros``), paying torch's
+start-up once.
 """
 
 from __future__ import annotations
@@ -110,13 +111,34 @@ def _dcp_load_rank(rank: int, world: int, out: Path) -> None:
     torch.save({"loaded": template, "expected": expected}, out / f"loaded{rank}.pt")
 
 
+def _dtensor_rank(rank: int, world: int, out: Path) -> None:
+    """Wrap float8 slices as DTensors (torchao allows it) and run a colwise projection; int8 is refused."""
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    from aockpt import tp
+    from aockpt.errors import UnsupportedTensorError
+
+    mesh = init_device_mesh("cpu", (world,))
+    wrapped = tp.load_dtensors(out / "float8", mesh, PLAN)
+    x = DTensor.from_local(block_input(), mesh, [Replicate()])
+    q = torch.nn.functional.linear(x, wrapped["self_attn.q_proj.weight"])
+    try:
+        tp.load_dtensors(out / "int8", mesh, PLAN)
+        refusal = ""
+    except UnsupportedTensorError as e:
+        refusal = str(e)
+    torch.save({"placements": {k: str(v.placements) for k, v in wrapped.items()},
+                "shapes": {k: tuple(v.shape) for k, v in wrapped.items()},
+                "q": q.full_tensor(), "refusal": refusal}, out / f"dtensor{rank}.pt")
+
+
 def main(rank: int, world: int, port: int, out: Path) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for step in (_forward_rank, _dcp_save_rank, _dcp_load_rank):
+        for step in (_forward_rank, _dcp_save_rank, _dcp_load_rank, _dtensor_rank):
             step(rank, world, out)
             dist.barrier()
     finally:
