@@ -94,7 +94,8 @@ def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None)
             raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
                                          "save the whole tensor from one rank instead")
         offsets_of = info.parts
-    keys = keys or {inner: name if flat.type_name == PLAIN_TENSOR else fmt.part_key(name, inner) for inner in flat.parts}
+    plain = flat.type_name == PLAIN_TENSOR
+    keys = keys or {inner: name if plain else fmt.part_key(name, inner) for inner in flat.parts}
     chunks = {}
     for inner, part in flat.parts.items():
         span = offsets_of.get(inner)
@@ -128,12 +129,7 @@ class AockptSavePlanner(DefaultSavePlanner):
         super().set_up_planner({}, storage_meta, is_coordinator)
 
     def create_local_plan(self) -> SavePlan:
-        items = [WriteItem(index=MetadataIndex(key, torch.Size(c.offsets)),
-                           type=WriteItemType.SHARD if any(c.offsets) or c.size != tuple(c.local.shape)
-                           else WriteItemType.TENSOR,
-                           tensor_data=TensorWriteData(ChunkStorageMetadata(torch.Size(c.offsets), c.local.size()),
-                                                       TensorProperties.create_from_tensor(c.local), torch.Size(c.size)))
-                 for key, c in self.chunks.items()]
+        items = [_write_item(key, c) for key, c in self.chunks.items()]
         self.plan = SavePlan(items, planner_data={_RECORDS: self.records})
         return self.plan
 
@@ -148,6 +144,16 @@ class AockptSavePlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         return self.chunks[write_item.index.fqn].local.detach().cpu().contiguous()
+
+
+def _write_item(key: str, chunk: _Chunk) -> WriteItem:
+    """DCP's description of one chunk: a whole part, or a shard of it at its offsets."""
+    offsets = torch.Size(chunk.offsets)
+    whole = not any(chunk.offsets) and chunk.size == tuple(chunk.local.shape)
+    return WriteItem(index=MetadataIndex(key, offsets), type=WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, chunk.local.size()),
+                                                 TensorProperties.create_from_tensor(chunk.local),
+                                                 torch.Size(chunk.size)))
 
 
 class AockptStorageWriter(HuggingFaceStorageWriter):

@@ -16,8 +16,8 @@ from aockpt import dcp as adcp
 from conftest import assert_same_tensor
 from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state
 
-_CONFIGS = {"int8": Int8WeightOnlyConfig(), "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
-            "float8": Float8WeightOnlyConfig()}
+_CONFIGS = {"int8": Int8WeightOnlyConfig(), "float8": Float8WeightOnlyConfig(),
+            "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}
 
 
 @pytest.fixture(scope="module")

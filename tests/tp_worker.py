@@ -1,4 +1,4 @@
-"""One rank of the real torch.distributed (gloo) runs in tests/test_tp.py and tests/test_dcp.py, plus their shared helpers.
+"""One rank of the real torch.distributed (gloo) run of tests/test_distributed.py, plus the shared tiny Llama block.
 
 Run as ``python tests/tp_worker.py RANK WORLD PORT DIR`` with PYTHONPATH at the repo root: one launch runs
 every step on the checkpoints prepared in DIR (``int8``, ``intx``, ``float8``, ``zeros``), paying torch's
