@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -186,3 +187,18 @@ def test_full_tmpfs_gives_a_clear_error(tmp_path):
         _assert_clean_full_disk_error(disk / "ckpt")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("verb", ["save", "unpack"])
+def test_an_unwritable_destination_is_an_output_error_naming_it(tmp_path, verb):
+    """Errors of the output path itself (not only a full disk) come out as OutputError naming it."""
+    from aockpt.errors import OutputError
+
+    state = {"w": torch.zeros(4)}
+    aockpt.save(state, tmp_path / "packed")
+    (tmp_path / "file").write_bytes(b"x")
+    dst = tmp_path / "file" / "out"
+    call = {"save": lambda: aockpt.save(state, dst), "unpack": lambda: aockpt.unpack(tmp_path / "packed", dst)}
+    with pytest.raises(OutputError, match=rf"could not write {re.escape(str(dst))} \("):
+        call[verb]()
+    assert (tmp_path / "file").read_bytes() == b"x"
