@@ -156,8 +156,8 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         relayout: re-pack device-pinned int4 exactly for `device` instead of refusing it.
         keys: names to load (a list), or a predicate on names; only those bytes are read.
         verify: also check every loaded part against its recorded digest.
-        shard: an ``aockpt.tp.TPShard`` (plan, rank, world size): load only this rank's slices
-            (see docs/distributed.md); `keys` must then be a list or None.
+        shard: an ``aockpt.TPShard`` (plan, rank, world size): load only this rank's slices of a
+            safetensors checkpoint (docs/distributed.md).
     Returns:
         name -> tensor (torchao subclasses rebuilt); tied names share one tensor.
     Raises:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -134,14 +134,15 @@ class _Cut:
 
 
 def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, shard: TPShard,
-               keys: Iterable[str] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
+               keys: Iterable[str] | Callable[[str], bool] | None = None,
+               pin: bool = False) -> dict[str, torch.Tensor]:
     """Each name's local tensor for `shard.rank`, reading only the bytes of that rank's slice.
 
     Args:
         path: a safetensors checkpoint (aockpt-packed, torchao/transformers-written, or plain).
         device: where the local tensors go.
         shard: plan, rank and world size.
-        keys: names to load (default: all).
+        keys: names to load, or a predicate on names (default: all).
         pin: read into pinned host memory (faster copies to a GPU).
     Returns:
         name -> local tensor (torchao subclass for quantized weights); replicated names hold the whole tensor.
@@ -166,7 +167,7 @@ def open_sliceable(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_shard(ckpt: Checkpoint, shard: TPShard, device: str | torch.device = "cpu", *,
-               keys: Iterable[str] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
+               keys: Iterable[str] | Callable[[str], bool] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
     """load_shard on an open checkpoint, whose shards count the bytes read (see bytes_read)."""
     return {name: piece.tensor for name, piece in _read_pieces(ckpt, shard, device, keys, pin).items()}
 
@@ -180,11 +181,11 @@ class _Piece:
     full_shape: tuple[int, ...]
 
 
-def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Iterable[str] | None,
+def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Any,
                  pin: bool) -> dict[str, _Piece]:
     """Every requested name's piece; tied names split the same way share one tensor."""
     target = parse_device(device)
-    names = list(keys) if keys is not None else list(ckpt.entries)
+    names = [n for n in ckpt.entries if keys(n)] if callable(keys) else list(ckpt.entries if keys is None else keys)
     missing = sorted(set(names) - set(ckpt.entries))
     if missing:
         raise KeyMismatchError(f"{ckpt.path} has no tensor named {', '.join(missing[:10])}")

@@ -112,25 +112,29 @@ def _forward_check(path: Path, rank: int, world: int) -> dict:
         return {}
     full = aockpt.load_quantized(path, f"cuda:{rank}", keys=list(names.values()))
     s_gate, s_q, s_mlp, s_attn = run(full, lambda t: t)
-    out = {"colwise_exact": bool(torch.equal(torch.cat(gathered[0], -1), s_gate)
-                                 and torch.equal(torch.cat(gathered[1], -1), s_q))}
-    for name, got, want in (("mlp", mlp, s_mlp), ("attn_proj", attn, s_attn)):
-        out[f"rowwise_{name}_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
-        out[f"rowwise_{name}_max_abs"] = want.float().abs().max().item()
+    out = {}
+    for name, got, want in (("colwise_gate", torch.cat(gathered[0], -1), s_gate),
+                            ("colwise_q", torch.cat(gathered[1], -1), s_q),
+                            ("rowwise_mlp", mlp, s_mlp), ("rowwise_attn_proj", attn, s_attn)):
+        out[f"{name}_exact"] = bool(torch.equal(got, want))
+        out[f"{name}_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+        out[f"{name}_max_abs"] = want.float().abs().max().item()
     return out
 
 
-def run(path: Path, json_out: Path | None) -> None:
+def run(path: Path, json_out: Path | None, forward_only: bool = False) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
     results: dict = {}
-    for label in ("whole_then_cut", "slices_from_disk", "whole_then_cut", "slices_from_disk"):
+    for label in ("whole_then_cut", "slices_from_disk", "whole_then_cut", "slices_from_disk") * (not forward_only):
         dist.barrier()
         results[label] = _load(path, rank, world, baseline=label == "whole_then_cut")
     results["forward"] = _forward_check(path, rank, world)
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    results["forward_without_reduced_precision_reduction"] = _forward_check(path, rank, world)
     everyone = [None] * world
     dist.all_gather_object(everyone, {"rank": rank, "gpu": torch.cuda.get_device_name(rank), **results})
     if rank == 0:
@@ -141,12 +145,15 @@ def run(path: Path, json_out: Path | None) -> None:
     dist.destroy_process_group()
 
 
-def generate(path: Path, shape: str) -> None:
+def generate(path: Path, shape: str, layers: int | None) -> None:
+    import dataclasses
+
     import aockpt
     from bench_pack_load import SHAPES, build_state_dict
 
     start = time.perf_counter()
-    aockpt.save(build_state_dict(SHAPES[shape]), path, force=True)
+    sizes = SHAPES[shape] if layers is None else dataclasses.replace(SHAPES[shape], layers=layers)
+    aockpt.save(build_state_dict(sizes), path, force=True)
     print(f"generated {path} ({sum(p.stat().st_size for p in path.iterdir()) / 1e9:.2f} GB) "
           f"in {time.perf_counter() - start:.1f} s")
 
@@ -156,13 +163,15 @@ def main() -> None:
     parser.add_argument("command", choices=["generate", "run"])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--layers", type=int, help="generate: fewer decoder layers (same tensor shapes)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--forward-only", action="store_true", help="run: skip the timed loads")
     args = parser.parse_args()
     os.environ.setdefault("AOCKPT_NO_PROGRESS", "1")
     if args.command == "generate":
-        generate(args.dir, args.shape)
+        generate(args.dir, args.shape, args.layers)
     else:
-        run(args.dir, args.json)
+        run(args.dir, args.json, args.forward_only)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def test_torch_styles_patterns_and_bad_plans(tmp_path):
     assert {k: tuple(v.shape) for k, v in local.items()} == {
         "layers.0.mlp.up_proj.weight": (32, 128), "layers.1.mlp.down_proj.weight": (64, 64),
         "embed.weight": (32, 128), "norm.weight": (64,)}
+    only_layers = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard(plan, 0, 2), keys=lambda n: "layers" in n)
+    assert sorted(only_layers) == ["layers.0.mlp.up_proj.weight", "layers.1.mlp.down_proj.weight"]
     with pytest.raises(UsageError, match="'layers.*' has style 'diagonal'"):
         tp.load_shard(tmp_path / "p", shard=tp.TPShard({"layers.*": "diagonal"}, 0, 2))
     with pytest.raises(UsageError, match="embed.weight matches plan patterns with different styles"):
