@@ -76,18 +76,23 @@ class _Record:
     alias_of: str | None = None
 
 
+def _dtensor_pieces(name: str, tensor: DTensor, keys: dict[str, str] | None) -> tuple[_Record, dict[str, _Chunk]]:
+    """A DTensor of a plain tensor: its local chunk at DTensor's own offsets."""
+    local, (chunk,) = tensor.to_local(), tensor.__create_chunk_list__()
+    if type(local) is not torch.Tensor:
+        raise UnsupportedTensorError(f"{name}: a DTensor of {type(local).__name__} cannot go through DCP; "
+                                     "keep quantized weights as aockpt.tp local tensors")
+    key = (keys or {codec.PLAIN_PART: name})[codec.PLAIN_PART]
+    return (_Record(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, {}, {codec.PLAIN_PART: key}, "cpu", None),
+            {key: _Chunk(local, tuple(chunk.offsets), tuple(tensor.shape))})
+
+
 def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None) -> tuple[_Record, dict[str, _Chunk]]:
     """A state-dict value as a record and its parts' chunks (keys: inner -> part key; default torchao's)."""
+    if isinstance(tensor, DTensor):
+        return _dtensor_pieces(name, tensor, keys)
     local, info = tensor, tp.slice_info(tensor)
     offsets_of: dict[str, tuple[int, int, int] | None] = {}
-    if isinstance(tensor, DTensor):
-        local, (chunk,) = tensor.to_local(), tensor.__create_chunk_list__()
-        if type(local) is not torch.Tensor:
-            raise UnsupportedTensorError(f"{name}: a DTensor of {type(local).__name__} cannot go through DCP; "
-                                         "keep quantized weights as aockpt.tp local tensors")
-        key = (keys or {codec.PLAIN_PART: name})[codec.PLAIN_PART]
-        return (_Record(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, {}, {codec.PLAIN_PART: key}, "cpu", None),
-                {key: _Chunk(local, tuple(chunk.offsets), tuple(tensor.shape))})
     flat = codec.flatten(name, local)
     if info is not None:
         if info.parts is None:

@@ -91,8 +91,8 @@ def split_dim(name: str, plan: Mapping[str, Any]) -> int | None:
     module, _, param = name.rpartition(".")
     styles = {style_of(v, p) for p, v in plan.items() if _matches(p, module)}
     if len(styles) > 1:
-        raise UsageError(f"{name} matches plan patterns with different styles ({', '.join(sorted(styles))}); "
-                         "make the patterns disjoint")
+        found = ", ".join(sorted(s.value for s in styles))
+        raise UsageError(f"{name} matches plan patterns with different styles ({found}); make the patterns disjoint")
     return _SPLIT_DIMS[styles.pop()].get(param) if styles else None
 
 

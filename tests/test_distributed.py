@@ -12,7 +12,7 @@ from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, I
 from torchao.quantization.granularity import PerGroup
 
 import aockpt
-from aockpt import dcp as adcp
+from aockpt import codec, dcp as adcp
 from conftest import assert_same_tensor
 from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state
 
@@ -26,12 +26,17 @@ def ran(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
     for name, config in _CONFIGS.items():
         aockpt.save(tiny_llama_block_state(config), out / name)
-    zeros = tiny_llama_block_state(_CONFIGS["int8"])
-    for t in zeros.values():
-        t.qdata.zero_(), t.scale.zero_()
-    aockpt.save(zeros, out / "zeros")
+    aockpt.save(_zeroed(tiny_llama_block_state(_CONFIGS["int8"])), out / "zeros")
     run_ranks(2, out)
     return out
+
+
+def _zeroed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors with every stored part zeroed in place."""
+    for name, tensor in state.items():
+        for part in codec.flatten(name, tensor).parts.values():
+            part.zero_()
+    return state
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -53,14 +58,12 @@ def test_two_ranks_reproduce_the_single_process_forward(ran):
 
 def test_two_ranks_save_one_folder_identical_to_a_single_process_save(ran):
     assert _files(ran / "saved") == _files(ran / "intx")
-    assert aockpt.verify(ran / "saved").tensors == 5
+    assert aockpt.verify(ran / "saved").tensors == 6
     assert not (ran / "saved.aockpt-dcp-staging").exists()
 
 
 def test_the_two_rank_folder_loads_on_one_process(ran):  # 2 -> 1, no process group at all
-    template = tiny_llama_block_state(_CONFIGS["intx"])
-    for t in template.values():
-        t.qdata.zero_()
+    template = _zeroed(tiny_llama_block_state(_CONFIGS["intx"]))
     dcp.load(template, storage_reader=adcp.AockptStorageReader(ran / "saved"), planner=adcp.AockptLoadPlanner())
     for name, tensor in aockpt.load_quantized(ran / "intx").items():
         assert_same_tensor(template[name], tensor)

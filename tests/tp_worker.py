@@ -22,10 +22,11 @@ warnings.filterwarnings("ignore")
 PLAN = {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
         "self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}
 HIDDEN, INTERMEDIATE, HEADS = 64, 128, 4
+NORM = "input_layernorm.weight"  # plain, replicated by the plan; the DCP steps hold it as a sharded DTensor
 
 
 def tiny_llama_block_state(config) -> dict[str, torch.Tensor]:
-    """A transformers Llama decoder layer's MLP and q/o projections, bf16, quantized with `config`."""
+    """A transformers Llama decoder layer's MLP and q/o projections, bf16, quantized with `config`, and a norm."""
     from torchao.quantization import quantize_
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -35,7 +36,8 @@ def tiny_llama_block_state(config) -> dict[str, torch.Tensor]:
                       num_key_value_heads=HEADS, num_hidden_layers=1, vocab_size=32)
     layer = LlamaDecoderLayer(cfg, 0).to(torch.bfloat16)
     quantize_(layer, config)
-    return {k: v for k, v in layer.state_dict().items() if k.removesuffix(".weight") in PLAN}
+    layer.input_layernorm.weight.data.uniform_(0.5, 1.5)
+    return {k: v for k, v in layer.state_dict().items() if k.removesuffix(".weight") in PLAN or k == NORM}
 
 
 def block_input() -> torch.Tensor:
@@ -89,6 +91,13 @@ def run_ranks(world: int, out: Path, timeout: float = 180) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
 
 
+def _sharded(whole: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's half of a plain tensor as a DTensor sharded on dim 0."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    return DTensor.from_local(whole.chunk(world)[rank].clone(), init_device_mesh("cpu", (world,)), [Shard(0)])
+
+
 def _dcp_save_rank(rank: int, world: int, out: Path) -> None:
     """Save this rank's aockpt.tp slices of the intx checkpoint through DCP into one packed folder."""
     import torch.distributed.checkpoint as dcp
@@ -96,6 +105,7 @@ def _dcp_save_rank(rank: int, world: int, out: Path) -> None:
     from aockpt import dcp as adcp, tp
 
     local = tp.load_shard(out / "intx", shard=tp.TPShard(PLAN, rank, world))
+    local[NORM] = _sharded(local[NORM], rank, world)
     dcp.save(local, storage_writer=adcp.AockptStorageWriter(out / "saved"), planner=adcp.AockptSavePlanner())
 
 
@@ -106,8 +116,10 @@ def _dcp_load_rank(rank: int, world: int, out: Path) -> None:
     from aockpt import dcp as adcp, tp
 
     template = tp.load_shard(out / "zeros", shard=tp.TPShard(PLAN, rank, world))
+    template[NORM] = _sharded(torch.zeros_like(template[NORM]), rank, world)
     dcp.load(template, storage_reader=adcp.AockptStorageReader(out / "int8"), planner=adcp.AockptLoadPlanner())
     expected = tp.load_shard(out / "int8", shard=tp.TPShard(PLAN, rank, world))
+    template[NORM] = template[NORM].full_tensor()
     torch.save({"loaded": template, "expected": expected}, out / f"loaded{rank}.pt")
 
 
