@@ -153,15 +153,14 @@ class SafetensorsFile:
             raw = raw.clone()
         return raw.view(slot.dtype).reshape(slot.shape)
 
-    def read_slice(self, key: str, dim: int = 0, start: int = 0, stop: int | None = None, *,
-                   pin: bool = False) -> torch.Tensor:
+    def read_slice(self, key: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Indices start:stop of `key` along `dim` read from the file (only those bytes) into a new tensor."""
         slot = self.slots[key]
         shape = list(slot.shape) or [1]
         stop = shape[dim] if stop is None else stop
         inner = math.prod(shape[dim + 1:]) * slot.dtype.itemsize
         run, stride, runs = (stop - start) * inner, shape[dim] * inner, math.prod(shape[:dim])
-        buf = torch.empty(runs * run, dtype=torch.uint8, pin_memory=pin)
+        buf = torch.empty(runs * run, dtype=torch.uint8)
         view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
         first = self._data_start + slot.begin + start * inner
         if run == stride:

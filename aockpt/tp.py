@@ -134,8 +134,7 @@ class _Cut:
 
 
 def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, shard: TPShard,
-               keys: Iterable[str] | Callable[[str], bool] | None = None,
-               pin: bool = False) -> dict[str, torch.Tensor]:
+               keys: Iterable[str] | Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Each name's local tensor for `shard.rank`, reading only the bytes of that rank's slice.
 
     Args:
@@ -143,7 +142,6 @@ def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, s
         device: where the local tensors go.
         shard: plan, rank and world size.
         keys: names to load, or a predicate on names (default: all).
-        pin: read into pinned host memory (faster copies to a GPU).
     Returns:
         name -> local tensor (torchao subclass for quantized weights); replicated names hold the whole tensor.
     Raises:
@@ -152,7 +150,7 @@ def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, s
     """
     ckpt = open_sliceable(path)
     try:
-        return read_shard(ckpt, shard, device, keys=keys, pin=pin)
+        return read_shard(ckpt, shard, device, keys=keys)
     finally:
         ckpt.close()
 
@@ -167,9 +165,9 @@ def open_sliceable(path: str | os.PathLike) -> Checkpoint:
 
 
 def read_shard(ckpt: Checkpoint, shard: TPShard, device: str | torch.device = "cpu", *,
-               keys: Iterable[str] | Callable[[str], bool] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
+               keys: Iterable[str] | Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """load_shard on an open checkpoint, whose shards count the bytes read (see bytes_read)."""
-    return {name: piece.tensor for name, piece in _read_pieces(ckpt, shard, device, keys, pin).items()}
+    return {name: piece.tensor for name, piece in _read_pieces(ckpt, shard, device, keys).items()}
 
 
 @dataclass(frozen=True)
@@ -181,8 +179,7 @@ class _Piece:
     full_shape: tuple[int, ...]
 
 
-def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Any,
-                 pin: bool) -> dict[str, _Piece]:
+def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Any) -> dict[str, _Piece]:
     """Every requested name's piece; tied names split the same way share one tensor."""
     target = parse_device(device)
     names = [n for n in ckpt.entries if keys(n)] if callable(keys) else list(ckpt.entries if keys is None else keys)
@@ -195,7 +192,7 @@ def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, k
         real = ckpt.resolve(name)
         dim = split_dim(name, shard.plan)
         if (real, dim) not in built:
-            built[(real, dim)] = _load_one(ckpt, real, dim, shard, target, pin)
+            built[(real, dim)] = _load_one(ckpt, real, dim, shard, target)
         out[name] = built[(real, dim)]
     return out
 
@@ -215,7 +212,7 @@ def load_dtensors(path: str | os.PathLike, mesh: Any, plan: Mapping[str, Any], *
         if mesh.device_type != "cpu" else torch.device("cpu")
     ckpt = open_sliceable(path)
     try:
-        pieces = _read_pieces(ckpt, shard, device, keys, False)
+        pieces = _read_pieces(ckpt, shard, device, keys)
     finally:
         ckpt.close()
     out = {}
@@ -239,8 +236,7 @@ def bytes_read(ckpt: Checkpoint) -> int:
     return sum(s.bytes_read for s in ckpt.shards.values())
 
 
-def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, device: torch.device,
-              pin: bool) -> _Piece:
+def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, device: torch.device) -> _Piece:
     """One tensor's local slice (or the whole tensor when `dim` is None), rebuilt on `device`."""
     flat = read_flat(ckpt, name, device)
     where = f"{ckpt.path}: {name}"
@@ -250,26 +246,26 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
     if dim is not None and len(flat.shape) <= dim:
         dim = None
     if dim is None:
-        parts = {inner: _read(ckpt, ckpt.entries[name].parts[inner].key, 0, None, None, pin) for inner in flat.parts}
+        parts = {inner: _read(ckpt, ckpt.entries[name].parts[inner].key) for inner in flat.parts}
         whole = codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, parts, flat.attrs)
         return _Piece(codec.rebuild(whole, where, device), None, flat.shape)
     size = flat.shape[dim]
     start, stop = chunk(size, shard.rank, shard.world_size)
     cut = _Cut(name, dim, size, start, stop, ("colwise/vocab", "rowwise")[dim])
     if flat.type_name == PLAIN_TENSOR:
-        data = _read(ckpt, ckpt.entries[name].parts[codec.PLAIN_PART].key, dim, start, stop, pin).to(device)
+        data = _read(ckpt, ckpt.entries[name].parts[codec.PLAIN_PART].key, dim, start, stop).to(device)
         _SLICES[data] = SliceInfo(flat.shape, {}, {codec.PLAIN_PART: (dim, start, size)})
         return _Piece(data, dim, flat.shape)
     entry = TENSOR_TYPES[flat.type_name]
-    local, spans = _SLICERS[entry.tp](ckpt, flat, entry, cut, device, pin)
+    local, spans = _SLICERS[entry.tp](ckpt, flat, entry, cut, device)
     tensor = codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device)
     _SLICES[tensor] = SliceInfo(flat.shape, flat.attrs, spans)
     return _Piece(tensor, dim, flat.shape)
 
 
-def _read(ckpt: Checkpoint, key: str, dim: int, start: int | None, stop: int | None, pin: bool) -> torch.Tensor:
+def _read(ckpt: Checkpoint, key: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Indices start:stop of a stored part along `dim`, read from its shard file."""
-    return ckpt.shards[ckpt.key_to_shard[key]].read_slice(key, dim, start or 0, stop, pin=pin)
+    return ckpt.shards[ckpt.key_to_shard[key]].read_slice(key, dim, start, stop)
 
 
 def _blocks(flat: codec.FlatTensor) -> list[int]:
@@ -289,7 +285,7 @@ def _refuse(cut: _Cut, flat: codec.FlatTensor, why: str, fix: str) -> Unsupporte
 
 
 def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                  device: torch.device, pin: bool) -> tuple[codec.FlatTensor, dict]:
+                  device: torch.device) -> tuple[codec.FlatTensor, dict]:
     """Read only the slice's rows/columns of each part (registry tp_axes), group-aligned."""
     block = _blocks(flat)[cut.dim]
     whole_block = block >= cut.size
@@ -306,11 +302,11 @@ def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, c
             if stored.numel() > 1:
                 raise _refuse(cut, flat, f"has a part {inner!r} that the registry does not say how to split",
                               "load it whole (no plan entry) or re-quantize without that option")
-            parts[inner], spans[inner] = _read(ckpt, key, 0, None, None, pin), None
+            parts[inner], spans[inner] = _read(ckpt, key), None
             continue
         pdim, along = axis
         span = _part_span(cut, flat, inner, stored.shape[pdim], along, block, whole_block)
-        parts[inner] = _read(ckpt, key, pdim, *span, pin)
+        parts[inner] = _read(ckpt, key, pdim, *span)
         spans[inner] = (pdim, span[0], stored.shape[pdim]) if span != (0, stored.shape[pdim]) else None
     local = codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, parts,
                              _local_attrs(flat, cut, whole_block))
@@ -353,9 +349,9 @@ def _local_attrs(flat: codec.FlatTensor, cut: _Cut, whole_block: bool) -> dict[s
 
 
 def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                    device: torch.device, pin: bool) -> tuple[codec.FlatTensor, None]:
+                    device: torch.device) -> tuple[codec.FlatTensor, None]:
     """Device-packed int4: read it whole, cut its exact canonical form, re-pack the slice for `device`."""
-    parts = {inner: _read(ckpt, ckpt.entries[cut.name].parts[inner].key, 0, None, None, pin) for inner in flat.parts}
+    parts = {inner: _read(ckpt, ckpt.entries[cut.name].parts[inner].key) for inner in flat.parts}
     packer = ckpt.entries[cut.name].packer
     canon = relayout.to_canonical(flat.type_name, parts, flat.attrs, packer=packer)
     g = canon.group_size
@@ -377,7 +373,7 @@ def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType,
 
 
 def _slice_none(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                device: torch.device, pin: bool) -> tuple[codec.FlatTensor, None]:
+                device: torch.device) -> tuple[codec.FlatTensor, None]:
     """Refuse: this layout keeps no row/column structure aockpt can cut exactly."""
     raise _refuse(cut, flat, f"is not supported ({entry.note}: the layout cannot be cut exactly)",
                   "leave it out of the plan to load it whole on every rank")

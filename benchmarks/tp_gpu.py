@@ -42,8 +42,8 @@ class _WholeThenCut:
     def __getattr__(self, name):  # slots, tensor(), bytes_read, close(): the real file's
         return getattr(self.shard, name)
 
-    def read_slice(self, key, dim=0, start=0, stop=None, *, pin=False):
-        whole = self.shard.read_slice(key, 0, 0, None, pin=pin)
+    def read_slice(self, key, dim=0, start=0, stop=None):
+        whole = self.shard.read_slice(key, 0, 0, None)
         if not whole.dim():
             return whole
         stop = whole.shape[dim] if stop is None else stop
