@@ -3,12 +3,17 @@ The real 2-process runs are in tests/test_distributed.py."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import aockpt
 from aockpt import codec, relayout, tp
+from aockpt.cli import main
 from aockpt.errors import KeyMismatchError, UnsupportedTensorError, UsageError
 from aockpt.registry import TENSOR_TYPES, TpSplit
 from aockpt.relayout import xpu as xpu_layout
@@ -89,12 +94,20 @@ def test_every_registry_type_says_how_it_splits():
         assert entry.tp is not TpSplit.RELAYOUT or entry.name in relayout.CONVERTERS, entry.name
 
 
+def test_the_readme_type_table_states_each_types_split():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| [^\n]* \| (direct|relayout|none) \|$", readme, re.M)
+    assert dict(rows) == {name: entry.tp.value for name, entry in TENSOR_TYPES.items()}
+
+
 def test_inspect_reports_the_split(tmp_path):
     state = {name: make() for name, (_, make) in [("a.weight", CASES["int8-weight-only"]),
                                                    ("b.weight", CASES["int4-tile-packed"]), ("c.weight", CASES["nf4"])]}
     aockpt.save(state, tmp_path / "p")
     assert {t.name: t.tp for t in aockpt.inspect(tmp_path / "p").tensors} == {
         "a.weight": "direct", "b.weight": "relayout", "c.weight": "none"}
+    table = CliRunner().invoke(main, ["inspect", str(tmp_path / "p")]).output
+    assert re.search(r"^c\.weight +NF4Tensor .* none$", table, re.M) and " tp split" in table
 
 
 @pytest.mark.parametrize("world", [3, 5])
