@@ -315,7 +315,7 @@ def _portability(type_name: str) -> str:
 
 def _tp_split(type_name: str) -> str:
     """How tensor parallelism slices a type (registry `TensorType.tp`); plain tensors slice directly."""
-    return TpSplit.DIRECT.value if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].tp.value
+    return TpSplit.DIRECT.value if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].tp_text()
 
 
 def _verdict_text(type_name: str, packer: str | None, device: str) -> str:

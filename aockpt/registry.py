@@ -102,8 +102,13 @@ class TensorType:
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
-    tp: TpSplit = TpSplit.NONE
+    tp: tuple[TpSplit, TpSplit] = (TpSplit.NONE, TpSplit.NONE)  # splitting the rows (colwise), the columns (rowwise)
     tp_axes: TpAxes = ()  # for DIRECT: where each part keeps the outer rows and columns
+
+    def tp_text(self) -> str:
+        """How tensor parallelism splits this type, as `inspect` says it: one word, or rows then columns."""
+        rows, cols = self.tp
+        return rows.value if rows is cols else f"{rows.value} rows, {cols.value} cols"
 
     def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
@@ -118,7 +123,7 @@ class TensorType:
 
 
 def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None,
-       tp=TpSplit.NONE, tp_axes=()) -> TensorType:
+       tp=(TpSplit.NONE, TpSplit.NONE), tp_axes=()) -> TensorType:
     return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, tp, tp_axes)
 
 
@@ -126,7 +131,9 @@ _P, _X = Portability.PORTABLE, Portability.PINNED
 _V, _B = Along.VALUES, Along.BLOCKS
 _ROW_MAJOR: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (0, _B), (1, _B)), ("zero_point", (0, _B), (1, _B)))
 _K_MAJOR_SCALES: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (1, _B), (0, _B)), ("zero_point", (1, _B), (0, _B)))
-_DIRECT, _RELAYOUT = TpSplit.DIRECT, TpSplit.RELAYOUT
+_DIRECT, _RELAYOUT = (TpSplit.DIRECT, TpSplit.DIRECT), (TpSplit.RELAYOUT, TpSplit.RELAYOUT)
+# tinygemm tiles hold 8 whole rows each (rows cut exactly); columns run through padded K tiles (re-laid out)
+_TILE_ROWS: TpAxes = (("qdata", (0, _V), None), ("scale_and_zero", (1, _V), None))
 
 TENSOR_TYPES: dict[str, TensorType] = {
     t.name: t
@@ -138,7 +145,8 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
            "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
-           "int4 in CUDA tinygemm tile packing", tp=_RELAYOUT),
+           "int4 in CUDA tinygemm tile packing",
+           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
            "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT),
         _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,

@@ -257,7 +257,7 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
         _SLICES[data] = SliceInfo(flat.shape, {}, {codec.PLAIN_PART: (dim, start, size)})
         return _Piece(data, dim, flat.shape)
     entry = TENSOR_TYPES[flat.type_name]
-    local, spans = _SLICERS[entry.tp](ckpt, flat, entry, cut, device)
+    local, spans = _SLICERS[entry.tp[dim]](ckpt, flat, entry, cut, device)
     tensor = codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device)
     _SLICES[tensor] = SliceInfo(flat.shape, flat.attrs, spans)
     return _Piece(tensor, dim, flat.shape)
@@ -293,7 +293,7 @@ def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, c
         raise _refuse(cut, flat, f"would cut a quantization group of {block}",
                       f"use a world size that divides its {-(-cut.size // block)} groups, or re-quantize with a "
                       f"group size that divides {cut.stop - cut.start}")
-    axes = {part: (rows, cols)[cut.dim] for part, rows, cols in entry.tp_axes}
+    axes = {part: axes[cut.dim] for part, *axes in entry.tp_axes}
     parts, spans = {}, {}
     for inner, stored in flat.parts.items():
         key = ckpt.entries[cut.name].parts[inner].key

@@ -18,7 +18,7 @@ from aockpt.errors import KeyMismatchError, UnsupportedTensorError, UsageError
 from aockpt.registry import TENSOR_TYPES, TpSplit
 from aockpt.relayout import xpu as xpu_layout
 from aockpt.relayout.canonical import bytes_to_nibbles
-from conftest import CASES
+from conftest import CASES, assert_same_tensor
 
 
 def _int4_plain(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world, tmp_path):
     case_id, type_name, tensor = case
     aockpt.save({"m.weight": tensor, "m.bias": torch.arange(tensor.shape[0], dtype=torch.bfloat16)}, tmp_path / "p")
-    split = TENSOR_TYPES[type_name].tp
+    split = TENSOR_TYPES[type_name].tp[dim]
     if split is TpSplit.NONE:
         with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a .* split of this " + type_name):
             aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": style}, 0, world))
@@ -88,16 +88,17 @@ def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world,
 def test_every_registry_type_says_how_it_splits():
     for entry in TENSOR_TYPES.values():
         required, _, _ = entry.inner_names()
-        axes = {part for part, _, _ in entry.tp_axes}
-        assert (entry.tp is TpSplit.DIRECT) == bool(axes), entry.name
-        assert entry.tp is not TpSplit.DIRECT or set(required) <= axes, entry.name
-        assert entry.tp is not TpSplit.RELAYOUT or entry.name in relayout.CONVERTERS, entry.name
+        assert (TpSplit.DIRECT in entry.tp) == bool(entry.tp_axes), entry.name
+        for dim, split in enumerate(entry.tp):
+            along = {part for part, *axes in entry.tp_axes if axes[dim] is not None}
+            assert split is not TpSplit.DIRECT or set(required) <= along, (entry.name, dim)
+            assert split is not TpSplit.RELAYOUT or entry.name in relayout.CONVERTERS, (entry.name, dim)
 
 
 def test_the_readme_type_table_states_each_types_split():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    rows = re.findall(r"^\| (\w+) \| [^\n]* \| (direct|relayout|none) \|$", readme, re.M)
-    assert dict(rows) == {name: entry.tp.value for name, entry in TENSOR_TYPES.items()}
+    rows = re.findall(r"^\| (\w+) \| [^\n]* \| ((?:direct|relayout|none)[a-z ,]*) \|$", readme, re.M)
+    assert dict(rows) == {name: entry.tp_text() for name, entry in TENSOR_TYPES.items()}
 
 
 def test_inspect_reports_the_split(tmp_path):
@@ -105,7 +106,7 @@ def test_inspect_reports_the_split(tmp_path):
                                                    ("b.weight", CASES["int4-tile-packed"]), ("c.weight", CASES["nf4"])]}
     aockpt.save(state, tmp_path / "p")
     assert {t.name: t.tp for t in aockpt.inspect(tmp_path / "p").tensors} == {
-        "a.weight": "direct", "b.weight": "relayout", "c.weight": "none"}
+        "a.weight": "direct", "b.weight": "direct rows, relayout cols", "c.weight": "none"}
     table = CliRunner().invoke(main, ["inspect", str(tmp_path / "p")]).output
     assert re.search(r"^c\.weight +NF4Tensor .* none$", table, re.M) and " tp split" in table
 
@@ -154,3 +155,26 @@ def test_a_torchao_written_file_is_sliced_too(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata=metadata)
     local = tp.load_shard(tmp_path, shard=tp.TPShard({"m": "rowwise"}, 1, 2))["m.weight"]
     assert torch.equal(_bytes(local.dequantize()), _bytes(tensor.dequantize()[:, 64:]))
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_path):
+    """tinygemm tiles hold 8 whole rows, K padding included: a colwise cut is exact without re-packing."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 256, 2048, 128
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale_and_zero = torch.rand(k // g, n, 2, generator=gen).to(torch.bfloat16)
+    canon = relayout.Int4Canonical(codes, scale_and_zero, g, (n, k), torch.bfloat16)
+
+    def tile_tensor(c: relayout.Int4Canonical) -> torch.Tensor:
+        parts, attrs, _ = relayout.from_canonical(c, "Int4TilePackedTo4dTensor", "cpu")
+        return codec.rebuild(codec.FlatTensor("Int4TilePackedTo4dTensor", c.shape, torch.bfloat16, parts, attrs), "w")
+
+    aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
+    for rank in range(world):
+        start, stop = tp.chunk(n, rank, world)
+        local = tp.load_shard(tmp_path / "p", shard=tp.TPShard({"m": "colwise"}, rank, world))["m.weight"]
+        cut = relayout.Int4Canonical(canon.values[start:stop].contiguous(),
+                                     canon.scale_and_zero[:, start:stop].contiguous(), g, (stop - start, k),
+                                     torch.bfloat16)
+        assert_same_tensor(local, tile_tensor(cut))
