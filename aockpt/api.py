@@ -12,7 +12,7 @@ import torch
 
 from . import codec, portability
 from .atomic import staged
-from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
+from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, UsageError
 from .pretrained import CONFIG_NAME, migrated_config
 from .reader import check_torchao_records
 from .progress import track
@@ -175,7 +175,10 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
     if shard is not None:
         from . import tp
 
-        return tp.load_shard(path, device, shard=shard, keys=keys)
+        if verify:
+            raise UsageError("verify=True checks whole tensors, and a shard reads slices; run aockpt.verify(path) "
+                             "once, then load the shards")
+        return tp.load_shard(path, device, shard=shard, keys=keys, relayout=relayout)
     target = portability.parse_device(device)
     source = open_source(path, cpu_packer)
     try:

@@ -22,10 +22,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import codec, relayout
+from . import codec, portability, relayout
 from .errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
-from .portability import parse_device
 from .reader import Checkpoint, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, TENSOR_TYPES, Along, TpSplit, TensorType
 
@@ -134,14 +133,19 @@ class _Cut:
 
 
 def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, shard: TPShard,
-               keys: Iterable[str] | Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+               keys: Iterable[str] | Callable[[str], bool] | None = None,
+               relayout: bool = False) -> dict[str, torch.Tensor]:
     """Each name's local tensor for `shard.rank`, reading only the bytes of that rank's slice.
+
+    The device rules of load_quantized apply: a slice of device-packed int4 that cannot live on `device`
+    is refused, or with `relayout` re-packed exactly for it.
 
     Args:
         path: a safetensors checkpoint (aockpt-packed, torchao/transformers-written, or plain).
         device: where the local tensors go.
         shard: plan, rank and world size.
         keys: names to load, or a predicate on names (default: all).
+        relayout: re-pack device-pinned int4 slices exactly for `device` instead of refusing them.
     Returns:
         name -> local tensor (torchao subclass for quantized weights); replicated names hold the whole tensor.
     Raises:
@@ -150,7 +154,7 @@ def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu", *, s
     """
     ckpt = open_sliceable(path)
     try:
-        return read_shard(ckpt, shard, device, keys=keys)
+        return {name: p.tensor for name, p in _read_pieces(ckpt, shard, device, keys, relayout).items()}
     finally:
         ckpt.close()
 
@@ -166,8 +170,9 @@ def open_sliceable(path: str | os.PathLike) -> Checkpoint:
 
 def read_shard(ckpt: Checkpoint, shard: TPShard, device: str | torch.device = "cpu", *,
                keys: Iterable[str] | Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """load_shard on an open checkpoint, whose shards count the bytes read (see bytes_read)."""
-    return {name: piece.tensor for name, piece in _read_pieces(ckpt, shard, device, keys).items()}
+    """The slices exactly as stored, on `device` without load_quantized's device rules, from an open
+    checkpoint whose shards count the bytes read (see bytes_read): for tools and tests."""
+    return {name: piece.tensor for name, piece in _read_pieces(ckpt, shard, device, keys, None).items()}
 
 
 @dataclass(frozen=True)
@@ -179,9 +184,13 @@ class _Piece:
     full_shape: tuple[int, ...]
 
 
-def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Any) -> dict[str, _Piece]:
-    """Every requested name's piece; tied names split the same way share one tensor."""
-    target = parse_device(device)
+def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, keys: Any,
+                 relayout: bool | None) -> dict[str, _Piece]:
+    """Every requested name's piece; tied names split the same way share one tensor.
+
+    `relayout` None leaves slices as stored; False / True apply load_quantized's device rules.
+    """
+    target = portability.parse_device(device)
     names = [n for n in ckpt.entries if keys(n)] if callable(keys) else list(ckpt.entries if keys is None else keys)
     missing = sorted(set(names) - set(ckpt.entries))
     if missing:
@@ -192,7 +201,7 @@ def _read_pieces(ckpt: Checkpoint, shard: TPShard, device: str | torch.device, k
         real = ckpt.resolve(name)
         dim = split_dim(name, shard.plan)
         if (real, dim) not in built:
-            built[(real, dim)] = _load_one(ckpt, real, dim, shard, target)
+            built[(real, dim)] = _load_one(ckpt, real, dim, shard, target, relayout)
         out[name] = built[(real, dim)]
     return out
 
@@ -212,7 +221,7 @@ def load_dtensors(path: str | os.PathLike, mesh: Any, plan: Mapping[str, Any], *
         if mesh.device_type != "cpu" else torch.device("cpu")
     ckpt = open_sliceable(path)
     try:
-        pieces = _read_pieces(ckpt, shard, device, keys)
+        pieces = _read_pieces(ckpt, shard, device, keys, False)
     finally:
         ckpt.close()
     out = {}
@@ -236,7 +245,8 @@ def bytes_read(ckpt: Checkpoint) -> int:
     return sum(s.bytes_read for s in ckpt.shards.values())
 
 
-def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, device: torch.device) -> _Piece:
+def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, device: torch.device,
+              relayout: bool | None) -> _Piece:
     """One tensor's local slice (or the whole tensor when `dim` is None), rebuilt on `device`."""
     flat = read_flat(ckpt, name, device)
     where = f"{ckpt.path}: {name}"
@@ -245,9 +255,11 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
         flat = codec.FlatTensor(flat.type_name, tuple(full.shape), full.dtype, flat.parts, flat.attrs)
     if dim is not None and len(flat.shape) <= dim:
         dim = None
+    packer = ckpt.entries[name].packer
     if dim is None:
         parts = {inner: _read(ckpt, ckpt.entries[name].parts[inner].key) for inner in flat.parts}
         whole = codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, parts, flat.attrs)
+        whole, _ = _fit(whole, packer, name, device, relayout)
         return _Piece(codec.rebuild(whole, where, device), None, flat.shape)
     size = flat.shape[dim]
     start, stop = chunk(size, shard.rank, shard.world_size)
@@ -257,10 +269,23 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
         _SLICES[data] = SliceInfo(flat.shape, {}, {codec.PLAIN_PART: (dim, start, size)})
         return _Piece(data, dim, flat.shape)
     entry = TENSOR_TYPES[flat.type_name]
-    local, spans = _SLICERS[entry.tp[dim]](ckpt, flat, entry, cut, device)
+    local, spans, packer = _SLICERS[entry.tp[dim]](ckpt, flat, entry, cut, device, packer)
+    local, converted = _fit(local, packer, name, device, relayout)
     tensor = codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device)
+    spans = None if converted else spans
     _SLICES[tensor] = SliceInfo(flat.shape, flat.attrs, spans)
     return _Piece(tensor, dim, flat.shape)
+
+
+def _fit(flat: codec.FlatTensor, packer: str | None, name: str, device: torch.device,
+         relayout: bool | None) -> tuple[codec.FlatTensor, bool]:
+    """load_quantized's device rules on one (local) tensor: refuse it, or re-pack it exactly; whether it was."""
+    if relayout is None:
+        return flat, False
+    converters = portability.plan_loading({name: (flat.type_name, packer)}, device, relayout=relayout)
+    if name not in converters:
+        return flat, False
+    return converters[name](flat, device)[0], True
 
 
 def _read(ckpt: Checkpoint, key: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -285,7 +310,7 @@ def _refuse(cut: _Cut, flat: codec.FlatTensor, why: str, fix: str) -> Unsupporte
 
 
 def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                  device: torch.device) -> tuple[codec.FlatTensor, dict]:
+                  device: torch.device, packer: str | None) -> tuple[codec.FlatTensor, dict, str | None]:
     """Read only the slice's rows/columns of each part (registry tp_axes), group-aligned."""
     block = _blocks(flat)[cut.dim]
     whole_block = block >= cut.size
@@ -310,7 +335,7 @@ def _slice_direct(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, c
         spans[inner] = (pdim, span[0], stored.shape[pdim]) if span != (0, stored.shape[pdim]) else None
     local = codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, parts,
                              _local_attrs(flat, cut, whole_block))
-    return local, spans
+    return local, spans, packer
 
 
 def _part_span(cut: _Cut, flat: codec.FlatTensor, inner: str, stored: int, along: Along, block: int,
@@ -349,10 +374,9 @@ def _local_attrs(flat: codec.FlatTensor, cut: _Cut, whole_block: bool) -> dict[s
 
 
 def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                    device: torch.device) -> tuple[codec.FlatTensor, None]:
+                    device: torch.device, packer: str | None) -> tuple[codec.FlatTensor, None, str]:
     """Device-packed int4: read it whole, cut its exact canonical form, re-pack the slice for `device`."""
     parts = {inner: _read(ckpt, ckpt.entries[cut.name].parts[inner].key) for inner in flat.parts}
-    packer = ckpt.entries[cut.name].packer
     canon = relayout.to_canonical(flat.type_name, parts, flat.attrs, packer=packer)
     g = canon.group_size
     if cut.dim == 1 and (cut.start % g or (cut.stop % g and cut.stop != cut.size)):
@@ -365,15 +389,15 @@ def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType,
     local = relayout.Int4Canonical(values.contiguous(), sz.contiguous(), g, (values.shape[0], values.shape[1]),
                                    canon.dtype)
     try:
-        new_parts, attrs, _ = relayout.from_canonical(local, flat.type_name, device)
+        new_parts, attrs, new_packer = relayout.from_canonical(local, flat.type_name, device)
     except PortabilityError as e:
         raise _refuse(cut, flat, f"cannot be re-packed on {device.type} ({e})",
                       f"load it on a {entry.packed_for} device") from e
-    return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, new_parts, attrs), None
+    return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, new_parts, attrs), None, new_packer
 
 
 def _slice_none(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType, cut: _Cut,
-                device: torch.device) -> tuple[codec.FlatTensor, None]:
+                device: torch.device, packer: str | None) -> tuple[codec.FlatTensor, None, None]:
     """Refuse: this layout keeps no row/column structure aockpt can cut exactly."""
     raise _refuse(cut, flat, f"is not supported ({entry.note}: the layout cannot be cut exactly)",
                   "leave it out of the plan to load it whole on every rank")

@@ -14,7 +14,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 import aockpt
 from aockpt import codec, relayout, tp
 from aockpt.cli import main
-from aockpt.errors import KeyMismatchError, UnsupportedTensorError, UsageError
+from aockpt.errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from aockpt.registry import TENSOR_TYPES, TpSplit
 from aockpt.relayout import xpu as xpu_layout
 from aockpt.relayout.canonical import bytes_to_nibbles
@@ -173,8 +173,25 @@ def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_
     aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
     for rank in range(world):
         start, stop = tp.chunk(n, rank, world)
-        local = tp.load_shard(tmp_path / "p", shard=tp.TPShard({"m": "colwise"}, rank, world))["m.weight"]
+        ckpt = tp.open_sliceable(tmp_path / "p")
+        local = tp.read_shard(ckpt, tp.TPShard({"m": "colwise"}, rank, world))["m.weight"]
+        ckpt.close()
         cut = relayout.Int4Canonical(canon.values[start:stop].contiguous(),
                                      canon.scale_and_zero[:, start:stop].contiguous(), g, (stop - start, k),
                                      torch.bfloat16)
         assert_same_tensor(local, tile_tensor(cut))
+
+
+def test_device_rules_apply_to_slices(tmp_path):
+    """A CUDA-packed int4 slice cannot live on the CPU: refused by name, or re-packed exactly with relayout."""
+    tensor = CASES["int4-tile-packed"][1]()
+    aockpt.save({"m.weight": tensor}, tmp_path / "p")
+    shard = aockpt.TPShard({"m": "colwise"}, 1, 2)
+    with pytest.raises(PortabilityError, match=r"m\.weight is Int4TilePackedTo4dTensor .* pass relayout=True"):
+        aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard)
+    local = aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, relayout=True)["m.weight"]
+    assert type(local).__name__ == "Int4OpaqueTensor"
+    got = dequantize(local, "Int4OpaqueTensor")
+    assert torch.equal(_bytes(got), _bytes(dequantize(tensor, "Int4TilePackedTo4dTensor")[32:]))
+    with pytest.raises(UsageError, match="verify=True checks whole tensors"):
+        aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, verify=True)
