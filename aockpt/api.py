@@ -325,10 +325,16 @@ class CheckpointInfo:
         """Types here that stock transformers 5 + torchao 0.18 cannot read from safetensors (registry table)."""
         return sorted({t.type for t in self.tensors if t.type != PLAIN_TENSOR and not TENSOR_TYPES[t.type].stock_loadable})
 
+    @property
+    def not_unpackable(self) -> list[str]:
+        """Types here that ``aockpt unpack`` refuses: torch.load(weights_only=True) cannot read them (registry)."""
+        return sorted({t.type for t in self.tensors if t.type != PLAIN_TENSOR and not TENSOR_TYPES[t.type].weights_only})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as `aockpt inspect --json` prints it."""
         out = asdict(self)
-        out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes, not_stock_loadable=self.not_stock_loadable)
+        out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes, not_stock_loadable=self.not_stock_loadable,
+                   not_unpackable=self.not_unpackable)
         return out
 
 

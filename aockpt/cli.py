@@ -164,6 +164,9 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
         click.echo(f"stock from_pretrained: {info.stock.verdict} ({info.stock.reason})")
     elif info.not_stock_loadable:
         click.echo(f"stock transformers + torchao: cannot read {', '.join(info.not_stock_loadable)}")
+    if info.not_unpackable:
+        click.echo(f"aockpt unpack: refuses ({', '.join(info.not_unpackable)}: torch.load(weights_only=True) "
+                   "cannot read them)")
 
 
 def _packer_text(t: api.TensorInfo) -> str:

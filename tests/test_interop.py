@@ -233,11 +233,14 @@ def _case_params() -> list:
 @pytest.mark.parametrize("case", _case_params())
 def test_round_trip(folders, tmp_path, case, consumer):
     folder, ids, logits, tokens = folders(case)
-    verdict = aockpt.inspect(folder).stock
+    info = aockpt.inspect(folder)
+    verdict = info.stock
     assert verdict is not None and verdict.verdict != "loads wrong weights"
     refuses = _refuses(*case, consumer)
     if consumer == "stock from_pretrained":
         assert verdict.loads is not refuses, verdict
+    if consumer.startswith("unpack"):
+        assert bool(info.not_unpackable) is refuses, info.not_unpackable
     if refuses:
         errors = (AockptError,) if consumer.startswith("unpack") else (ValueError, NotImplementedError)
         with pytest.raises(errors):
