@@ -104,8 +104,13 @@ def is_packed(path: str | Path) -> bool:
     return ckpt.flavor == PACKED
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and cross-check every shard of a safetensors checkpoint before any tensor is built."""
+def open_checkpoint(path: str | Path, *, omitted_ok: bool = False) -> Checkpoint:
+    """Open and cross-check every shard of a safetensors checkpoint before any tensor is built.
+
+    With `omitted_ok`, tensors torchao's records list but whose parts are all absent (transformers omits
+    tied weights so) are set aside in `Checkpoint.omitted` for the caller to resolve; otherwise they are
+    an error naming the first one.
+    """
     path = Path(path)
     folder, weight_map = shard_files(path)
     names = sorted(set(weight_map.values())) if weight_map else [path.name if path.is_file() else fmt.WEIGHTS_NAME]
@@ -113,7 +118,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     try:
         for name in names:
             shards[name] = SafetensorsFile(folder / name)
-        return _assemble(path, shards, weight_map)
+        ckpt = _assemble(path, shards, weight_map)
+        if ckpt.omitted and not omitted_ok:
+            raise CorruptCheckpointError(f"{path}: {ckpt.omitted[0]} is listed but none of its data is stored; "
+                                         "the checkpoint is incomplete: re-download or re-save it")
+        return ckpt
     except BaseException:
         for shard in shards.values():
             shard.close()

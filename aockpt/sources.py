@@ -135,7 +135,7 @@ def _pickle_folder(path: Path) -> Source:
 
 def _safetensors_source(path: Path) -> Source:
     """A packed, torchao or plain safetensors file or folder."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, omitted_ok=True)
     kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor == "aockpt" else ckpt.flavor
     return from_checkpoint(ckpt, kind)
 
