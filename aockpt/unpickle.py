@@ -7,6 +7,7 @@ during a load is exactly that, whatever torchao or the caller registered process
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -42,6 +43,7 @@ _CODE_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ_EX", "EXT1", "
 _MAX_NODES = 10_000_000  # containers and leaves in the loaded object, counted as a tree
 _MAX_DEPTH = 64  # nesting of containers; state dicts nest a handful of levels
 _ZIP_MAGIC = b"PK\x03\x04"
+_MAX_ZIP_MEMBERS = 1_000_000  # torch.save writes one member per storage plus five
 # Members a torch.save zip holds under its one root folder (torch 1.6 to 2.13).
 _ZIP_MEMBERS = re.compile(
     r"(data\.pkl|byteorder|version|\.format_version|\.storage_alignment|data/\d+|\.data/[\w.]+)"
@@ -127,14 +129,19 @@ def _check_file(path: Path) -> None:
 
 def _check_zip_names(path: Path, names: list[str]) -> None:
     """A torch.save zip holds one `<dir>/data.pkl` and plain relative members under that one dir."""
+    if len(names) > _MAX_ZIP_MEMBERS:
+        raise CorruptCheckpointError(
+            f"{path} has {len(names):,} zip members, more than the {_MAX_ZIP_MEMBERS:,} a torch.save file of "
+            "any real model holds; refused"
+        )
     if any(n.endswith("/constants.pkl") or "/code/" in f"/{n}" for n in names):
         raise UnsafeCheckpointError(
             f"{path} is a TorchScript archive, which holds code; nothing was executed. "
             "aockpt only reads torch.save state dicts: export model.state_dict() with torch.save"
         )
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise CorruptCheckpointError(f"{path} has duplicate zip members {dup}; the file was tampered with")
+    dup = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if dup:
+        raise CorruptCheckpointError(f"{path} has duplicate zip members {dup[:4]}; the file was tampered with")
     roots = {n.split("/", 1)[0] for n in names}
     bad = [n for n in names if not _ZIP_MEMBERS.fullmatch(n.split("/", 1)[-1]) or "/" not in n]
     if bad or len(roots) != 1 or not any(n.endswith("/data.pkl") for n in names):
@@ -144,11 +151,29 @@ def _check_zip_names(path: Path, names: list[str]) -> None:
         )
 
 
+def _check_stored(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Every member must be stored uncompressed, as torch.save writes it.
+
+    torch maps a zip member's bytes in place (aockpt loads with ``mmap=True``), so a deflated member
+    would be read as its compressed stream: wrong bytes that would then be packed with matching digests.
+    A compressed member is also how a small file claims gigabytes (a zip bomb).
+    """
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CorruptCheckpointError(
+            f"{path}: zip member {packed[0]!r} is compressed ({len(packed)} compressed in all); torch.save stores "
+            "members uncompressed and aockpt reads only those. Re-save it with torch.save, or re-zip it "
+            "with `zip -0`"
+        )
+
+
 def _check_zip(path: Path) -> None:
-    """Check a zip container's member names and every member's CRC before torch's reader sees it."""
+    """Check a zip container's members (names, storage method) and every CRC before torch's reader sees it."""
     try:
         with zipfile.ZipFile(path) as zf:
-            _check_zip_names(path, zf.namelist())
+            members = zf.infolist()
+            _check_zip_names(path, [m.filename for m in members])
+            _check_stored(path, members)
             broken = zf.testzip()
     except zipfile.BadZipFile as e:
         raise CorruptCheckpointError(f"{path} is a damaged zip: {_one_line(e)}") from e

@@ -89,10 +89,10 @@ def state_dict(tensor_pickle: bytes) -> bytes:
 
 # ---- containers ----
 def zip_bytes(pkl: bytes, records: dict[str, bytes] | None = None, *, root: str = "archive",
-              extra: list[tuple[str, bytes]] = ()) -> bytes:
+              extra: list[tuple[str, bytes]] = (), compression: int = zipfile.ZIP_STORED) -> bytes:
     """A torch.save-style zip: root/data.pkl, byteorder, version, data/<key> records, extra members."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", compression) as zf:
         zf.writestr(f"{root}/data.pkl", pkl)
         zf.writestr(f"{root}/byteorder", b"little")
         zf.writestr(f"{root}/version", b"3\n")
@@ -300,6 +300,8 @@ _CONTAINER_TRICKS: dict[str, Builder] = {
     "zip_torchscript_fake": _zip_with([("archive/constants.pkl", pickle.dumps(())),
                                        ("archive/code/__torch__.py", b"import os\nos.system('x')\n")]),
     "zip_torchscript_real": _torchscript,
+    "zip_deflated_members": lambda p: _write(p, "hostile.pt", zip_bytes(
+        state_dict(tensor("0", 4, 4)), {"0": floats(1, 2, 3, 4) * 64}, compression=zipfile.ZIP_DEFLATED)),
     "tar_checkpoint": _tar,
     "legacy_storage_short": _legacy_storage(4, 1000, floats(1, 2, 3, 4)),
     "legacy_storage_header_mismatch": _legacy_storage(1000, 4, floats(1, 2, 3, 4)),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from aockpt import legacy, registry
+from aockpt import legacy, registry, unpickle
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
 from aockpt.unpickle import allowlist, safe_load
 
@@ -194,3 +196,34 @@ def test_unreadable_files_name_the_path(tmp_path, kind):
     with pytest.raises(CorruptCheckpointError) as info:
         safe_load(path)
     assert str(path) in str(info.value)
+
+
+def _rezipped(src: Path, dst: Path, compression: int) -> Path:
+    """The same zip members, written again with another storage method (a legal zip torch.load reads)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info), compress_type=compression)
+    return dst
+
+
+def test_deflated_zip_members_are_refused_not_read_as_wrong_bytes(tmp_path):
+    weights = {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64) % 7}
+    torch.save(weights, tmp_path / "plain.pt")
+    deflated = _rezipped(tmp_path / "plain.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    assert torch.equal(torch.load(deflated, weights_only=True)["w"], weights["w"])  # legal: torch reads it
+    with pytest.raises(CorruptCheckpointError, match=r"compressed .*torch.save stores members uncompressed"):
+        safe_load(deflated)
+    stored = _rezipped(deflated, tmp_path / "stored.pt", zipfile.ZIP_STORED)
+    assert _same_bytes(safe_load(stored, mmap=True)["w"], weights["w"])
+
+
+def test_zip_member_checks_are_linear_and_bounded(tmp_path, monkeypatch):
+    names = ["archive/data.pkl"] + [f"archive/data/{i}" for i in range(200_000)]
+    start = time.perf_counter()
+    unpickle._check_zip_names(tmp_path / "x.pt", names)
+    assert time.perf_counter() - start < 2
+    with pytest.raises(CorruptCheckpointError, match="duplicate zip members"):
+        unpickle._check_zip_names(tmp_path / "x.pt", names + names[-1:])
+    monkeypatch.setattr(unpickle, "_MAX_ZIP_MEMBERS", 1000)
+    with pytest.raises(CorruptCheckpointError, match="zip members, more than the 1,000"):
+        unpickle._check_zip_names(tmp_path / "x.pt", names)
