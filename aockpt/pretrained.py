@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
+from .paths import member
 
 PathLike = str | os.PathLike
 CONFIG_NAME = "config.json"
@@ -150,7 +151,7 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     from .api import load_quantized
 
     folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file():
+    if not member(folder, CONFIG_NAME).is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):

@@ -17,7 +17,8 @@ from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .portability import assumed_packer
-from .reader import Checkpoint, file_homes, open_checkpoint, read_flat
+from .paths import member
+from .reader import Checkpoint, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
 from .unpickle import safe_load, storage_devices
 
@@ -117,15 +118,13 @@ def _pickle_folder(path: Path) -> Source:
     """A transformers folder of pytorch_model.bin or its shards."""
     index = path / PICKLE_INDEX
     if index.is_file():
-        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
+        weight_map = fmt.index_from_json(member(path, PICKLE_INDEX).read_bytes(), str(index))
         files = sorted(set(weight_map.values()))
     else:
         files = [PICKLE_WEIGHTS]
     state: dict[str, Any] = {}
-    shards = [path / name for name in files]
+    shards = [member(path, name) for name in files]
     for shard in shards:
-        if shard.resolve().parent != path.resolve():
-            raise CorruptCheckpointError(f"{index}: shard {shard.name!r} points outside {path}")
         for key, value in _load_pickle(shard).items():
             if key in state:
                 raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two shards")
@@ -154,6 +153,8 @@ def open_source(path: str | Path) -> Source:
         if path.suffix == ".safetensors":
             return _safetensors_source(path)
         return from_state_dict(_load_pickle(path), path, "torch pickle", _made_on([path]))
+    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
     if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
         source = _safetensors_source(path)
     elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_WEIGHTS).is_file():
@@ -162,8 +163,5 @@ def open_source(path: str | Path) -> Source:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
-    homes = file_homes(path)
-    others = sorted(p for p in path.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.resolve().parent in homes)
-    source.extra_files = [p for p in others if not _is_weight_file(p)]
+    source.extra_files = extra_files
     return source
