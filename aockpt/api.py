@@ -64,7 +64,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     layout_for = portability.parse_device(device) if device else None
     source = open_source(src)
     try:
-        with staged(dst, force=force) as tmp:
+        with staged(dst, force=force, source=src) as tmp:
             items = _source_tensors(source, layout_for)
             write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
             _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
@@ -111,9 +111,9 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
     """
     source = open_source(src)
     try:
-        state = _build(source, _select(source, None), torch.device("cpu"), {})
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
-        with staged(dst, force=force, folder=as_folder) as tmp:
+        with staged(dst, force=force, folder=as_folder, source=src) as tmp:
+            state = _build(source, _select(source, None), torch.device("cpu"), {})
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
             for extra in source.extra_files if as_folder else ():
                 shutil.copy2(extra, tmp / extra.name)
