@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
 from .typed_json import dumps, loads_strict
 
@@ -24,6 +24,9 @@ DIGEST = "sha256"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"
+# Keys the format itself uses in a shard header (safetensors' metadata slot, transformers' and torchao's
+# metadata keys, aockpt's record): a tensor under one of these names would overwrite or be read as them.
+RESERVED_NAMES = frozenset({"__metadata__", "format", "tensor_names", RECORD_KEY})
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 _PORTABILITIES = frozenset(p.value for p in Portability)
 
@@ -66,6 +69,16 @@ def part_key(name: str, inner: str) -> str:
     """The torchao/transformers key of a part: ``<module>._<param>_<inner>``."""
     module, _, param = name.rpartition(".")
     return f"{module}._{param}_{inner}" if module else f"_{param}_{inner}"
+
+
+def check_not_reserved(names: list[str]) -> None:
+    """Refuse tensor names or stored keys that collide with the format's own header keys, naming each one."""
+    clash = sorted(set(names) & RESERVED_NAMES)
+    if clash:
+        raise UnsupportedTensorError(
+            f"tensor name(s) {', '.join(map(repr, clash))} collide with keys the checkpoint format reserves "
+            f"({', '.join(sorted(RESERVED_NAMES))}); rename them in the state dict before packing"
+        )
 
 
 def record_to_json(record: Record) -> str:

@@ -64,6 +64,7 @@ class _Planned:
 
 def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str]]:
     """Flatten every tensor, find aliases, and refuse two parts landing on one key."""
+    fmt.check_not_reserved([i.name for i in items])
     aliases = codec.aliases([(i.name, i.tensor) for i in items])
     planned: dict[str, _Planned] = {}
     owner: dict[str, str] = {}
@@ -72,6 +73,7 @@ def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str
             continue
         flat = codec.flatten(item.name, item.tensor)
         entry = _entry(item, flat)
+        fmt.check_not_reserved([p.key for p in entry.parts.values()])
         for part in entry.parts.values():
             if part.key in owner:
                 raise UnsupportedTensorError(
