@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, tensor_type_named, tensor_type_of
+from .registry import DTYPE_NAMES, PLAIN_TENSOR, STORAGE_CODES, tensor_type_named, tensor_type_of
 
 PLAIN_PART = "data"  # the single part of an ordinary tensor
 
@@ -38,10 +38,46 @@ class FlatTensor:
         return sum(p.numel() * p.element_size() for p in self.parts.values())
 
 
+def _unstorable_kind(t: torch.Tensor) -> str | None:
+    """What makes a plain tensor impossible to store as one dense run of its own bytes, or None."""
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return f"sparse ({str(t.layout).removeprefix('torch.')})"
+    if t.is_quantized:
+        return f"torch-quantized ({str(t.dtype).removeprefix('torch.')})"
+    if t.device.type == "meta":
+        return "meta (data-less)"
+    if t.dtype not in STORAGE_CODES:
+        return str(t.dtype).removeprefix("torch.")
+    return None
+
+
+def check_storable(t: torch.Tensor, name: str) -> None:
+    """Refuse a plain tensor aockpt cannot store, or whose dense copy would need more bytes than back it.
+
+    Stored tensors are written as dense bytes; a view with overlapping strides (a stride-0 expand) over a
+    small storage would make packing allocate far more than the file holds, so it is refused instead.
+    """
+    kind = _unstorable_kind(t)
+    if kind is not None:
+        raise UnsupportedTensorError(
+            f"{name}: aockpt does not store {kind} tensors; convert it to a dense tensor of a safetensors dtype "
+            "(e.g. .to_dense(), .dequantize(), .real) before saving"
+        )
+    dense, backed = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if dense > backed:
+        raise UnsupportedTensorError(
+            f"{name}: a {list(t.shape)} view with strides {list(t.stride())} over {backed} stored bytes would need "
+            f"{dense} bytes written out (overlapping or stride-0 strides); aockpt refuses it: save .clone() instead"
+        )
+
+
 def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
     """Take a tensor apart without copying its inner tensors."""
     entry = tensor_type_of(tensor, name)
     if entry is None:
+        check_storable(tensor, name)
         plain = tensor.detach()
         return FlatTensor(PLAIN_TENSOR, tuple(plain.shape), plain.dtype, {PLAIN_PART: plain}, {})
     part_names, attrs = tensor.__tensor_flatten__()
@@ -53,6 +89,7 @@ def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
                 f"{name}: inner tensor {part!r} of {entry.name} is a {type(inner).__name__}; "
                 "nested tensor subclasses are not supported"
             )
+        check_storable(inner, f"{name} part {part!r}")
         parts[part] = inner.detach()
     return FlatTensor(entry.name, tuple(tensor.shape), tensor.dtype, parts, dict(attrs))
 

@@ -90,6 +90,8 @@ def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state_dict.items():
         if isinstance(value, torch.Tensor) and not legacy.is_legacy(value):
+            if codec.tensor_type_of(value, name) is None:
+                codec.check_storable(value, name)
             out[name] = value
         else:
             out[name] = _migrate(name, value, path)

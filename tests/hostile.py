@@ -73,11 +73,12 @@ def storage(key: str, numel: int, location: str = "cpu", *, legacy: bool = False
     return t(s("storage"), g(*_FLOAT), s(key), s(location), i(numel), *([b"N"] if legacy else [])) + b"Q"
 
 
-def tensor(key: str, numel: int, size: int, *, offset: int = 0, location: str = "cpu", legacy: bool = False) -> bytes:
+def tensor(key: str, numel: int, size: int, *, offset: int = 0, location: str = "cpu", legacy: bool = False,
+           stride: int = 1) -> bytes:
     """A 1-d float tensor via torch._utils._rebuild_tensor_v2 over one storage."""
     return call(
         g("torch._utils", "_rebuild_tensor_v2"),
-        storage(key, numel, location, legacy=legacy), i(offset), t(i(size)), t(i(1)), b"\x89",
+        storage(key, numel, location, legacy=legacy), i(offset), t(i(size)), t(i(stride)), b"\x89",
         call(g("collections", "OrderedDict")),
     )
 
@@ -195,7 +196,14 @@ _ZIP_STORAGE: dict[str, Callable[[Path], bytes]] = {
     "offset_beyond_storage": lambda p: state_dict(tensor("0", 4, 4, offset=100)),
     "negative_size": lambda p: state_dict(tensor("0", 4, -4)),
     "wrong_inner_name": lambda p: state_dict(tensor("7", 4, 4)),
+    "stride0_view_8gb": lambda p: state_dict(tensor("0", 4, 2**31 - 1, stride=0)),
 }
+
+# Inputs that would make aockpt allocate gigabytes from a few bytes (each also in HOSTILE).
+_BUDGET: dict[str, Callable[[Path], bytes]] = {
+    "bytearray_2gb": lambda p: state_dict(call(g("builtins", "bytearray"), i(2**31 - 1))),
+}
+BOMBS = ["zip-stride0_view_8gb", "zip-bytearray_2gb", "legacy-bytearray_2gb", "legacy_storage_claims_8gb"]
 
 
 def _int8_wrapper(state: bytes, *, size: tuple[int, int] = (4, 4), cls: bytes | None = None) -> bytes:
@@ -306,11 +314,12 @@ _CONTAINER_TRICKS: dict[str, Builder] = {
     "legacy_storage_short": _legacy_storage(4, 1000, floats(1, 2, 3, 4)),
     "legacy_storage_header_mismatch": _legacy_storage(1000, 4, floats(1, 2, 3, 4)),
     "legacy_storage_truncated": _legacy_storage(4, 4, floats(1, 2)),
+    "legacy_storage_claims_8gb": _legacy_storage(2**31 - 1, 4, floats(1, 2, 3, 4)),
 }
 
 HOSTILE: list[tuple[str, Builder]] = (
-    [(f"zip-{name}", _in_zip(payload)) for name, payload in {**_PAYLOADS, **_ZIP_STORAGE}.items()]
-    + [(f"legacy-{name}", _in_legacy(payload)) for name, payload in _PAYLOADS.items()]
+    [(f"zip-{name}", _in_zip(payload)) for name, payload in {**_PAYLOADS, **_ZIP_STORAGE, **_BUDGET}.items()]
+    + [(f"legacy-{name}", _in_legacy(payload)) for name, payload in {**_PAYLOADS, **_BUDGET}.items()]
     + list(_CONTAINER_TRICKS.items())
 )
 

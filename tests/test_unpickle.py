@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import time
 import zipfile
@@ -227,3 +228,41 @@ def test_zip_member_checks_are_linear_and_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(unpickle, "_MAX_ZIP_MEMBERS", 1000)
     with pytest.raises(CorruptCheckpointError, match="zip members, more than the 1,000"):
         unpickle._check_zip_names(tmp_path / "x.pt", names)
+
+
+def test_pickle_opcode_budget_refuses_before_torch_runs_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(unpickle, "_MAX_OPCODES", 10_000)
+    bomb = hostile.program(hostile.d(*[(hostile.s(f"k{n}"), b"N") for n in range(6_000)]))
+    for container, data in (("zip", hostile.zip_bytes(bomb)), ("legacy", hostile.legacy_bytes(bomb))):
+        path = tmp_path / f"{container}.pt"
+        path.write_bytes(data)
+        with pytest.raises(CorruptCheckpointError, match="more than 10,000 opcodes"):
+            safe_load(path)
+
+
+_BOMB_RUNNER = """
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+import aockpt, hostile
+from aockpt.errors import AockptError
+builds = dict(hostile.HOSTILE)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name in hostile.BOMBS:
+    d = Path(sys.argv[1]) / name
+    d.mkdir()
+    try:
+        aockpt.pack(builds[name](d), d / "out")
+        print("ACCEPTED", name)
+    except AockptError as e:
+        print("refused", name, type(e).__name__)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
+"""
+
+
+def test_memory_bombs_are_refused_without_allocating(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _BOMB_RUNNER, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "ACCEPTED" not in out.stdout and out.stdout.count("refused") == len(hostile.BOMBS), out.stdout
+    assert int(out.stdout.split("grew_kb")[1]) < 200_000, out.stdout  # each bomb claims 2-8 GB
