@@ -1,5 +1,7 @@
 """Flatten/rebuild is exact for every registry type, and refuses what a type does not declare."""
 
+import re
+
 import pytest
 import torch
 
@@ -80,3 +82,34 @@ def test_aliases_find_tied_tensors():
     w = torch.ones(3)
     q = CASES["int8-weight-only"][1]()
     assert codec.aliases([("a", w), ("b", w), ("c", q), ("d", q), ("e", w.clone())]) == {"b": "a", "d": "c"}
+
+
+def _unstorable() -> dict[str, torch.Tensor]:
+    """Ordinary torch tensors of kinds a safetensors folder cannot hold (built quietly: some are deprecated)."""
+    import warnings
+
+    x = torch.arange(4, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"complex128": x.to(torch.complex128), "torch-quantized (qint8)": torch.quantize_per_tensor(
+                    x, 0.1, 0, torch.qint8), "sparse (sparse_coo)": x.to_sparse(),
+                "sparse (sparse_csr)": x.reshape(2, 2).to_sparse_csr(), "nested": torch.nested.nested_tensor([x, x[:2]]),
+                "meta (data-less)": torch.empty(3, device="meta")}
+
+
+@pytest.mark.parametrize("kind", list(_unstorable()))
+def test_tensor_kinds_aockpt_cannot_store_are_named_in_pack_and_save(tmp_path, kind):
+    import aockpt
+
+    tensor = _unstorable()[kind]
+    torch.save({"w": tensor}, tmp_path / "src.pt")
+    for write in (lambda: aockpt.pack(tmp_path / "src.pt", tmp_path / "dst"), lambda: aockpt.save({"w": tensor}, tmp_path / "dst")):
+        with pytest.raises(UnsupportedTensorError, match=rf"w.*aockpt does not store {re.escape(kind)} tensors"):
+            write()
+    assert not (tmp_path / "dst").exists()
+
+
+def test_stride0_view_is_refused_not_expanded():
+    view = torch.ones(1).expand(2**40)
+    with pytest.raises(UnsupportedTensorError, match="overlapping or stride-0 strides.*save .clone"):
+        codec.flatten("w", view)
