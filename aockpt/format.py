@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
-from .typed_json import dumps, loads_strict
+from .typed_json import dumps, load_file, loads_strict
 
 FORMAT_VERSION = "1.0.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
@@ -203,12 +204,21 @@ def check_shard_name(name: Any, where: str) -> str:
     return name
 
 
-def index_from_json(text: str, where: str) -> dict[str, str]:
+def index_from_json(text: str | bytes, where: str) -> dict[str, str]:
     """The weight map of a shard index (key -> shard file), with every shard name checked."""
-    obj = loads_strict(text, where)
+    return _weight_map(loads_strict(text, where), where)
+
+
+def _weight_map(obj: Any, where: str) -> dict[str, str]:
+    """The checked weight map of a parsed index."""
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise CorruptCheckpointError(f"{where}: an index needs a 'weight_map' object")
     return {_str(k, where): check_shard_name(v, where) for k, v in obj["weight_map"].items()}
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of an index file, its size checked before it is read."""
+    return _weight_map(load_file(path), str(path))
 
 
 def index_to_json(weight_map: dict[str, str], total_size: int) -> str:

@@ -11,6 +11,7 @@ import torch
 
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
 from .paths import member
+from .typed_json import load_file
 
 PathLike = str | os.PathLike
 CONFIG_NAME = "config.json"
@@ -101,9 +102,7 @@ def current_quantization_config(state: dict[str, torch.Tensor], old: dict[str, A
 
 def migrated_config(config_path: Path, state: dict[str, torch.Tensor]) -> str | None:
     """config.json text with a legacy torchao quantization_config rewritten, or None if it needs no change."""
-    from .typed_json import loads_strict
-
-    config = loads_strict(config_path.read_bytes(), str(config_path))
+    config = load_file(config_path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{config_path} is not a JSON object")
     old = config.get("quantization_config")
@@ -153,6 +152,7 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     folder = Path(path)
     if not member(folder, CONFIG_NAME).is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
+    load_file(folder / CONFIG_NAME)  # size-checked and strict before transformers reads it
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

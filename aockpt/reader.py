@@ -17,7 +17,7 @@ from .errors import AockptError, CorruptCheckpointError
 from .paths import member
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
-from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
+from .safetensors_io import SafetensorsFile
 from .typed_json import decode, encode, loads_strict
 
 PACKED = "aockpt"
@@ -64,9 +64,7 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
         raise CorruptCheckpointError(f"{path} does not exist")
     index = path / fmt.INDEX_NAME
     if index.is_file():
-        if member(path, fmt.INDEX_NAME).stat().st_size > MAX_HEADER_BYTES:
-            raise CorruptCheckpointError(f"{index} is larger than {MAX_HEADER_BYTES} bytes; it is not a shard index")
-        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
+        weight_map = fmt.read_index(member(path, fmt.INDEX_NAME))
         for name in set(weight_map.values()):
             if not member(path, name).is_file():
                 raise CorruptCheckpointError(f"{index}: shard {name!r} is missing")

@@ -120,7 +120,7 @@ def _pickle_folder(path: Path) -> Source:
     """A transformers folder of pytorch_model.bin or its shards."""
     index = path / PICKLE_INDEX
     if index.is_file():
-        weight_map = fmt.index_from_json(member(path, PICKLE_INDEX).read_bytes(), str(index))
+        weight_map = fmt.read_index(member(path, PICKLE_INDEX))
         files = sorted(set(weight_map.values()))
     else:
         files = [PICKLE_WEIGHTS]
@@ -155,15 +155,16 @@ def open_source(path: str | Path) -> Source:
         if path.suffix == ".safetensors":
             return _safetensors_source(path)
         return from_state_dict(_load_pickle(path), path, "torch pickle", _made_on([path]))
-    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
     if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
-        source = _safetensors_source(path)
+        opener = _safetensors_source
     elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_WEIGHTS).is_file():
-        source = _pickle_folder(path)
+        opener = _pickle_folder
     else:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
+    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
+    source = opener(path)
     source.extra_files = extra_files
     return source

@@ -152,7 +152,8 @@ def _write_shard(job: _ShardJob, *, made_by: dict, torchao_records: dict[str, st
                         for a, t in job.aliases.items()})
         return fmt.shard_metadata(fmt.Record(fmt.FORMAT_VERSION, made_by, tensors), torchao_records)
 
-    write_file(job.path, parts, metadata, (lambda t: release_mapped([t])) if release_pages else None)
+    release = _page_releaser() if release_pages else None
+    write_file(job.path, parts, metadata, release)
 
 
 def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], workers: int) -> None:
@@ -182,7 +183,19 @@ def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: A
         raise
 
 
-def release_mapped(tensors: list[torch.Tensor]) -> None:
+def _page_releaser() -> Callable[[torch.Tensor], None]:
+    """release_mapped for one tensor at a time, reading /proc/self/maps once (so per-tensor work stays constant)."""
+    mapped: list[tuple[int, int]] = []
+
+    def release(tensor: torch.Tensor) -> None:
+        if tensor.numel() and not mapped:
+            mapped.extend(_file_mappings())
+        release_mapped([tensor], mapped)
+
+    return release
+
+
+def release_mapped(tensors: list[torch.Tensor], mapped: list[tuple[int, int]] | None = None) -> None:
     """Drop the pages of file-mapped, unmodified tensors from this process; the page cache keeps them.
 
     A later read faults them back in from the file, so this never loses data for tensors backed by a
@@ -191,7 +204,7 @@ def release_mapped(tensors: list[torch.Tensor]) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    mapped = _file_mappings()
+    mapped = _file_mappings() if mapped is None else mapped
     page = mmap.PAGESIZE
     for tensor in tensors:
         start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()

@@ -125,3 +125,19 @@ def test_names_the_format_reserves_are_refused_and_nothing_is_written(tmp_path, 
         with pytest.raises(UnsupportedTensorError, match=rf"'{name}' collide with keys the checkpoint format reserves"):
             write()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
+
+
+def test_per_tensor_work_does_not_grow_with_the_tensor_count(tmp_path, monkeypatch):
+    """/proc/self/maps was read once per tensor (100k empty tensors took minutes); now once per shard."""
+    from safetensors.torch import save_file
+
+    from aockpt import writer
+
+    save_file({f"t{i}": torch.full((2,), float(i)) for i in range(3000)} | {f"e{i}": torch.empty(0) for i in range(3000)},
+              str(tmp_path / "many.safetensors"))
+    reads = []
+    real = writer._file_mappings
+    monkeypatch.setattr(writer, "_file_mappings", lambda: reads.append(1) or real())
+    aockpt.pack(tmp_path / "many.safetensors", tmp_path / "out")
+    assert len(reads) == 1
+    assert torch.equal(aockpt.load_quantized(tmp_path / "out", keys=["t2999"])["t2999"], torch.full((2,), 2999.0))
