@@ -71,23 +71,20 @@ def check_no_overlap(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             )
 
 
-@contextmanager
-def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
-           source: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `dst`; on success it replaces `dst`, on any error it vanishes.
+def output_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """An OS error on an output in the user's words: what failed, where, and what to do."""
+    if e.errno in _FULL_DISK:
+        return OutputError(f"no space left on device writing {path} ({e.strerror}); nothing was written: free "
+                           "space or choose another destination")
+    return OutputError(f"could not write {path} ({e.strerror or e}); nothing was written: check that its folder "
+                       "is writable and that nothing else is in the way")
 
-    Raises:
-        UsageError: `dst` exists and not `force`, or `dst` overlaps `source` (see check_no_overlap).
-        OutputError: the disk (or a size limit) is full; nothing was written.
-    """
-    dst = Path(dst)
-    if source is not None:
-        check_no_overlap(source, dst)
+
+def _make_temp(dst: Path, folder: bool) -> Path:
+    """An empty temporary file or folder beside `dst`, named so a later run can tell whose it is."""
     remove_stale(dst)
-    if dst.exists() and not force:
-        raise UsageError(f"{dst} already exists; pass --force (force=True) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dst.name}{TEMP_MARK}{os.getpid()}-"
+    prefix = _prefix(dst)
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
     else:
@@ -96,17 +93,52 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
         tmp = Path(name)
     try:
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _prefix(dst: Path) -> str:
+    """The name start of this process's temporary entries beside `dst`."""
+    return f".{dst.name}{TEMP_MARK}{os.getpid()}-"
+
+
+def _is_output(e: OSError, dst: Path) -> bool:
+    """Whether an OS error raised while staging concerns the output (not, say, a source file being read)."""
+    ours = str(dst.parent / f".{dst.name}{TEMP_MARK}")
+    named = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return e.errno in _FULL_DISK or any(f == str(dst) or f.startswith(ours) for f in named)
+
+
+@contextmanager
+def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
+           source: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `dst`; on success it replaces `dst`, on any error it vanishes.
+
+    Raises:
+        UsageError: `dst` exists and not `force`, or `dst` overlaps `source` (see check_no_overlap).
+        OutputError: the destination cannot be written (full disk, permissions, a file in the way);
+            nothing was written.
+    """
+    dst = Path(dst)
+    if source is not None:
+        check_no_overlap(source, dst)
+    try:
+        if dst.exists() and not force:
+            raise UsageError(f"{dst} already exists; pass --force (force=True) to replace it")
+        tmp = _make_temp(dst, folder)
+    except OSError as e:
+        raise output_error(dst, e) from e
+    try:
         yield tmp
         fsync_path(tmp if folder else tmp.parent)
-        _commit(tmp, dst, dst.with_name(f"{prefix}old"))
+        _commit(tmp, dst, dst.with_name(f"{_prefix(dst)}old"))
     except OSError as e:
         _remove(tmp)
-        if e.errno in _FULL_DISK:
-            raise OutputError(
-                f"no space left on device writing {dst} ({e.strerror}); nothing was written: free space "
-                "or choose another destination"
-            ) from e
-        raise
+        if isinstance(e, OutputError) or not _is_output(e, dst):
+            raise
+        raise output_error(dst, e) from e
     except BaseException:
         _remove(tmp)
         raise

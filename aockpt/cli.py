@@ -11,16 +11,19 @@ import click
 from . import api, errors
 from .cli_hub import hook, push
 
-# exception type -> exit status; the message is always the exception's own one line.
-EXIT_CODES: dict[type, int] = {
-    errors.UsageError: 2,
-    errors.UnsafeCheckpointError: 3,
-    errors.CorruptCheckpointError: 4,
-    errors.KeyMismatchError: 4,
-    errors.PortabilityError: 5,
-    errors.UnsupportedTensorError: 6,
-    errors.HubError: 7,
-    errors.OutputError: 8,
+# Every exit status of the command, most specific first; the README's table is checked against this one.
+EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
+    errors.UsageError: (2, "bad argument or option (click's own usage errors exit 2 too)"),
+    errors.UnsafeCheckpointError: (3, "the file asks to run or import something outside the allowlist"),
+    errors.CorruptCheckpointError: (4, "malformed, truncated or changed file"),
+    errors.KeyMismatchError: (4, "missing or unexpected tensor names"),
+    errors.PortabilityError: (5, "a tensor cannot live or run on the requested device"),
+    errors.UnsupportedTensorError: (6, "a tensor type or legacy layout aockpt has no codec for"),
+    errors.HubError: (7, "the Hub refused the upload or could not be reached"),
+    errors.OutputError: (8, "the output could not be written (disk full, permissions)"),
+    errors.AockptError: (1, "any other error aockpt raises on purpose"),
+    KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
+    Exception: (70, "internal error: a bug in aockpt (AOCKPT_DEBUG=1 shows the traceback)"),
 }
 
 
@@ -32,9 +35,9 @@ class _Failure(click.ClickException):
         self.exit_code = exit_code
 
 
-def _exit_code(exc: errors.AockptError) -> int:
-    """The most specific exit status for an error."""
-    return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+def _exit_code(exc: BaseException) -> int:
+    """The exit status of the most specific row of EXIT_CODES that matches."""
+    return next(code for cls, (code, _) in EXIT_CODES.items() if isinstance(exc, cls))
 
 
 class _Group(click.Group):
@@ -47,13 +50,13 @@ class _Group(click.Group):
             raise
         except errors.AockptError as e:
             raise _Failure(str(e), _exit_code(e)) from e
-        except KeyboardInterrupt:
-            raise _Failure("interrupted; nothing was left at the destination", 130) from None
+        except KeyboardInterrupt as e:
+            raise _Failure("interrupted; nothing was left at the destination", _exit_code(e)) from None
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
             raise _Failure(f"internal error {type(e).__name__}: {e} (set AOCKPT_DEBUG=1 for the traceback "
-                           "and please report it)", 70) from e
+                           "and please report it)", _exit_code(e)) from e
 
 
 def _mb(n: int) -> str:
@@ -158,6 +161,9 @@ def verify(path: str) -> None:
     """Check a packed checkpoint's structure and every tensor's digest.
 
     Exits non-zero naming each tensor whose bytes changed since it was packed.
+
+    \b
+    Example: aockpt verify llama-int8/
     """
     report = api.verify(path)
     click.echo(f"ok: {report.tensors} tensors, {_mb(report.bytes)} verified in {path}")

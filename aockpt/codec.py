@@ -128,14 +128,11 @@ _NAMED_HINTS: dict[str, Any] = {
 
 @functools.cache
 def _attribute_hints(cls: type) -> dict[str, Any]:
-    """Annotated constructor argument types of a torchao class (``__init__`` and ``__new__`` merged)."""
-    hints: dict[str, Any] = {}
-    for fn in (cls.__new__, cls.__init__):
-        try:
-            hints.update(typing.get_type_hints(fn))
-        except Exception:
-            continue
-    return hints
+    """Annotated constructor argument types of a torchao class (``__init__`` and ``__new__`` merged).
+
+    A hint that does not resolve is a bug in the registry entry, raised here, never a silently skipped check.
+    """
+    return {**typing.get_type_hints(cls.__new__), **typing.get_type_hints(cls.__init__)}
 
 
 def _conforms(value: Any, hint: Any) -> bool:

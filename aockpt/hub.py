@@ -88,10 +88,10 @@ def _checkpoint_problems(root: Path, folder: str) -> list[Problem]:
     from .reader import is_packed
 
     shown = folder if folder != "." else "the checkpoint folder"
-    if not is_packed(root / folder):
-        return [Problem(f"{shown}: safetensors without aockpt's record; run `aockpt pack` on it first",
-                        UnsafeCheckpointError)]
     try:
+        if not is_packed(root / folder):
+            return [Problem(f"{shown}: safetensors without aockpt's record; run `aockpt pack` on it first",
+                            UnsafeCheckpointError)]
         verify(root / folder)
     except AockptError as e:
         return [Problem(f"{shown}: fails verify: {e}", CorruptCheckpointError)]

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import codec, format as fmt
-from .errors import AockptError, CorruptCheckpointError
+from .errors import CorruptCheckpointError
 from .paths import member
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
@@ -75,11 +75,17 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
 
 
 def is_packed(path: str | Path) -> bool:
-    """Whether `path` is a folder or file whose safetensors shards all carry the aockpt record."""
-    try:
-        ckpt = open_checkpoint(path)
-    except AockptError:
+    """Whether `path` holds safetensors carrying aockpt's record; a damaged checkpoint raises rather than says no.
+
+    Raises:
+        CorruptCheckpointError: the safetensors are there but malformed, so "packed or not" has no answer.
+    """
+    path = Path(path)
+    has_weights = (path.suffix == ".safetensors" if path.is_file()
+                   else (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file())
+    if not has_weights:
         return False
+    ckpt = open_checkpoint(path)
     ckpt.close()
     return ckpt.flavor == PACKED
 

@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
+from .atomic import output_error
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import STORAGE_CODES, STORAGE_DTYPES
 from .typed_json import dumps, loads_strict
@@ -96,19 +97,22 @@ def write_file(
     """
     digests = {key: "0" * 64 for key, _ in items}
     header = build_header(items, make_metadata(digests))
-    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="aockpt-sha256") as hasher:
-        f.write(header)
-        for key, tensor in items:
-            digests[key] = _write_tensor(f, tensor, hasher)
-            if written is not None:
-                written(tensor)
-        final = build_header(items, make_metadata(digests))
-        if len(final) != len(header):
-            raise RuntimeError("header length changed when digests were filled in")
-        f.seek(0)
-        f.write(final)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="aockpt-sha256") as hasher:
+            f.write(header)
+            for key, tensor in items:
+                digests[key] = _write_tensor(f, tensor, hasher)
+                if written is not None:
+                    written(tensor)
+            final = build_header(items, make_metadata(digests))
+            if len(final) != len(header):
+                raise RuntimeError("header length changed when digests were filled in")
+            f.seek(0)
+            f.write(final)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise output_error(path, e) from e
     return digests
 
 

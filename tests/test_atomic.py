@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -206,3 +207,18 @@ def test_destination_overlapping_the_source_is_refused_even_with_force(tmp_path,
     with pytest.raises(UsageError, match="overlaps the source .*with or without --force"):
         getattr(aockpt, op)(src, dst, force=True)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("verb", ["save", "unpack"])
+def test_an_unwritable_destination_is_an_output_error_naming_it(tmp_path, verb):
+    """Errors of the output path itself (not only a full disk) come out as OutputError naming it."""
+    from aockpt.errors import OutputError
+
+    state = {"w": torch.zeros(4)}
+    aockpt.save(state, tmp_path / "packed")
+    (tmp_path / "file").write_bytes(b"x")
+    dst = tmp_path / "file" / "out"
+    call = {"save": lambda: aockpt.save(state, dst), "unpack": lambda: aockpt.unpack(tmp_path / "packed", dst)}
+    with pytest.raises(OutputError, match=rf"could not write {re.escape(str(dst))} \("):
+        call[verb]()
+    assert (tmp_path / "file").read_bytes() == b"x"

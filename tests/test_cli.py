@@ -66,10 +66,10 @@ def test_errors_are_one_line(packed, tmp_path, args, code, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_help_teaches_with_examples():
-    for verb in ("pack", "unpack", "inspect", "verify"):
-        result = run(verb, "--help")
-        assert result.exit_code == 0 and "Example" in result.output or verb == "verify"
+@pytest.mark.parametrize("verb", [["pack"], ["unpack"], ["inspect"], ["verify"], ["push"], ["hook", "install"]])
+def test_help_teaches_with_examples(verb):
+    result = run(*verb, "--help")
+    assert result.exit_code == 0 and "aockpt " + " ".join(verb) + " " in result.output
 
 
 @pytest.mark.parametrize("verb", ["pack", "unpack", "inspect", "verify"])
@@ -99,3 +99,14 @@ def test_inspect_and_pack_a_legacy_pickle(tmp_path):
     assert run("pack", legacy_file, tmp_path / "p").exit_code == 0
     assert run("verify", tmp_path / "p").exit_code == 0
     assert type(aockpt.load_quantized(tmp_path / "p")["0.weight"]).__name__ == "Int8Tensor"
+
+
+def test_readme_lists_every_exit_code():
+    """The README's exit-status table is the CLI's EXIT_CODES table, row for row."""
+    from pathlib import Path
+
+    from aockpt.cli import EXIT_CODES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [f"| {code} | {cls.__name__} | {meaning} |" for cls, (code, meaning) in EXIT_CODES.items()]
+    assert "\n".join(rows) in readme

@@ -14,6 +14,15 @@ def test_every_registry_type_has_a_case():
     assert set(registry.TENSOR_TYPES) == {type_name for type_name, _ in CASES.values()}
 
 
+@pytest.mark.parametrize("type_name", sorted(registry.TENSOR_TYPES))
+def test_every_registry_constructor_hint_resolves(type_name):
+    """Attribute checks read these hints: a class whose hints do not resolve must fail here, not skip checks."""
+    cls = registry.TENSOR_TYPES[type_name].cls
+    hints = codec._attribute_hints(cls)
+    annotated = {**getattr(cls.__new__, "__annotations__", {}), **getattr(cls.__init__, "__annotations__", {})}
+    assert set(annotated) <= set(hints)
+
+
 def test_flatten_rebuild_is_exact(case):
     _, type_name, tensor = case
     flat = codec.flatten("layer.weight", tensor)

@@ -205,6 +205,22 @@ def test_push_refuses_safetensors_without_aockpt_record(server, packed):
     assert server.requests == []
 
 
+def test_push_calls_a_damaged_aockpt_record_corrupt_not_unpacked(server, packed):
+    """A packed folder whose aockpt record is broken is corrupt, not "safetensors without aockpt's record"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shard = packed / "model.safetensors"
+    with safe_open(shard, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, shard, metadata={**meta, "aockpt": meta["aockpt"][:-7]})
+    with pytest.raises(aockpt.CorruptCheckpointError, match=r"model\.safetensors: invalid JSON .*damaged"):
+        _push(server, packed)
+    assert server.requests == []
+    [problem] = hub.find_problems(packed, hub.publishable_files(packed))
+    assert problem.error is aockpt.CorruptCheckpointError and "fails verify: " in problem.text
+
+
 def test_push_to_hub_of_an_in_memory_model_loads_back_with_stock_transformers(server, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 

@@ -11,7 +11,7 @@ from torchao.quantization import Int8Tensor
 
 import aockpt
 from aockpt import format as fmt
-from aockpt.errors import UnsupportedTensorError, UsageError
+from aockpt.errors import OutputError, UnsupportedTensorError, UsageError
 from aockpt.safetensors_io import SafetensorsFile
 from aockpt.writer import release_mapped, write_packed
 from aockpt.api import state_items
@@ -60,9 +60,9 @@ def test_parallel_pack_loads_exactly(tmp_path):
     assert loaded["lm_head.weight"] is loaded["embed.weight"]
 
 
-def test_a_worker_error_reaches_the_caller(tmp_path):
+def test_a_worker_error_reaches_the_caller_as_an_output_error(tmp_path):
     (tmp_path / "out" / "model-00002-of-00004.safetensors").mkdir(parents=True)
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(OutputError, match=r"could not write .*model-00002-of-00004\.safetensors \(Is a directory\)"):
         write_packed(state_items(_state()), tmp_path / "out", max_shard_size=20_000, workers=2)
 
 
