@@ -38,6 +38,7 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
         target = source.aliases.get(name, name)
         if target not in built:
             flat, packer = source.flat(target, None), source.types[target][1]
+            codec.check_record(flat, f"{source.path}: {target}")
             if target in converters:
                 flat, packer = converters[target](flat, torch.device("cpu"))
             built[target] = (codec.rebuild(flat, f"{source.path}: {target}"), packer)
@@ -182,6 +183,7 @@ def _build(source: Source, names: list[str], device: torch.device,
     real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
     for name in track(real, "loading", len(real)):
         flat = source.flat(name, device)
+        codec.check_record(flat, f"{source.path}: {name}")
         if name in converters:
             flat, _ = converters[name](flat, device)
         built[name] = codec.rebuild(flat, f"{source.path}: {name}", device)

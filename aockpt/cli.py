@@ -55,8 +55,14 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
-            raise _Failure(f"internal error {type(e).__name__}: {e} (set AOCKPT_DEBUG=1 for the traceback "
-                           "and please report it)", _exit_code(e)) from e
+            first = (str(e).strip().splitlines() or [""])[0][:300]  # torch appends C++ backtraces
+            raise _Failure(errors.printable(f"internal error {type(e).__name__}: {first} (set AOCKPT_DEBUG=1 for "
+                                            "the traceback and please report it)"), _exit_code(e)) from e
+
+
+def _say(text: str) -> None:
+    """Print a line of human output whose names and strings come from a file, control characters escaped."""
+    click.echo(errors.printable(text))
 
 
 def _mb(n: int) -> str:
@@ -136,17 +142,18 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
-    click.echo(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
+    _say(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
     header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", *devices]
-    rows = [[t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
+    rows = [[errors.printable(c) for c in (
+             t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
              t.dtype, str(t.nbytes), t.device, t.portability + (f" ({t.packer})" if t.packer else ""),
-             *(t.devices[d] for d in devices)] for t in info.tensors]
+             *(t.devices[d] for d in devices))] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        _say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     for t in info.tensors:
         if t.origin:
-            click.echo(f"  {t.name}: {t.origin}")
+            _say(f"  {t.name}: {t.origin}")
     share = info.total_bytes / info.bf16_bytes if info.bf16_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
+
+# C0 and C1 controls (newline, CR, ESC, BEL, ...), DEL, and Unicode line/paragraph separators and bidi
+# overrides: a name from a file holding one could forge output lines or drive the terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: every control character escaped (a newline shows as \\n), nothing else changed."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
 
 class AockptError(Exception):
-    """Root of every error aockpt raises on purpose; the CLI prints it as one line."""
+    """Root of every error aockpt raises on purpose; its text is one line, with file-supplied names escaped."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 class UsageError(AockptError, ValueError):
@@ -31,7 +46,7 @@ class KeyMismatchError(AockptError, KeyError):
     """Missing or unexpected tensor names; the message lists every one."""
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        return printable(str(self.args[0])) if self.args else ""
 
 
 class OutputError(AockptError, OSError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
-from .typed_json import dumps, load_file, loads_strict
+from .typed_json import dumps, fits_int64, load_file, loads_strict
 
 FORMAT_VERSION = "1.0.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
@@ -28,7 +28,7 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 # Keys the format itself uses in a shard header (safetensors' metadata slot, transformers' and torchao's
 # metadata keys, aockpt's record): a tensor under one of these names would overwrite or be read as them.
 RESERVED_NAMES = frozenset({"__metadata__", "format", "tensor_names", RECORD_KEY})
-_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+_SEMVER = re.compile(r"^(\d{1,9})\.(\d{1,9})\.(\d{1,9})$")  # bounded: int() of 5000 digits raises
 _PORTABILITIES = frozenset(p.value for p in Portability)
 
 
@@ -108,10 +108,13 @@ def _expect(obj: Any, keys: set[str], where: str) -> dict[str, Any]:
 
 
 def _shape(value: Any, where: str) -> list[int]:
-    """A shape: a list of non-negative ints."""
+    """A shape: a list of non-negative ints whose product torch can hold (int64)."""
     if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
-        raise CorruptCheckpointError(f"{where}: shape must be a list of non-negative ints, got {value!r}")
+        raise CorruptCheckpointError(f"{where}: shape must be a list of non-negative ints, got {str(value)[:80]}")
+    if not fits_int64(value):
+        raise CorruptCheckpointError(f"{where}: shape {str(value)[:80]} has more elements than torch can address")
     return value
+
 
 
 def _str(value: Any, where: str, allowed: Any = None) -> str:
@@ -125,7 +128,7 @@ def check_version(version: Any, where: str) -> str:
     """Accept every 1.x format; refuse newer majors with advice to upgrade."""
     match = _SEMVER.match(version) if isinstance(version, str) else None
     if match is None:
-        raise CorruptCheckpointError(f"{where}: format_version {version!r} is not semver")
+        raise CorruptCheckpointError(f"{where}: format_version {str(version)[:40]!r} is not semver")
     if int(match.group(1)) != int(FORMAT_VERSION.split(".")[0]):
         raise CorruptCheckpointError(
             f"{where}: format {version} is not readable by this aockpt (reads {FORMAT_VERSION.split('.')[0]}.x); "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,6 +83,9 @@ class TensorType:
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
+    # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
+    # parts not listed are unchecked
+    part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
 
     def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
@@ -96,8 +99,15 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, **dtypes) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names,
+                      {part: frozenset(allowed) for part, allowed in dtypes.items()})
+
+
+# Outer dtypes a quantized tensor dequantizes to, and the dtype names its float parts may take.
+OUTER_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+_F = tuple(OUTER_DTYPES)
+_FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 
 
 _P, _X = Portability.PORTABLE, Portability.PINNED
@@ -106,29 +116,36 @@ TENSOR_TYPES: dict[str, TensorType] = {
     t.name: t
     for t in (
         _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
-           "int8 per-row weight, optional int8 dynamic activation"),
+           "int8 per-row weight, optional int8 dynamic activation",
+           qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F),
         _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
-           "float8 weight, optional float8 dynamic activation"),
+           "float8 weight, optional float8 dynamic activation", qdata=_FP8, scale=_F),
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
-           "int1..int8 values held unpacked in int8"),
+           "int1..int8 values held unpacked in int8", qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
-           "int4 in CUDA tinygemm tile packing"),
+           "int4 in CUDA tinygemm tile packing", qdata=("int32",), scale_and_zero=_F, act_pre_scale=_F),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
-           "int4 in the CPU kernel's ISA-dependent packing"),
+           "int4 in the CPU kernel's ISA-dependent packing", qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F),
         _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
-           "int4 plain nibble packing (mslk kernels)"),
+           "int4 plain nibble packing (mslk kernels)", qdata=("int8", "uint8"), scale=_F, zero_point=_F,
+           act_pre_scale=_F),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
-           "int4 preshuffled for mslk CUDA kernels"),
+           "int4 preshuffled for mslk CUDA kernels", qdata=("int8", "uint8"), group_scale=_F, group_zero=_F,
+           row_scale=_F),
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
-           "int4 packed in int32 for XPU/NPU kernels"),
+           "int4 packed in int32 for XPU/NPU kernels", qdata=("int32",), scale=_F, zero_point=("int8", *_F),
+           act_pre_scale=_F),
         _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
-           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales"),
+           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"),
+           scale=("float8_e8m0fnu", "uint8")),
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
-           "NVIDIA fp4 with float8 block scales"),
+           "NVIDIA fp4 with float8 block scales", qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",),
+           per_tensor_scale=_F, act_per_tensor_scale=_F),
         _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
            "QLoRA normal-float 4 with double-quantized scalers",
            (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
-            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta"))),
+            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta")),
+           quantized_data=("uint8",), scaler_mean=_F, quantization_factor=_F, quantized_scalers=("int8",), nf4=_F),
     )
 }
 

@@ -28,7 +28,18 @@ MAX_FILE_BYTES = 100 * 1024 * 1024  # a JSON file (index, config) or safetensors
 # tensors has under a million; 99 MB of nested empty lists would have 33 million (~3 GB of objects).
 MAX_ITEMS = 4_000_000
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INT64_MAX = 2**63 - 1
 _MARKERS = frozenset({"_type", "_data"})
+
+
+def fits_int64(shape: Any) -> bool:
+    """Whether every dimension and their product fit torch's int64 sizes (stops multiplying once past)."""
+    size = 1
+    for dim in shape:
+        size *= max(dim, 1)
+        if dim > _INT64_MAX or size > _INT64_MAX:
+            return False
+    return True
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -44,6 +55,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _no_constant(name: str) -> Any:
     """json hook that refuses NaN and Infinity, which are not JSON."""
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite(text: str) -> float:
+    """json hook for numbers with a fraction or exponent: `1e999` would silently parse as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows to {value}")
+    return value
 
 
 def _depth(value: Any, where: str) -> None:
@@ -75,7 +94,7 @@ def loads_strict(text: str | bytes, where: str) -> Any:
     bounded nesting."""
     _check_budget(text, where)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape cannot be written back
     except (ValueError, RecursionError, UnicodeError) as e:
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
@@ -210,8 +229,9 @@ def _decode_sequence(ctor: type) -> Any:
         if not isinstance(data, list):
             raise CorruptCheckpointError(f"{where}: {ctor.__name__} must hold a list, got {data!r}")
         items = [decode(v, where, device) for v in data]
-        if ctor is torch.Size and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-            raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints, got {items!r}")
+        if ctor is torch.Size and not (all(type(i) is int and i >= 0 for i in items) and fits_int64(items)):
+            raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints torch can address, "
+                                         f"got {str(items)[:80]}")
         return ctor(items)
 
     return decode_seq
