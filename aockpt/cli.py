@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
 from . import api, errors
 from .cli_hub import hook, push
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is, so staged outputs are removed exactly as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
 
 # Every exit status of the command, most specific first; the README's table is checked against this one.
 EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
@@ -23,6 +33,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     errors.OutputError: (8, "the output could not be written (disk full, permissions)"),
     errors.AockptError: (1, "any other error aockpt raises on purpose"),
     KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
+    Terminated: (143, "terminated (SIGTERM); nothing was left at the destination"),
     Exception: (70, "internal error: a bug in aockpt (AOCKPT_DEBUG=1 shows the traceback)"),
 }
 
@@ -44,14 +55,17 @@ class _Group(click.Group):
     """Turns every error into one line: AockptError as itself, anything else as an internal error."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except errors.AockptError as e:
             raise _Failure(str(e), _exit_code(e)) from e
-        except KeyboardInterrupt as e:
-            raise _Failure("interrupted; nothing was left at the destination", _exit_code(e)) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            word = "terminated" if isinstance(e, Terminated) else "interrupted"
+            raise _Failure(f"{word}; nothing was left at the destination", _exit_code(e)) from None
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise

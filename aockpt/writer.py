@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import multiprocessing
+import signal
 import sys
 from dataclasses import dataclass
 from functools import cache, partial
@@ -162,10 +163,22 @@ def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], worke
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker, args=(write, jobs[i::workers], errors), daemon=True)
              for i in range(min(workers, len(jobs)))]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # until workers set handlers
+    try:
+        try:
+            for proc in procs:
+                proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for proc in procs:
+            proc.join()
+    except BaseException:  # Ctrl-C or SIGTERM in the parent: stop the workers before the staged folder goes
+        started = [proc for proc in procs if proc.pid is not None]
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            proc.join()
+        raise
     if not errors.empty():
         raise errors.get()
     failed = [p.exitcode for p in procs if p.exitcode]
@@ -174,13 +187,20 @@ def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], worke
 
 
 def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: Any) -> None:
-    """Body of one worker process: write its shards, report the first exception to the parent."""
+    """Body of one worker process: write its shards, report the first exception to the parent.
+
+    Ctrl-C reaches the whole process group: workers ignore it and die quietly by SIGTERM when the parent,
+    which handles it, stops them (no traceback per worker).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for job in jobs:
             write(job)
-    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it as one line
         errors.put(e)
-        raise
+        sys.exit(1)
 
 
 def _page_releaser() -> Callable[[torch.Tensor], None]:

@@ -1,6 +1,12 @@
 """The CLI: each verb works, and every user mistake is one line on stderr with no traceback."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +146,26 @@ def test_internal_errors_are_one_escaped_line(tmp_path, monkeypatch):
     monkeypatch.setattr(aockpt.api, "inspect", boom)
     result = run("inspect", tmp_path)
     assert result.exit_code == 70 and result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize("sig, workers, code, word", [(signal.SIGTERM, 1, 143, "terminated"),
+                                                      (signal.SIGINT, 2, 130, "interrupted")],
+                         ids=["sigterm", "ctrl-c-with-workers"])
+def test_a_signal_mid_pack_leaves_nothing_and_says_one_line(tmp_path, sig, workers, code, word):
+    torch.manual_seed(0)
+    torch.save({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, tmp_path / "src.pt")  # 96 MB
+    proc = subprocess.Popen([sys.executable, "-m", "aockpt.cli", "pack", tmp_path / "src.pt", tmp_path / "out",
+                             "--max-shard-size", "8MB", "--workers", str(workers)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 60
+    while not any(p.suffix == ".safetensors" for p in tmp_path.glob(".out.aockpt-tmp-*/*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # a terminal's Ctrl-C reaches the whole process group, workers included
+    else:
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err.decode().strip().splitlines() == [f"Error: {word}; nothing was left at the destination"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
