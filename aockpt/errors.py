@@ -15,11 +15,18 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """An error text as one bounded line: controls escaped, the middle of an overlong text (a value echoed
+    from a file) elided so the what and the what-to-do at its ends survive."""
+    text = printable(text)
+    return text if len(text) <= limit else f"{text[:limit * 3 // 4]} ... {text[-limit // 4:]}"
+
+
 class AockptError(Exception):
-    """Root of every error aockpt raises on purpose; its text is one line, with file-supplied names escaped."""
+    """Root of every error aockpt raises on purpose; its text is one bounded line, file-supplied names escaped."""
 
     def __str__(self) -> str:
-        return printable(super().__str__())
+        return one_line(super().__str__())
 
 
 class UsageError(AockptError, ValueError):
@@ -46,7 +53,7 @@ class KeyMismatchError(AockptError, KeyError):
     """Missing or unexpected tensor names; the message lists every one."""
 
     def __str__(self) -> str:
-        return printable(str(self.args[0])) if self.args else ""
+        return one_line(str(self.args[0])) if self.args else ""
 
 
 class OutputError(AockptError, OSError):

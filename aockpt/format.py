@@ -200,9 +200,10 @@ def shard_metadata(record: Record, torchao_records: dict[str, str]) -> dict[str,
 def check_shard_name(name: Any, where: str) -> str:
     """A shard file name from an index must be a plain file name inside the folder."""
     if (not isinstance(name, str) or not name or "/" in name or "\\" in name or "\x00" in name
-            or name in (".", "..") or re.match(r"^[A-Za-z]:", name)):
+            or name in (".", "..") or re.match(r"^[A-Za-z]:", name) or len(name.encode("utf-8", "replace")) > 255):
         raise CorruptCheckpointError(
-            f"{where}: shard file name {name!r} must be a plain file name inside the checkpoint folder"
+            f"{where}: shard file name {str(name)[:80]!r} must be a plain file name (at most 255 bytes) inside the "
+            "checkpoint folder"
         )
     return name
 

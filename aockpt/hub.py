@@ -66,7 +66,7 @@ def find_problems(root: Path, names: Iterable[str]) -> list[Problem]:
     problems, checkpoints = [], set()
     for name in sorted(names):
         if not is_inside(root, root / name):
-            problems.append(Problem(f"{name}: a link to {(root / name).resolve()}, outside the folder; "
+            problems.append(Problem(f"{name}: a link outside the folder (or a link loop); "
                                     "copy the file in if it belongs to the model", UnsafeCheckpointError))
             continue
         with open(root / name, "rb") as f:

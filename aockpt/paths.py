@@ -25,8 +25,11 @@ def file_homes(folder: Path) -> set[Path]:
 
 
 def is_inside(folder: Path, path: Path) -> bool:
-    """Whether `path`, once every symlink is followed, lies inside `folder`'s homes."""
-    target = path.resolve()
+    """Whether `path`, once every symlink is followed, lies inside `folder`'s homes (a link loop does not)."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
+        return False
     return any(target.is_relative_to(home) for home in file_homes(folder))
 
 
@@ -35,7 +38,7 @@ def member(folder: Path, name: str) -> Path:
     path = Path(folder) / name
     if not is_inside(Path(folder), path):
         raise CorruptCheckpointError(
-            f"{path} points outside {folder} (to {path.resolve()}); aockpt reads only files inside a model "
+            f"{path} points outside {folder} (or into a link loop); aockpt reads only files inside a model "
             "folder or its Hugging Face cache repo: copy the file into the folder instead of linking it"
         )
     return path

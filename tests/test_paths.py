@@ -89,6 +89,6 @@ def test_push_never_uploads_a_file_linked_outside_the_folder(tmp_path, monkeypat
     (folder / "notes.txt").unlink()
     (folder / "notes.txt").symlink_to(tmp_path / "id_rsa")
     with HubServer(lifetime_s=60) as server:
-        with pytest.raises(UnsafeCheckpointError, match="notes.txt: a link to .*outside the folder"):
+        with pytest.raises(UnsafeCheckpointError, match="notes.txt: a link outside the folder"):
             hub.push(folder, "me/x", endpoint=server.endpoint, token=server.token, progress=False)
         assert server.requests == []
