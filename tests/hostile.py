@@ -324,6 +324,29 @@ HOSTILE: list[tuple[str, Builder]] = (
 )
 
 
+def _named(name: str) -> Builder:
+    """A valid zip checkpoint whose one tensor has the given name."""
+    return lambda p: _write(p, "hostile.pt", zip_bytes(program(d((s(name), tensor("0", 4, 4)))), _RECORD))
+
+
+def _saved(value: Callable[[], torch.Tensor]) -> Builder:
+    """A real torch.save file holding one tensor of a kind aockpt cannot store."""
+    def build(p: Path) -> Path:
+        _prepare(p)
+        torch.save({"w": value()}, p / "hostile.pt")
+        return p / "hostile.pt"
+    return build
+
+
+# Files that load (they are valid torch checkpoints) but that `pack` must refuse, writing nothing.
+PACK_REFUSED: list[tuple[str, Builder]] = [
+    *[(f"reserved_name_{n}", _named(n)) for n in ("__metadata__", "tensor_names", "aockpt", "format")],
+    ("complex128", _saved(lambda: torch.ones(4, dtype=torch.complex128))),
+    ("sparse_coo", _saved(lambda: torch.ones(4).to_sparse())),
+    ("meta", _saved(lambda: torch.empty(4, device="meta"))),
+]
+
+
 def junk_calls(name: str) -> list[tuple[str, bytes]]:
     """Pickles that abuse one allowlisted global: junk REDUCE args, junk NEWOBJ args plus junk BUILD state."""
     module, _, attr = name.rpartition(".")

@@ -266,3 +266,14 @@ def test_memory_bombs_are_refused_without_allocating(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "ACCEPTED" not in out.stdout and out.stdout.count("refused") == len(hostile.BOMBS), out.stdout
     assert int(out.stdout.split("grew_kb")[1]) < 200_000, out.stdout  # each bomb claims 2-8 GB
+
+
+@pytest.mark.parametrize("name,build", hostile.PACK_REFUSED, ids=[n for n, _ in hostile.PACK_REFUSED])
+def test_loadable_files_pack_refuses_leave_nothing(tmp_path, name, build):
+    import aockpt
+
+    path = build(tmp_path)
+    with pytest.raises(AockptError) as info:
+        aockpt.pack(path, tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists() and hostile.untouched(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
