@@ -31,6 +31,7 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
 
     With `layout_for`, pinned int4 tensors are re-laid out exactly for that device's kernel first.
     """
+    portability.require_known_packers(source.types, str(source.path))
     converters = portability.plan_loading(source.types, layout_for, relayout=True) if layout_for else {}
     built: dict[str, tuple[torch.Tensor, str | None]] = {}
     items = []
@@ -48,7 +49,7 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
 
 
 def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None,
-         workers: int = 1, device: str | torch.device | None = None) -> Path:
+         workers: int = 1, device: str | torch.device | None = None, cpu_packer: str | None = None) -> Path:
     """Convert any supported checkpoint into a packed folder at `dst`, atomically.
 
     Args:
@@ -57,13 +58,16 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
         max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
         workers: processes writing shards in parallel; the output is byte-identical for any value.
         device: re-lay out device-pinned int4 exactly for this device's kernel ("cpu", "cuda", "xpu").
+        cpu_packer: which CPU packer wrote int4 weights whose file does not say ("cpu-avx512",
+            "cpu-avx2", "cpu-default", or "native" for this machine's); see docs/portability.md.
     Returns:
         The destination path.
     Raises:
-        UnsafeCheckpointError, CorruptCheckpointError, UnsupportedTensorError, UsageError.
+        UnsafeCheckpointError, CorruptCheckpointError, UnsupportedTensorError, UsageError,
+        PortabilityError (CPU int4 of an unknown packer, and no `cpu_packer`).
     """
     layout_for = portability.parse_device(device) if device else None
-    source = open_source(src)
+    source = open_source(src, cpu_packer)
     try:
         with staged(dst, force=force, source=src) as tmp:
             items = _source_tensors(source, layout_for)
@@ -104,14 +108,16 @@ def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = Fa
     return Path(dst)
 
 
-def unpack(src: PathLike, dst: PathLike, *, force: bool = False) -> Path:
+def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str | None = None) -> Path:
     """Write a checkpoint back as a torch pickle state dict that ``torch.load(weights_only=True)`` reads.
 
     A model folder unpacks into a folder (``pytorch_model.bin`` plus its other files) unless `dst` names
     a pickle file (``.pt``, ``.bin``, ...); anything else unpacks into the single file `dst`.
+    `cpu_packer` is as for `pack`.
     """
-    source = open_source(src)
+    source = open_source(src, cpu_packer)
     try:
+        portability.require_known_packers(source.types, str(source.path))
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
         with staged(dst, force=force, folder=as_folder, source=src) as tmp:
             state = _build(source, _select(source, None), torch.device("cpu"), {})
@@ -148,7 +154,8 @@ def _select(source: Source, keys: KeyFilter) -> list[str]:
 
 
 def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
-                   keys: KeyFilter = None, verify: bool = False) -> dict[str, torch.Tensor]:
+                   keys: KeyFilter = None, verify: bool = False,
+                   cpu_packer: str | None = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors onto `device`, every tensor checked before any is built.
 
     Args:
@@ -157,6 +164,7 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         relayout: re-pack device-pinned int4 exactly for `device` instead of refusing it.
         keys: names to load (a list), or a predicate on names; only those bytes are read.
         verify: also check every loaded part against its recorded digest.
+        cpu_packer: which CPU packer wrote int4 weights whose file does not say (as for `pack`).
     Returns:
         name -> tensor (torchao subclasses rebuilt); tied names share one tensor.
     Raises:
@@ -164,10 +172,11 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
     """
     target = portability.parse_device(device)
-    source = open_source(path)
+    source = open_source(path, cpu_packer)
     try:
         names = _select(source, keys)
         real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+        portability.require_known_packers({n: source.types[n] for n in real}, str(source.path))
         plan = portability.plan_loading({n: source.types[n] for n in real}, target, relayout=relayout)
         if verify:
             _verify_digests(source, real)
@@ -222,6 +231,7 @@ class TensorInfo:
     alias_of: str | None = None
     devices: dict[str, str] = field(default_factory=dict)
     origin: str | None = None  # for a migrated legacy tensor: what it was and what it became
+    packer_candidates: list[str] = field(default_factory=list)  # unknown CPU int4 packer: who may have packed it
 
 
 @dataclass
@@ -264,9 +274,12 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
-    """Describe a checkpoint without loading it onto any device; `devices` adds a will-it-run verdict each."""
-    source = open_source(path)
+def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | None = None) -> CheckpointInfo:
+    """Describe a checkpoint without loading it onto any device; `devices` adds a will-it-run verdict each.
+
+    A CPU int4 tensor whose packer neither the file nor `cpu_packer` states lists its `packer_candidates`.
+    """
+    source = open_source(path, cpu_packer)
     try:
         ckpt = source.checkpoint
         tensors = []
@@ -277,12 +290,12 @@ def inspect(path: PathLike, *, devices: Iterable[str] = ()) -> CheckpointInfo:
             verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
             tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
                                       source.made_on[name], _portability(type_name), packer, None, verdicts,
-                                      source.origins.get(name)))
+                                      source.origins.get(name), portability.packer_candidates(type_name, packer)))
         by_name = {t.name: t for t in tensors}
         for alias, target in source.aliases.items():
             t = by_name[target]
             tensors.append(TensorInfo(alias, t.type, t.shape, t.dtype, 0, t.device, t.portability, t.packer,
-                                      target, t.devices))
+                                      target, t.devices, None, t.packer_candidates))
         producer = ckpt.producer if ckpt else {}
         return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors)
     finally:

@@ -11,7 +11,7 @@ import threading
 import click
 
 from . import api, errors
-from .cli_hub import hook, push
+from .cli_hub import CPU_PACKER, hook, push
 
 class Terminated(BaseException):
     """SIGTERM, raised wherever the process is, so staged outputs are removed exactly as for Ctrl-C."""
@@ -107,7 +107,9 @@ def main() -> None:
               help="Re-lay out device-pinned int4 exactly for DEV's kernel (cpu, cuda, xpu); nothing is re-quantized.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes writing shards in parallel; the output is byte-identical for any value.")
-def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None, workers: int) -> None:
+@CPU_PACKER
+def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: str | None, workers: int,
+         cpu_packer: str | None) -> None:
     """Convert SRC into a packed safetensors folder DST.
 
     SRC may be a torch pickle state dict (.pt/.bin, any torchao release), a Hugging Face model folder, or
@@ -116,8 +118,10 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
     \b
     Example: aockpt pack llama-int8.pt llama-int8/
     Example: aockpt pack cuda-int4/ cpu-int4/ --device cpu
+    Example: aockpt pack old-int4cpu.pt packed/ --cpu-packer cpu-avx2
     """
-    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers)
+    api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers,
+             cpu_packer=cpu_packer)
     info = api.inspect(dst)
     click.echo(f"packed {len(info.tensors)} tensors ({_mb(info.total_bytes)}) into {dst}")
 
@@ -126,7 +130,8 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def unpack(src: str, dst: str, force: bool) -> None:
+@CPU_PACKER
+def unpack(src: str, dst: str, force: bool, cpu_packer: str | None) -> None:
     """Write SRC back as a torch pickle state dict.
 
     DST loads with torch.load(DST, weights_only=True) once torchao is imported, tensor subclasses included.
@@ -137,7 +142,7 @@ def unpack(src: str, dst: str, force: bool) -> None:
     Example: aockpt unpack llama-int8/ llama-int8.pt
     Example: aockpt unpack llama-int8/ llama-int8-pickle/
     """
-    api.unpack(src, dst, force=force)
+    api.unpack(src, dst, force=force, cpu_packer=cpu_packer)
     click.echo(f"unpacked {src} into {dst}")
 
 
@@ -146,13 +151,14 @@ def unpack(src: str, dst: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", "devices", multiple=True, metavar="DEV",
               help="Also say, per tensor, whether it loads and runs on DEV (repeatable): cpu, cuda, xpu.")
-def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
+@CPU_PACKER
+def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str | None) -> None:
     """Show what a checkpoint holds: per tensor type, shape, dtype, bytes, origin and portability.
 
     \b
     Example: aockpt inspect llama-int4/ --device cpu
     """
-    info = api.inspect(path, devices=devices)
+    info = api.inspect(path, devices=devices, cpu_packer=cpu_packer)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
@@ -160,7 +166,7 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", *devices]
     rows = [[errors.printable(c) for c in (
              t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
-             t.dtype, str(t.nbytes), t.device, t.portability + (f" ({t.packer})" if t.packer else ""),
+             t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t),
              *(t.devices[d] for d in devices))] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -168,12 +174,23 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...]) -> None:
     for t in info.tensors:
         if t.origin:
             _say(f"  {t.name}: {t.origin}")
+    unknown = [t.name for t in info.tensors if t.packer_candidates and not t.alias_of]
+    if unknown:
+        click.echo(f"CPU packer unknown for {len(unknown)} int4 tensor(s): the file does not say and nothing in it "
+                   "decides; pass --cpu-packer (cpu-avx512, cpu-avx2, cpu-default, or native if made on this machine)")
     share = info.total_bytes / info.bf16_bytes if info.bf16_bytes else 1.0
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")
     blocked = info.not_stock_loadable
     click.echo("stock transformers + torchao: " + (f"cannot read {', '.join(blocked)}; load with aockpt.load_pretrained"
                                                    if blocked else "can read every tensor once packed"))
+
+
+def _packer_text(t: api.TensorInfo) -> str:
+    """The packer column suffix: the packer, or the candidates where it is unknown."""
+    if t.packer_candidates:
+        return f" (packer unknown: {' | '.join(t.packer_candidates)})"
+    return f" ({t.packer})" if t.packer else ""
 
 
 @main.command()

@@ -7,6 +7,12 @@ import click
 
 from . import hub
 
+# Shared by every verb that reads a checkpoint (cli.py imports it from here).
+CPU_PACKER = click.option(
+    "--cpu-packer", default=None, metavar="PACKER",
+    help="Which CPU packer wrote int4 weights whose file does not say (legacy Int4CPULayout pickles): "
+         "cpu-avx512, cpu-avx2, cpu-default, or native if the file was made on this machine.")
+
 
 @click.command("push")
 @click.argument("path", type=click.Path())
@@ -20,8 +26,10 @@ from . import hub
 @click.option("--endpoint", default=None, envvar="HF_ENDPOINT", show_envvar=True,
               help="Hub URL (default https://huggingface.co).")
 @click.option("--no-progress", is_flag=True, help="No progress bars even on a terminal.")
+@CPU_PACKER
 def push(path: str, repo_id: str, revision: str | None, private: bool, create_pr: bool,
-         commit_message: str | None, token: str | None, endpoint: str | None, no_progress: bool) -> None:
+         commit_message: str | None, token: str | None, endpoint: str | None, no_progress: bool,
+         cpu_packer: str | None) -> None:
     """Check, card and upload a checkpoint to the Hugging Face Hub in one commit.
 
     PATH is a packed folder or anything `aockpt pack` reads (packed on the fly). Pickles and safetensors
@@ -32,7 +40,8 @@ def push(path: str, repo_id: str, revision: str | None, private: bool, create_pr
     aockpt push model.pt me/llama-int8 --create-pr -m "int8 weights"
     """
     url = hub.push(path, repo_id, revision=revision, private=private, create_pr=create_pr,
-                   commit_message=commit_message, token=token, progress=not no_progress, endpoint=endpoint)
+                   commit_message=commit_message, token=token, progress=not no_progress, endpoint=endpoint,
+                   cpu_packer=cpu_packer)
     click.echo(url)
 
 

@@ -160,7 +160,7 @@ def _card_section(info: Any, repo_id: str) -> str:
 
 def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: bool = False,
          create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
-         progress: bool = True, endpoint: str | None = None) -> str:
+         progress: bool = True, endpoint: str | None = None, cpu_packer: str | None = None) -> str:
     """Check, card and upload a checkpoint folder in one Hub commit; return the commit (or PR) URL.
 
     Args:
@@ -169,6 +169,7 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
         revision: branch to commit to (created from main if missing); ``create_pr`` opens a PR instead.
         token: Hub token; default HF_TOKEN or the one saved by ``hf auth login``.
         endpoint: Hub URL; default HF_ENDPOINT or https://huggingface.co.
+        cpu_packer: as for `aockpt.pack`, when `path` is packed first.
     Returns:
         The URL of the commit, or of the pull request when ``create_pr``.
     Raises:
@@ -181,7 +182,7 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
 
     src = Path(path)
     with tempfile.TemporaryDirectory(prefix="aockpt-push-") as tmp:
-        folder = src if src.is_dir() and is_packed(src) else pack(src, Path(tmp) / "packed")
+        folder = src if src.is_dir() and is_packed(src) else pack(src, Path(tmp) / "packed", cpu_packer=cpu_packer)
         names = publishable_files(folder)
         problems = find_problems(folder, names)
         if problems:

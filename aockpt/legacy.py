@@ -633,6 +633,10 @@ def is_legacy(obj: Any) -> bool:
 def migrate(name: str, obj: Any) -> torch.Tensor:
     """The torchao 0.18 tensor computing what a legacy (torchao<=0.17) weight record computed.
 
+    An `Int4CPULayout` weight keeps the bytes of the CPU that packed it, which the record does not name:
+    it computes right only on a machine of that ISA; `load_quantized(..., cpu_packer=, relayout=True)`
+    re-lays it out for this one (docs/portability.md).
+
     Raises:
         UnsupportedTensorError: a layout or activation quantization with no current equivalent.
         CorruptCheckpointError: a record whose fields are not what the old release stored.

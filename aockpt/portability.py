@@ -9,6 +9,7 @@ import torch
 
 from .errors import PortabilityError, UsageError
 from .registry import PLAIN_TENSOR, TENSOR_TYPES, Portability
+from .relayout import cpu
 
 if TYPE_CHECKING:
     from .codec import FlatTensor
@@ -35,9 +36,7 @@ def packer_here(type_name: str, device: torch.device) -> str | None:
     if entry.packed_for == "cuda":
         return "rocm-tinygemm" if torch.version.hip else "cuda-tinygemm"
     if entry.packed_for == "cpu":
-        from .relayout import cpu_packer
-
-        return cpu_packer()
+        return cpu.cpu_packer()
     return entry.packed_for
 
 
@@ -52,6 +51,57 @@ def assumed_packer(type_name: str) -> str | None:
     if entry is None or entry.portability is Portability.PORTABLE:
         return None
     return _ASSUMED_PACKERS.get(entry.packed_for)
+
+
+def _pinned_to_cpu(type_name: str) -> bool:
+    """Whether a type's bytes are in a CPU packing, which depends on the ISA of the machine that packed them."""
+    entry = TENSOR_TYPES.get(type_name)
+    return entry is not None and entry.portability is not Portability.PORTABLE and entry.packed_for == "cpu"
+
+
+def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str], int | None], choice: str | None,
+                   where: str) -> dict[str, tuple[str, str | None]]:
+    """Fill in the CPU int4 packer a file does not record: the user's `cpu_packer=` choice, else proof from
+    the shape (`cpu.packings_agree`); where neither decides it stays None (unknown), never guessed."""
+    stated = cpu.chosen_packer(choice)
+    agreed = cpu.cpu_packer() if cpu.cpu_packer() in cpu.PACKINGS else next(iter(cpu.PACKINGS))
+    settled = {}
+    for name, (type_name, packer) in types.items():
+        if _pinned_to_cpu(type_name):
+            if packer is not None and stated is not None and packer != stated:
+                raise UsageError(f"{where}: {name} records that {packer} packed it, but cpu_packer={choice!r} says "
+                                 f"{stated}; drop cpu_packer (the file's record is used)")
+            if packer is None:
+                packer = stated or (agreed if _agree(rows(name)) else None)
+        settled[name] = (type_name, packer)
+    return settled
+
+
+def _agree(n: int | None) -> bool:
+    """Whether an N-row CPU int4 weight reads the same under every packer (False where N is unknown)."""
+    return n is not None and cpu.packings_agree(n)
+
+
+def packer_candidates(type_name: str, packer: str | None) -> list[str]:
+    """The packers that may have written a CPU int4 tensor whose packer is unknown; [] where it is known."""
+    return list(cpu.PACKINGS) if packer is None and _pinned_to_cpu(type_name) else []
+
+
+_CHOOSE = (f"state it with cpu_packer= (CLI: --cpu-packer): {', '.join(cpu.PACKINGS)}, or {cpu.NATIVE} "
+           "if the file was made on this machine")
+
+
+def require_known_packers(types: dict[str, tuple[str, str | None]], where: str) -> None:
+    """Refuse CPU int4 tensors whose packer is unknown: read with the wrong one, their rows come out permuted."""
+    unknown = [name for name, (type_name, packer) in types.items() if packer_candidates(type_name, packer)]
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise PortabilityError(
+            f"{where}: {len(unknown)} int4 tensor(s) do not record which CPU packer wrote them "
+            f"({', '.join(unknown[:5])}{more}); {', '.join(cpu.PACKINGS)} lay them out differently and nothing "
+            f"in the file tells which, so a wrong guess would permute the weights; {_CHOOSE} "
+            f"(this machine's is {cpu.cpu_packer()})"
+        )
 
 
 @dataclass(frozen=True)
@@ -72,13 +122,16 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
     if entry.portability is Portability.PORTABLE:
         kernel = "" if runs else f"; no {device_type} kernel in torchao 0.18 (data only)"
         return Verdict(True, runs, f"portable{kernel}")
+    if packer_candidates(type_name, packer):
+        return Verdict(False, False, f"CPU packer unknown ({' | '.join(cpu.PACKINGS)}): state it with "
+                                     "cpu_packer= (CLI: --cpu-packer)")
     if entry.packed_for == device_type:
         expected = packer_here(type_name, torch.device(device_type))
-        if packer is not None and packer != expected:
+        if packer != expected:
             return Verdict(False, False, f"{entry.note}, packed by {packer} but this machine's {device_type} "
                                          f"kernel reads the {expected} packing")
-        return Verdict(True, runs, f"packed for {device_type} ({packer or 'unknown packer'})")
-    return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer or 'unknown packer'})")
+        return Verdict(True, runs, f"packed for {device_type} ({packer})")
+    return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer})")
 
 
 Converter = Callable[["FlatTensor", torch.device], tuple["FlatTensor", str]]

@@ -132,14 +132,15 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
-                    dtype: torch.dtype | None = None, model_class: type | None = None) -> Any:
+                    dtype: torch.dtype | None = None, model_class: type | None = None,
+                    cpu_packer: str | None = None) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
     int4 re-laid out for another device. The model class comes from transformers' own config table;
     no code from the folder runs: the class is `model_class` if given, else transformers' causal-LM class
     for the config's type, else its base model class. Missing or unexpected weights are an error listing
-    each name.
+    each name. `cpu_packer` names the CPU packer of int4 weights the folder does not record (as for `pack`).
 
     Raises:
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError.
@@ -161,7 +162,7 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if model_class is None:
         raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
                                      f"{config.model_type!r}; pass model_class=")
-    state = load_quantized(folder, device, relayout=relayout)
+    state = load_quantized(folder, device, relayout=relayout, cpu_packer=cpu_packer)
     model, info = model_class.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
                                               dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
     problems = [f"{k} {kind}" for kind in ("missing", "unexpected", "mismatched")

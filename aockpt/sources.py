@@ -16,8 +16,8 @@ import torch
 from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
-from .portability import assumed_packer
 from .paths import member
+from .portability import assumed_packer, settle_packers
 from .reader import Checkpoint, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
 from .unpickle import safe_load, storage_devices
@@ -146,9 +146,29 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix == ".safetensors" or p.name in (fmt.INDEX_NAME, PICKLE_INDEX) or p.suffix in PICKLE_SUFFIXES
 
 
-def open_source(path: str | Path) -> Source:
-    """Open any supported input by what it is on disk, never by trusting its contents."""
-    path = Path(path)
+def open_source(path: str | Path, cpu_packer: str | None = None) -> Source:
+    """Open any supported input by what it is on disk, never by trusting its contents.
+
+    `cpu_packer` names the packer of CPU int4 tensors whose file does not record one (see `settle_packers`).
+    """
+    source = _open(Path(path))
+    try:
+        source.types = settle_packers(source.types, lambda name: _rows(source.flat(name, None)), cpu_packer,
+                                      str(source.path))
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _rows(flat: codec.FlatTensor) -> int | None:
+    """N of an int4 weight [N, K], from its attributes where a foreign file declares no outer shape."""
+    shape = flat.shape or flat.attrs.get("shape")
+    return shape[0] if shape and isinstance(shape[0], int) else None
+
+
+def _open(path: Path) -> Source:
+    """The source for a path, by what it is on disk."""
     if not path.exists():
         raise UsageError(f"{path} does not exist; pass a checkpoint file or folder")
     if path.is_file():

@@ -108,6 +108,24 @@ def test_inspect_and_pack_a_legacy_pickle(tmp_path):
     assert type(aockpt.load_quantized(tmp_path / "p")["0.weight"]).__name__ == "Int8Tensor"
 
 
+@pytest.mark.cpu_int4
+def test_cpu_packer_of_a_legacy_int4_pickle_is_asked_for_then_used(tmp_path):
+    from pathlib import Path
+
+    legacy_file = Path(__file__).parent.parent / "fixtures" / "legacy" / "ao0.13" / "int4cpu.pt"
+    refused = run("pack", legacy_file, tmp_path / "p")
+    assert refused.exit_code == 5 and "--cpu-packer" in refused.output and len(refused.output.strip().splitlines()) == 1
+    shown = run("inspect", legacy_file)
+    assert "packer unknown: cpu-avx512 | cpu-avx2 | cpu-default" in shown.output and "pass --cpu-packer" in shown.output
+    rows = {t["name"]: t for t in json.loads(run("inspect", legacy_file, "--json").output)["tensors"]}
+    assert rows["0.weight"]["packer_candidates"] == ["cpu-avx512", "cpu-avx2", "cpu-default"]
+    assert run("pack", legacy_file, tmp_path / "p", "--cpu-packer", "cpu-avx2", "--device", "cpu").exit_code == 0
+    packed = {t["name"]: t for t in json.loads(run("inspect", tmp_path / "p", "--json").output)["tensors"]}
+    assert packed["0.weight"]["packer"] == aockpt.relayout.cpu_packer()  # re-laid out for this machine
+    assert run("unpack", legacy_file, tmp_path / "u.pt", "--cpu-packer", "cpu-avx2").exit_code == 0
+    assert run("inspect", legacy_file, "--cpu-packer", "avx9").exit_code == 2
+
+
 def test_readme_lists_every_exit_code():
     """The README's exit-status table is the CLI's EXIT_CODES table, row for row."""
     from pathlib import Path

@@ -13,7 +13,9 @@ from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 from torchao.quantization.quant_primitives import _dequantize_affine_tinygemm, _quantize_affine_tinygemm
 from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
-from aockpt import legacy
+from aockpt import codec, legacy
+from aockpt.codec import FlatTensor
+from aockpt.relayout import relayout
 from mlp import run_mlp
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
 from aockpt.unpickle import safe_load
@@ -65,12 +67,33 @@ def _id(p: Path) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
-@pytest.mark.parametrize("path", [p for p in PICKLES if p.stem not in CUDA_PINNED], ids=_id)
+def _params(paths: list[Path]) -> list:
+    """Fixture paths as test parameters; CPU int4 ones carry the marker CI reruns under ATEN_CPU_CAPABILITY=avx2."""
+    return [pytest.param(p, id=_id(p), marks=[pytest.mark.cpu_int4] if p.stem == "int4cpu" else []) for p in paths]
+
+
+def cpu_packer_of(path: Path) -> str | None:
+    """The CPU int4 packer of the machine that made a fixture, as its folder's manifest records it."""
+    manifest = path.parent / "manifest.json"
+    return json.loads(manifest.read_text()).get("cpu_packer") if manifest.is_file() else None
+
+
+def _on_this_machine(t: torch.Tensor, packer: str | None) -> torch.Tensor:
+    """A migrated Int4OpaqueTensor (still in its maker's packing) re-laid out exactly for this machine's kernel."""
+    if not isinstance(t, Int4OpaqueTensor):
+        return t
+    flat = codec.flatten("w", t)
+    type_name, parts, attrs, _ = relayout("Int4OpaqueTensor", flat.parts, flat.attrs, packer=packer, target_device="cpu")
+    return codec.rebuild(FlatTensor(type_name, flat.shape, flat.dtype, parts, attrs), "w")
+
+
+@pytest.mark.parametrize("path", _params([p for p in PICKLES if p.stem not in CUDA_PINNED]))
 def test_fixture_migrates_to_bit_identical_weights_and_recorded_outputs(path: Path) -> None:
     expected = load_file(str(path.with_suffix(".expected.safetensors")))
     loaded = safe_load(path)
     assert any(legacy.is_legacy(v) for v in loaded.values())
-    migrated = legacy.migrate_state_dict(loaded)
+    packer = cpu_packer_of(path)
+    migrated = {k: _on_this_machine(v, packer) for k, v in legacy.migrate_state_dict(loaded).items()}
     recorded = {k.split(":")[0]: v for k, v in expected.items() if k.endswith(":dequantized")}
     assert recorded, "the fixture records dequantized weights"
     for name, want in recorded.items():
@@ -234,14 +257,15 @@ def test_torchao_014_safetensors_pack_into_the_current_format(name: str, tmp_pat
     _assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"], ULPS_OF_MAX)
 
 
-@pytest.mark.parametrize("path", PICKLES, ids=_id)
+@pytest.mark.parametrize("path", _params(PICKLES))
 def test_every_fixture_packs_and_loads_back_exactly(path: Path, tmp_path: Path) -> None:
-    """Through the public pipeline: pack (migrating on read) -> load_quantized, weights still bit-identical."""
+    """Through the public pipeline: pack (migrating on read, CPU int4 with its maker's packer stated)
+    -> load_quantized re-laying out for this machine's kernels, weights still bit-identical."""
     import aockpt
 
-    aockpt.pack(path, tmp_path / "packed")
+    aockpt.pack(path, tmp_path / "packed", cpu_packer=cpu_packer_of(path))
     aockpt.verify(tmp_path / "packed")
-    state = aockpt.load_quantized(tmp_path / "packed", "cpu", relayout=path.stem in CUDA_PINNED)
+    state = aockpt.load_quantized(tmp_path / "packed", "cpu", relayout=True)
     expected = load_file(str(path.with_suffix(".expected.safetensors")))
     for name, want in ((k.split(":")[0], v) for k, v in expected.items() if k.endswith(":dequantized")):
         got = _dequantize(state[name])

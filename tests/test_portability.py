@@ -171,3 +171,106 @@ def test_cpu_int4_packed_for_another_instruction_set_is_refused_then_relaid_out(
         aockpt.load_quantized(tmp_path, "cpu")
     fixed = aockpt.load_quantized(tmp_path, "cpu", relayout=True)["w"]
     assert torch.equal(fixed.qdata, original.qdata) and torch.equal(fixed.scale_and_zero, original.scale_and_zero)
+
+
+# --- CPU int4 files that do not say which packer wrote them (issue: AVX512 vs AVX2) -----------------
+
+LEGACY_INT4 = ROOT / "legacy" / "ao0.13" / "int4cpu.pt"  # packed by an AVX2 torch (its manifest says cpu-avx2)
+_MAKE_INT4_PICKLE = """
+import sys, torch
+from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+from aockpt.relayout import cpu_packer
+w = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+torch.save({"w": Int4OpaqueTensor.from_hp(w, [1, 32]), "b": torch.ones(96)}, sys.argv[1])
+print(cpu_packer())
+"""
+
+
+def _here_from_hp():
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    return Int4OpaqueTensor.from_hp(w, [1, 32])
+
+
+@pytest.fixture(scope="module")
+def int4_pickles(tmp_path_factory):
+    """A torchao 0.18 Int4OpaqueTensor pickle (no packer recorded) made by torch under each x86 capability."""
+    import os
+    import subprocess
+    import sys
+
+    made = {}
+    for capability in ("avx512", "avx2"):
+        path = tmp_path_factory.mktemp(capability) / "int4.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONPATH=str(ROOT.parent))
+        out = subprocess.run([sys.executable, "-c", _MAKE_INT4_PICKLE, str(path)], env=env, capture_output=True,
+                             text=True, check=True)
+        made[capability] = (path, out.stdout.strip().splitlines()[-1])
+    return made
+
+
+@pytest.mark.cpu_int4
+@pytest.mark.parametrize("capability", ["avx512", "avx2"])
+def test_cpu_int4_pickle_is_refused_unless_its_packer_is_stated_then_exact(int4_pickles, capability, tmp_path):
+    """Made under AVX512 or AVX2, read on this machine (AVX512 natively, AVX2 under CI's rerun): bit-identical
+    with the packer stated, a refusal naming the choice without it, and never a permuted tensor."""
+    path, packer = int4_pickles[capability]
+    if packer != f"cpu-{capability}":
+        pytest.skip(f"this CPU cannot run torch's {capability} kernels")
+    for attempt in (lambda: aockpt.load_quantized(path, "cpu"), lambda: aockpt.pack(path, tmp_path / "p"),
+                    lambda: aockpt.unpack(path, tmp_path / "u.pt")):
+        with pytest.raises(PortabilityError, match=r"int4 tensor\(s\) do not record which CPU packer wrote "
+                                                   r"them \(w\).*cpu_packer=.*cpu-avx2.*native"):
+            attempt()
+    want = _here_from_hp()
+    aockpt.pack(path, tmp_path / "p", cpu_packer=packer)
+    assert {t.name: t.packer for t in aockpt.inspect(tmp_path / "p").tensors}["w"] == packer
+    for loaded in (aockpt.load_quantized(path, "cpu", cpu_packer=packer, relayout=True)["w"],
+                   aockpt.load_quantized(tmp_path / "p", "cpu", relayout=True)["w"]):
+        assert torch.equal(loaded.qdata, want.qdata) and torch.equal(loaded.scale_and_zero, want.scale_and_zero)
+    if packer != relayout.cpu_packer():  # what guessing "this machine" would have done: rows permuted
+        with pytest.raises(PortabilityError, match=f"packed by {packer} but this machine"):
+            aockpt.load_quantized(path, "cpu", cpu_packer=packer)
+        guessed = aockpt.load_quantized(path, "cpu", cpu_packer="native")["w"]
+        assert not torch.equal(guessed.qdata, want.qdata)
+
+
+@pytest.mark.cpu_int4
+def test_native_names_this_machines_packer(tmp_path):
+    torch.save({"w": _here_from_hp()}, tmp_path / "here.pt")
+    loaded = aockpt.load_quantized(tmp_path / "here.pt", "cpu", cpu_packer="native")["w"]
+    assert torch.equal(loaded.qdata, _here_from_hp().qdata)
+    assert aockpt.inspect(tmp_path / "here.pt", cpu_packer="native").tensors[0].packer == relayout.cpu_packer()
+
+
+@pytest.mark.cpu_int4
+def test_inspect_lists_the_candidate_packers_per_tensor():
+    info = {t.name: t for t in aockpt.inspect(LEGACY_INT4, devices=["cpu"]).tensors}
+    assert info["0.weight"].packer is None and info["0.weight"].packer_candidates == ["cpu-avx512", "cpu-avx2", "cpu-default"]
+    assert info["0.weight"].devices["cpu"].startswith("no: CPU packer unknown")
+    assert info["0.bias"].packer_candidates == []
+    stated = {t.name: t for t in aockpt.inspect(LEGACY_INT4, devices=["cpu"], cpu_packer="cpu-avx2").tensors}
+    assert stated["0.weight"].packer == "cpu-avx2" and stated["0.weight"].packer_candidates == []
+
+
+@pytest.mark.cpu_int4
+def test_a_recorded_packer_wins_and_a_contradiction_or_typo_is_a_usage_error(tmp_path):
+    from aockpt.errors import UsageError
+
+    aockpt.pack(LEGACY_INT4, tmp_path / "p", cpu_packer="cpu-avx2")
+    assert aockpt.load_quantized(tmp_path / "p", "cpu", cpu_packer="cpu-avx2", relayout=True)
+    with pytest.raises(UsageError, match="0.weight records that cpu-avx2 packed it, but cpu_packer='cpu-default'"):
+        aockpt.load_quantized(tmp_path / "p", "cpu", cpu_packer="cpu-default")
+    with pytest.raises(UsageError, match="'cpu-neon' is not a CPU int4 packer; use one of native, cpu-avx512"):
+        aockpt.inspect(LEGACY_INT4, cpu_packer="cpu-neon")
+
+
+@pytest.mark.cpu_int4
+def test_a_16_row_weight_reads_the_same_under_every_packer_so_needs_no_choice(tmp_path):
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    small = Int4OpaqueTensor.from_hp(torch.randn(16, 64, dtype=torch.bfloat16), [1, 32])
+    torch.save({"w": small}, tmp_path / "small.pt")
+    assert aockpt.inspect(tmp_path / "small.pt").tensors[0].packer_candidates == []
+    assert torch.equal(aockpt.load_quantized(tmp_path / "small.pt", "cpu")["w"].qdata, small.qdata)

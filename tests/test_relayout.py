@@ -45,6 +45,7 @@ def _flat(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     return {name: getattr(t, name) for name in names}, attrs
 
 
+@pytest.mark.cpu_int4
 @pytest.mark.parametrize("n", [16, 32, 48, 64, 80, 208])
 @pytest.mark.parametrize("k", [2, 64, 1000])
 def test_cpu_packing_matches_torch_on_this_machine(n: int, k: int) -> None:
@@ -53,6 +54,14 @@ def test_cpu_packing_matches_torch_on_this_machine(n: int, k: int) -> None:
     layout = cpu.PACKINGS[cpu_packer()]
     assert _bytes_equal(cpu.pack_cpu(codes, layout), ref)
     assert _bytes_equal(cpu.unpack_cpu(ref, n, k, layout), codes)
+
+
+@pytest.mark.parametrize("n", [16, 32, 48, 64, 96, 4096])
+def test_packings_agree_exactly_where_every_packer_writes_the_same_bytes(n: int) -> None:
+    """The only evidence a file without a packer record carries: at 16 rows all packings coincide, beyond never."""
+    codes = _codes(n, 64, n)
+    written = {cpu.pack_cpu(codes, packing).numpy().tobytes() for packing in cpu.PACKINGS.values()}
+    assert cpu.packings_agree(n) == (len(written) == 1) == (n == 16)
 
 
 def test_cpu_packing_matches_torch_without_simd() -> None:

@@ -4,7 +4,10 @@ qdata is uint8 [N, K/2] whose bytes are, block after block of `block` rows, a [K
 "halves" ISAs (AVX512: 64 rows, AVX2: 32 rows) byte d of column k holds row d in its low nibble and row
 d + block/2 in its high one; on the "pairs" path (x86 without AVX2, and every tail block shorter than
 `block`) byte d holds rows 2d (low) and 2d+1 (high). Which one a tensor uses depends on the ISA torch
-picked at pack time, so the packer is recorded by name and an unknown one is refused.
+picked at pack time, so the packer is recorded by name and an unknown one is refused. Files that
+do not record it (torch pickles, torchao/transformers folders) hold no trace of it either: only a
+weight of 16 rows reads the same under every packing (`packings_agree`); for any other, the user
+states it (`chosen_packer`), and nothing is guessed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CorruptCheckpointError, PortabilityError, UnsupportedTensorError
+from ..errors import CorruptCheckpointError, PortabilityError, UnsupportedTensorError, UsageError
 from .canonical import Int4Canonical, bytes_to_nibbles, nibbles_to_bytes
 
 
@@ -33,6 +36,7 @@ PACKINGS: dict[str, CpuPacking] = {
 }
 
 ROW_ALIGN = 16  # torch's CPU packer needs N % 16 == 0
+NATIVE = "native"  # a user's word for "this machine's packer" (they made the file here)
 
 
 def cpu_packer() -> str:
@@ -40,6 +44,26 @@ def cpu_packer() -> str:
     cap = torch.backends.cpu.get_cpu_capability().lower()
     machine = platform.machine().lower()
     return f"cpu-{cap}" if machine in ("x86_64", "amd64") else f"cpu-{machine}-{cap}"
+
+
+def chosen_packer(choice: str | None) -> str | None:
+    """A user's `cpu_packer=` choice as a packer name ('native' is this machine's); None stays None."""
+    if choice is None or choice in PACKINGS:
+        return choice
+    if choice == NATIVE:
+        return cpu_packer()
+    raise UsageError(f"cpu_packer={choice!r} is not a CPU int4 packer; use one of {NATIVE}, {', '.join(PACKINGS)}")
+
+
+def _segments(n: int, packing: CpuPacking) -> tuple[tuple[int, bool], ...]:
+    """The (rows, halves) runs one packing lays an N-row weight out in; equal runs mean equal bytes."""
+    full, tail = _split(n, packing.block)
+    return ((packing.block, packing.halves),) * full + (((tail, False),) if tail else ())
+
+
+def packings_agree(n: int) -> bool:
+    """Whether every known packing writes an N-row weight identically, so its unknown packer does not matter."""
+    return len({_segments(n, p) for p in PACKINGS.values()}) == 1
 
 
 def packing_for(packer: str, where: str) -> CpuPacking:
