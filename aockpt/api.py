@@ -10,11 +10,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import codec, portability
+from . import codec, device_load, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
 from .pretrained import CONFIG_NAME, migrated_config
-from .reader import check_torchao_records
+from .reader import check_torchao_records, read_flat
 from .progress import track
 from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
 from .safetensors_io import sha256_hex
@@ -120,7 +120,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
         portability.require_known_packers(source.types, str(source.path))
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
         with staged(dst, force=force, folder=as_folder, source=src) as tmp:
-            state = _build(source, _select(source, None), torch.device("cpu"), {})
+            state = _build(source, _select(source, None), lambda _: torch.device("cpu"), {})
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
             for extra in source.extra_files if as_folder else ():
                 shutil.copy2(extra, tmp / extra.name)
@@ -172,31 +172,76 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
     """
     target = portability.parse_device(device)
+    return load_placed(path, lambda _: target, relayout=relayout, keys=keys, verify=verify, cpu_packer=cpu_packer)
+
+
+def load_placed(path: PathLike, device_of: Callable[[str], torch.device], *, relayout: bool = False,
+                keys: KeyFilter = None, verify: bool = False, cpu_packer: str | None = None) -> dict[str, torch.Tensor]:
+    """`load_quantized` with each tensor read straight onto its own device, `device_of(name)` (device maps)."""
     source = open_source(path, cpu_packer)
     try:
         names = _select(source, keys)
         real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
         portability.require_known_packers({n: source.types[n] for n in real}, str(source.path))
-        plan = portability.plan_loading({n: source.types[n] for n in real}, target, relayout=relayout)
+        place = {n: _concrete(device_of(n)) for n in real}
+        plan: dict[str, portability.Converter] = {}
+        for device in dict.fromkeys(place.values()):
+            types = {n: source.types[n] for n in real if place[n] == device}
+            plan.update(portability.plan_loading(types, device, relayout=relayout))
         if verify:
             _verify_digests(source, real)
-        return _build(source, names, target, plan)
+        return _build(source, names, place.__getitem__, plan)
     finally:
         source.close()
 
 
-def _build(source: Source, names: list[str], device: torch.device,
+def stored_bytes(path: PathLike, cpu_packer: str | None = None) -> dict[str, int]:
+    """Bytes each tensor stores (tied names share their target's), read from headers alone."""
+    source = open_source(path, cpu_packer)
+    try:
+        sizes = {n: source.flat(n, None).nbytes for n in source.types}
+        return {**sizes, **{a: sizes[t] for a, t in source.aliases.items()}}
+    finally:
+        source.close()
+
+
+def _build(source: Source, names: list[str], device_of: Callable[[str], torch.device],
            converters: dict[str, portability.Converter]) -> dict[str, torch.Tensor]:
-    """Rebuild the named tensors on `device`, re-laying out those with a converter; aliases share."""
+    """Rebuild the named tensors each on `device_of(name)`, re-laying out those with a converter; parts
+    bound for an accelerator are read straight onto it; aliases share."""
     built = {}
     real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+    place = {n: device_of(n) for n in real}
+    direct = _read_direct(source, {n: d for n, d in place.items() if n not in converters})
     for name in track(real, "loading", len(real)):
-        flat = source.flat(name, device)
+        target = place[name]
+        if name in direct:
+            flat = read_flat(source.checkpoint, name, target, direct[name].__getitem__)
+        else:
+            flat = source.flat(name, target)
         codec.check_record(flat, f"{source.path}: {name}")
         if name in converters:
-            flat, _ = converters[name](flat, device)
-        built[name] = codec.rebuild(flat, f"{source.path}: {name}", device)
+            flat, _ = converters[name](flat, target)
+        built[name] = codec.rebuild(flat, f"{source.path}: {name}", target)
     return {n: built[source.aliases.get(n, n)] for n in names}
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """A CUDA device with its index, so parts bound for "cuda" and "cuda:0" share one allocation."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _read_direct(source: Source, place: dict[str, torch.device]) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> part key -> stored tensor, for safetensors tensors bound for an accelerator (device_load)."""
+    ckpt = source.checkpoint
+    wanted = {n: d for n, d in place.items() if d.type != "cpu"}
+    if ckpt is None or not wanted:
+        return {}
+    keys = {n: [p.key for p in ckpt.entries[n].parts.values()] for n in wanted}
+    parts = device_load.load_parts(ckpt.shards, {k: (ckpt.key_to_shard[k], wanted[n]) for n in keys for k in keys[n]})
+    return {n: {k: parts[k] for k in keys[n]} for n in keys}
 
 
 def _verify_digests(source: Source, names: list[str]) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -133,22 +134,28 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
                     dtype: torch.dtype | None = None, model_class: type | None = None,
-                    cpu_packer: str | None = None) -> Any:
+                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
     int4 re-laid out for another device. The model class comes from transformers' own config table;
     no code from the folder runs: the class is `model_class` if given, else transformers' causal-LM class
-    for the config's type, else its base model class. Missing or unexpected weights are an error listing
-    each name. `cpu_packer` names the CPU packer of int4 weights the folder does not record (as for `pack`).
+    for the config's type, else its base model class. The model is built with its parameters on the meta
+    device and aockpt's tensors are attached as they are (each read once, straight onto its device);
+    missing, unexpected or mis-shaped weights are an error listing each name. `cpu_packer` names the CPU
+    packer of int4 weights the folder does not record (as for `pack`). `device_map` ("auto", "balanced",
+    "sequential" or a dict of module name -> device, accelerate's conventions) spreads the model over
+    several devices instead of `device`.
 
     Raises:
-        KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError.
+        KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError.
     """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-    from .api import load_quantized
+    from . import device_map as dm
+    from .api import load_placed, stored_bytes
+    from .portability import parse_device
 
     folder = Path(path)
     if not member(folder, CONFIG_NAME).is_file():
@@ -162,13 +169,85 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if model_class is None:
         raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
                                      f"{config.model_type!r}; pass model_class=")
-    state = load_quantized(folder, device, relayout=relayout, cpu_packer=cpu_packer)
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
-                                              dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
-    problems = [f"{k} {kind}" for kind in ("missing", "unexpected", "mismatched")
-                for k in sorted(info[f"{kind}_keys"], key=str)]
-    if problems:
-        raise KeyMismatchError(f"{folder}: weights do not match the model: {', '.join(map(str, problems[:10]))}"
-                               + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-    return model.to(device).eval()
+    with _parameters_on_meta():
+        model = model_class._from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
+    model.tie_weights()
+    tied = _ties(model)
+    if device_map is None:
+        mapping = {"": parse_device(device)}
+    else:  # placing needs every name and size first, so a mismatch is reported before anything is read
+        sizes = stored_bytes(folder, cpu_packer)
+        _check_names(model, set(sizes), tied, folder)
+        mapping = dm.resolve(device_map, model, sizes, tied)
+    state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer)
+    _check_names(model, set(state), tied, folder)
+    _attach(model, state, tied, mapping, folder)
+    if device_map is not None:
+        dm.dispatch(model, mapping)
+    return model.eval()
 
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (no memory, no init); buffers stay real,
+    so computed non-persistent buffers (rotary frequencies) keep their values."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _ties(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameter names -> the first name of the same parameter, as the skeleton ties them."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+def _check_names(model: torch.nn.Module, names: set[str], tied: dict[str, str], folder: Path) -> None:
+    """Refuse a checkpoint whose names do not cover the model's or add others."""
+    expected = set(model.state_dict(keep_vars=True))
+    given = names | {t for t, s in tied.items() if s in names} | {s for t, s in tied.items() if t in names}
+    _report(folder, {"missing": sorted(expected - given), "unexpected": sorted(names - expected)})
+
+
+def _report(folder: Path, problems: dict[str, list[str]]) -> None:
+    """One KeyMismatchError naming up to ten problem weights."""
+    found = [f"{k} {kind}" for kind, keys in problems.items() for k in keys]
+    if found:
+        raise KeyMismatchError(f"{folder}: weights do not match the model: {', '.join(found[:10])}"
+                               + (f" (and {len(found) - 10} more)" if len(found) > 10 else ""))
+
+
+def _attach(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str],
+            mapping: dict[str, torch.device], folder: Path) -> None:
+    """Put the loaded tensors into the skeleton as they are, re-tie, and move the computed buffers."""
+    from .device_map import device_of
+
+    expected = model.state_dict(keep_vars=True)
+    for target, source in tied.items():
+        state.setdefault(source, state.get(target))
+        state.setdefault(target, state[source])
+    _report(folder, {"mismatched": sorted(k for k, v in expected.items() if tuple(v.shape) != tuple(state[k].shape))})
+    model.load_state_dict(state, strict=True, assign=True)
+    for target, source in tied.items():
+        owner, _, leaf = target.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+    persistent = set(expected)
+    for name, buffer in list(model.named_buffers()):
+        if name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffer.to(device_of(name, mapping))

@@ -267,11 +267,12 @@ def _check_parts(ckpt: Checkpoint) -> None:
         raise CorruptCheckpointError(f"{ckpt.path}: stored keys belong to no tensor: {unclaimed[:5]}")
 
 
-def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None) -> codec.FlatTensor:
-    """A tensor's parts (zero-copy views) and decoded attributes, ready for codec.rebuild."""
+def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None,
+              part: Callable[[str], torch.Tensor] | None = None) -> codec.FlatTensor:
+    """A tensor's parts (zero-copy views, or `part(key)` where given) and decoded attributes, for codec.rebuild."""
     entry = ckpt.entries[ckpt.resolve(name)]
     where = f"{ckpt.path}: {name}"
-    parts = {inner: ckpt.part(p.key) for inner, p in entry.parts.items()}
+    parts = {inner: (part or ckpt.part)(p.key) for inner, p in entry.parts.items()}
     if entry.type == PLAIN_TENSOR:
         codec.check_names(codec.FlatTensor(PLAIN_TENSOR, None, None, parts, entry.attrs), where)
         tensor = parts[codec.PLAIN_PART]

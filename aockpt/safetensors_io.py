@@ -135,6 +135,15 @@ class SafetensorsFile:
             self._file.close()
             raise
 
+    @property
+    def data_start(self) -> int:
+        """File offset where the tensor data area (which slot offsets count from) begins."""
+        return self._data_start
+
+    def fileno(self) -> int:
+        """The open file's descriptor, for positioned reads that bypass the mapping."""
+        return self._file.fileno()
+
     def keys(self) -> list[str]:
         """Tensor keys in file order."""
         return list(self.slots)

@@ -113,3 +113,14 @@ def test_load_pretrained_takes_an_explicit_model_class(tmp_path):
     (tmp_path / "base" / "config.json").write_bytes((tmp_path / "packed" / "config.json").read_bytes())
     model = aockpt.load_pretrained(tmp_path / "base", model_class=LlamaModel)
     assert type(model) is LlamaModel and type(model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+
+
+def test_skeleton_holds_no_weights_but_real_buffers():
+    from aockpt.pretrained import _parameters_on_meta
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    with _parameters_on_meta():
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert torch.equal(model.model.rotary_emb.inv_freq, LlamaForCausalLM(config).model.rotary_emb.inv_freq)

@@ -1,0 +1,103 @@
+"""The threaded staging pipeline, run with a CPU "device": every part byte-equal to the mapped file's."""
+
+import os
+
+import pytest
+import torch
+
+import aockpt
+from aockpt import codec, device_load
+from aockpt.errors import CorruptCheckpointError
+from aockpt.reader import open_checkpoint, read_flat
+from conftest import CASES, assert_same_tensor
+
+CPU = torch.device("cpu")
+
+
+def _state() -> dict[str, torch.Tensor]:
+    """Parts of odd sizes and mixed dtypes, so chunk edges and alignment padding fall everywhere."""
+    state = {f"w.{case}": make() for case, (_, make) in CASES.items()}
+    state.update(odd=torch.arange(7, dtype=torch.uint8), half=torch.linspace(-3, 3, 15).reshape(3, 5).to(torch.bfloat16),
+                 empty=torch.empty(0, 4), scalar=torch.tensor([2.5], dtype=torch.float64))
+    return state
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dl") / "p"
+    aockpt.save(_state(), path, max_shard_size=20_000)
+    return path
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _everything(ckpt) -> dict[str, tuple[str, torch.device]]:
+    return {key: (shard, CPU) for key, shard in ckpt.key_to_shard.items()}
+
+
+@pytest.mark.parametrize("chunk_bytes,threads", [(1000, 3), (4099, 1), (1 << 20, 8)])
+def test_parts_equal_the_mapped_file_byte_for_byte(packed, chunk_bytes, threads):
+    ckpt = open_checkpoint(packed)
+    assert len(ckpt.shards) > 1
+    parts = device_load.load_parts(ckpt.shards, _everything(ckpt), threads=threads, chunk_bytes=chunk_bytes)
+    for key, tensor in parts.items():
+        stored = ckpt.part(key)
+        assert (tensor.dtype, tensor.shape) == (stored.dtype, stored.shape)
+        assert torch.equal(_bytes(tensor), _bytes(stored)), key
+        assert tensor.storage_offset() * tensor.element_size() % device_load.ALIGN == 0
+    storages = {parts[k].untyped_storage().data_ptr() for k in parts if parts[k].numel()}
+    assert len(storages) == len(ckpt.shards)  # one allocation per shard and device
+
+
+def test_plan_reads_only_asked_bytes_in_bounded_chunks(packed):
+    ckpt = open_checkpoint(packed)
+    keys = sorted(ckpt.key_to_shard)[::3]
+    placement = {k: (ckpt.key_to_shard[k], CPU) for k in keys}
+    plan = device_load.plan_reads(ckpt.shards, placement, chunk_bytes=777)
+    sizes = {k: ckpt.shards[s].slots[k].end - ckpt.shards[s].slots[k].begin for k, (s, _) in placement.items()}
+    assert plan.nbytes == sum(sizes.values())
+    assert all(0 < c.nbytes <= 777 and sum(p.nbytes for p in c.pieces) == c.nbytes for c in plan.chunks)
+    covered = {}
+    for chunk in plan.chunks:
+        for p in chunk.pieces:
+            covered[(p.block, p.dst)] = p.nbytes
+    for key, size in sizes.items():
+        if size:
+            start = plan.blocks[plan.where[key]].parts[key]
+            got, at = 0, start
+            while got < size:
+                got += covered.pop((plan.where[key], at))
+                at = start + got
+            assert got == size
+    assert not covered
+
+
+def test_rebuilt_tensors_equal_what_was_saved(packed):
+    ckpt = open_checkpoint(packed)
+    parts = device_load.load_parts(ckpt.shards, _everything(ckpt), threads=4, chunk_bytes=2048)
+    expected = _state()
+    for name in ckpt.entries:
+        flat = read_flat(ckpt, name, CPU, parts.__getitem__)
+        assert_same_tensor(codec.rebuild(flat, name, CPU), expected[name])
+
+
+def test_file_truncated_after_opening_is_one_clear_error(tmp_path):
+    aockpt.save({"a": torch.arange(5000.0)}, tmp_path / "p")
+    ckpt = open_checkpoint(tmp_path / "p")
+    (shard,) = ckpt.shards.values()
+    os.truncate(shard.path, shard.data_start + 100)
+    with pytest.raises(CorruptCheckpointError, match="ended while reading"):
+        device_load.load_parts(ckpt.shards, _everything(ckpt), threads=2, chunk_bytes=1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_load_equals_what_was_saved_byte_for_byte(packed):
+    info = aockpt.inspect(packed, devices=["cuda"])
+    names = [t.name for t in info.tensors if not t.devices["cuda"].startswith("no")]
+    on_gpu = aockpt.load_quantized(packed, "cuda", keys=names)
+    expected = _state()
+    for name in names:
+        assert on_gpu[name].device.type == "cuda"
+        assert_same_tensor(on_gpu[name].cpu(), expected[name])
