@@ -69,9 +69,9 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]  # torch appends C++ backtraces
-            raise _Failure(errors.printable(f"internal error {type(e).__name__}: {first} (set AOCKPT_DEBUG=1 for "
-                                            "the traceback and please report it)"), _exit_code(e)) from e
+            raise _Failure(errors.printable(f"internal error {type(e).__name__}: {errors.reason(e, 300)} (set "
+                                            "AOCKPT_DEBUG=1 for the traceback and please report it)"),
+                           _exit_code(e)) from e
 
 
 def _say(text: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsupportedTensorError
+from .errors import CorruptCheckpointError, UnsupportedTensorError, reason
 from .registry import (DTYPE_NAMES, OUTER_DTYPES, PLAIN_TENSOR, STORAGE_CODES, VALUE_TYPES, tensor_type_named,
                        tensor_type_of)
 from .typed_json import fits_int64
@@ -261,8 +261,7 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
         try:
             tensor = cls.__tensor_unflatten__(parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape), None)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # torch appends C++ backtraces
-            raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason})") from e
+            raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
     if flat.type_name != PLAIN_TENSOR:
         if DTYPE_NAMES.get(tensor.dtype) not in OUTER_DTYPES:
             raise CorruptCheckpointError(f"{where}: rebuilt {flat.type_name} has dtype {tensor.dtype}; a quantized "

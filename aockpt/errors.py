@@ -22,6 +22,18 @@ def one_line(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else f"{text[:limit * 3 // 4]} ... {text[-limit // 4:]}"
 
 
+_BACKTRACE = re.compile(r"\s*(Exception raised from |frame #\d|Traceback \(most recent call last\)).*", re.S)
+
+
+def reason(e: BaseException | str, limit: int = 200) -> str:
+    """Why a library call failed, in one bounded line: the exception's text without the C++ backtrace torch
+    appends (``Exception raised from ... frame #0 ...``), whitespace collapsed; an exception's type name if
+    it has no text."""
+    text = " ".join(_BACKTRACE.sub("", str(e)).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text or ("" if isinstance(e, str) else type(e).__name__)
+
+
 class AockptError(Exception):
     """Root of every error aockpt raises on purpose; its text is one bounded line, file-supplied names escaped."""
 

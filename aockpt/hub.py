@@ -30,6 +30,7 @@ CARD_TAGS = ("aockpt", "torchao")
 SECTION_BEGIN = "<!-- aockpt:begin (written by `aockpt push`; edits between these markers are replaced) -->"
 SECTION_END = "<!-- aockpt:end -->"
 CARD_DEVICES = ("cpu", "cuda")
+_MAX_CARD_BYTES = 16 * 1024 * 1024  # the card is read whole and rewritten
 HOOK_MARKER = "# installed by `aockpt hook install`"
 _ZERO_SHA = re.compile(r"^0+$")
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -189,7 +190,10 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
             error = next((p.error for p in problems if p.error is UnsafeCheckpointError), problems[0].error)
             raise error(f"refusing to push {src}: " + "; ".join(p.text for p in problems))
         card_file = next((member(p, CARD_NAME) for p in (folder, src) if (p / CARD_NAME).is_file()), None)
-        existing = card_file.read_text(encoding="utf-8") if card_file else None
+        if card_file and card_file.stat().st_size > _MAX_CARD_BYTES:
+            raise UsageError(f"{card_file} is {card_file.stat().st_size:,} bytes, more than a model card's "
+                             f"{_MAX_CARD_BYTES:,}; shorten it or move the bulk into another file")
+        existing = card_file.read_text(encoding="utf-8", errors="replace") if card_file else None
         card = model_card(existing, inspect(folder, devices=CARD_DEVICES), repo_id).encode("utf-8")
         files = {name: folder / name for name in names if name != CARD_NAME}
         with _progress_bars(progress):

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import torch
 
 from . import codec, legacy, registry
-from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
+from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError, reason
 
 # Extra dotted names that torchao 0.13-0.17 pickled registry classes under (checked in each wheel:
 # `class X` location, or its `X.__module__ = ...` override). Keys are registry stable names.
@@ -112,12 +112,6 @@ def _only_our_globals(pairs: list[tuple[object, str]]) -> Iterator[None]:
             torch.serialization.add_safe_globals(saved)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    """Collapse an exception text into one bounded line."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _check_file(path: Path) -> None:
     """Refuse what is not a regular, non-empty file before torch sees it."""
     if not path.exists():
@@ -177,7 +171,7 @@ def _check_zip(path: Path) -> None:
             _check_stored(path, members)
             broken = zf.testzip()
     except zipfile.BadZipFile as e:
-        raise CorruptCheckpointError(f"{path} is a damaged zip: {_one_line(e)}") from e
+        raise CorruptCheckpointError(f"{path} is a damaged zip: {reason(e)}") from e
     if broken is not None:
         raise CorruptCheckpointError(f"{path}: zip member {broken} fails its CRC check; the file is corrupt")
 
@@ -224,7 +218,7 @@ def _translate(e: Exception, path: Path, is_zip: bool) -> AockptError:
                 f"{path} uses pickle opcode {name}, which aockpt's safe loader does not run; nothing from the "
                 "file was executed. Re-save it with torch.save (pickle protocol 2)"
             )
-    detail = _one_line(message.split("WeightsUnpickler error:")[-1]) or type(e).__name__
+    detail = reason(message.split("WeightsUnpickler error:")[-1], 300) or type(e).__name__
     return CorruptCheckpointError(
         f"{path} could not be read as a torch checkpoint ({type(e).__name__}: {detail}); "
         "it is truncated, corrupt, or not written by torch.save"
@@ -276,7 +270,7 @@ def _check_node(obj: object, where: str) -> None:
 def _children(obj: object, where: str) -> list[tuple[object, str]]:
     """The objects one level inside a loaded object, each with a readable location."""
     if isinstance(obj, dict):
-        return [(k, where) for k in obj] + [(v, f"{where}[{_one_line(repr(k), 60)}]") for k, v in obj.items()]
+        return [(k, where) for k in obj] + [(v, f"{where}[{reason(repr(k), 60)}]") for k, v in obj.items()]
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     state = getattr(obj, "__dict__", None)
@@ -309,7 +303,7 @@ def _check_structure(root: object, path: Path) -> None:
         if not kids or key in sizes:
             continue
         if key in open_ids:
-            raise CorruptCheckpointError(f"{_one_line(where, 200)} contains itself (a reference cycle); refused")
+            raise CorruptCheckpointError(f"{reason(where, 200)} contains itself (a reference cycle); refused")
         if depth >= _MAX_DEPTH:
             raise CorruptCheckpointError(f"{path} nests containers deeper than {_MAX_DEPTH} levels; refused")
         open_ids.add(key)
@@ -506,7 +500,7 @@ def scan_pickle(path: Path) -> PickleScan:
     try:
         scan = _scan_cached(path, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
     except (ValueError, EOFError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError, UnicodeError) as e:
-        raise CorruptCheckpointError(f"{path} could not be read as a torch checkpoint ({_one_line(e)}); "
+        raise CorruptCheckpointError(f"{path} could not be read as a torch checkpoint ({reason(e)}); "
                                      "it is truncated, corrupt, or not written by torch.save") from e
     sized = sorted(scan.globals & _SIZED_GLOBALS)
     if sized:

@@ -43,6 +43,12 @@ def i(n: int) -> bytes:
     return b"J" + struct.pack("<i", n)
 
 
+def long1(n: int) -> bytes:
+    """LONG1: an int of any size."""
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
 def t(*items: bytes) -> bytes:
     """MARK items TUPLE."""
     return b"(" + b"".join(items) + b"t"
@@ -197,6 +203,8 @@ _ZIP_STORAGE: dict[str, Callable[[Path], bytes]] = {
     "negative_size": lambda p: state_dict(tensor("0", 4, -4)),
     "wrong_inner_name": lambda p: state_dict(tensor("7", 4, 4)),
     "stride0_view_8gb": lambda p: state_dict(tensor("0", 4, 2**31 - 1, stride=0)),
+    "shape_2**63": lambda p: state_dict(call(g("torch._utils", "_rebuild_tensor_v2"), storage("0", 4), i(0),
+                                             t(long1(2**63)), t(i(1)), b"\x89", call(g("collections", "OrderedDict")))),
 }
 
 # Inputs that would make aockpt allocate gigabytes from a few bytes (each also in HOSTILE).

@@ -92,3 +92,14 @@ def test_push_never_uploads_a_file_linked_outside_the_folder(tmp_path, monkeypat
         with pytest.raises(UnsafeCheckpointError, match="notes.txt: a link outside the folder"):
             hub.push(folder, "me/x", endpoint=server.endpoint, token=server.token, progress=False)
         assert server.requests == []
+
+
+def test_push_refuses_a_huge_card_before_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    folder = _folder(tmp_path, "packed")
+    with open(folder / "README.md", "wb") as f:
+        f.truncate(4 * 1024**3)  # sparse
+    with HubServer(lifetime_s=60) as server:
+        with pytest.raises(aockpt.UsageError, match="README.md is 4,294,967,296 bytes, more than a model card's"):
+            hub.push(folder, "me/x", endpoint=server.endpoint, token=server.token, progress=False)
+        assert server.requests == []

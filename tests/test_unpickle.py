@@ -131,7 +131,7 @@ def test_hostile_file_is_refused_and_runs_nothing(tmp_path, name, build):
         safe_load(path)
     assert hostile.untouched(tmp_path)
     message = str(info.value)
-    assert str(path) in message and "\n" not in message
+    assert str(path) in message and "\n" not in message and "frame #" not in message  # no C++ backtrace
 
 
 @pytest.mark.parametrize("name,build", [h for h in hostile.HOSTILE if h[0].endswith("os_system")])
