@@ -346,12 +346,27 @@ def _saved(value: Callable[[], torch.Tensor]) -> Builder:
     return build
 
 
+def _int4_cpu(edit: Callable[[torch.Tensor], None]) -> Callable[[], torch.Tensor]:
+    """A real CPU int4 weight with one field edited into junk, as a crafted pickle could hold it."""
+    def make() -> torch.Tensor:
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        torch.manual_seed(0)
+        w = Int4OpaqueTensor.from_hp(torch.randn(64, 128, dtype=torch.bfloat16), [1, 32])
+        edit(w)
+        return w
+    return make
+
+
 # Files that load (they are valid torch checkpoints) but that `pack` must refuse, writing nothing.
 PACK_REFUSED: list[tuple[str, Builder]] = [
     *[(f"reserved_name_{n}", _named(n)) for n in ("__metadata__", "tensor_names", "aockpt", "format")],
     ("complex128", _saved(lambda: torch.ones(4, dtype=torch.complex128))),
     ("sparse_coo", _saved(lambda: torch.ones(4).to_sparse())),
     ("meta", _saved(lambda: torch.empty(4, device="meta"))),
+    ("int4_cpu_float_qdata", _saved(_int4_cpu(lambda w: setattr(w, "qdata", w.qdata.view(torch.float32))))),
+    ("int4_cpu_doubled_rows", _saved(_int4_cpu(lambda w: setattr(w, "qdata", torch.cat([w.qdata, w.qdata]))))),
+    ("int4_cpu_group_size_0", _saved(_int4_cpu(lambda w: setattr(w, "block_size", [1, 0])))),
 ]
 
 
