@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
                      "CheckpointInfo", "TensorInfo", "VerifyReport"), "api"),
     **dict.fromkeys(("load_pretrained", "save_pretrained"), "pretrained"),
     "safe_load": "unpickle",
+    "TPShard": "tp",
     **dict.fromkeys(("AockptError", "CorruptCheckpointError", "HubError", "KeyMismatchError", "OutputError",
                      "PortabilityError", "UnsafeCheckpointError", "UnsupportedTensorError", "UsageError"), "errors"),
 }

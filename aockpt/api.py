@@ -12,11 +12,11 @@ import torch
 
 from . import codec, device_load, portability
 from .atomic import staged
-from .errors import CorruptCheckpointError, KeyMismatchError, OutputError
+from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, UsageError
 from .pretrained import CONFIG_NAME, migrated_config
 from .reader import check_torchao_records, read_flat
 from .progress import track
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES
+from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES, TpSplit
 from .safetensors_io import sha256_hex
 from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .sources import Source, from_state_dict, open_source
@@ -154,8 +154,8 @@ def _select(source: Source, keys: KeyFilter) -> list[str]:
 
 
 def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
-                   keys: KeyFilter = None, verify: bool = False,
-                   cpu_packer: str | None = None) -> dict[str, torch.Tensor]:
+                   keys: KeyFilter = None, verify: bool = False, cpu_packer: str | None = None,
+                   shard: Any = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors onto `device`, every tensor checked before any is built.
 
     Args:
@@ -165,12 +165,21 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
         keys: names to load (a list), or a predicate on names; only those bytes are read.
         verify: also check every loaded part against its recorded digest.
         cpu_packer: which CPU packer wrote int4 weights whose file does not say (as for `pack`).
+        shard: an ``aockpt.TPShard`` (plan, rank, world size): load only this rank's slices of a
+            safetensors checkpoint (docs/distributed.md).
     Returns:
         name -> tensor (torchao subclasses rebuilt); tied names share one tensor.
     Raises:
         PortabilityError (naming every tensor that cannot live on `device`), CorruptCheckpointError,
         KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError.
     """
+    if shard is not None:
+        from . import tp
+
+        if verify:
+            raise UsageError("verify=True checks whole tensors, and a shard reads slices; run aockpt.verify(path) "
+                             "once, then load the shards")
+        return tp.load_shard(path, device, shard=shard, keys=keys, relayout=relayout)
     target = portability.parse_device(device)
     return load_placed(path, lambda _: target, relayout=relayout, keys=keys, verify=verify, cpu_packer=cpu_packer)
 
@@ -277,6 +286,7 @@ class TensorInfo:
     devices: dict[str, str] = field(default_factory=dict)
     origin: str | None = None  # for a migrated legacy tensor: what it was and what it became
     packer_candidates: list[str] = field(default_factory=list)  # unknown CPU int4 packer: who may have packed it
+    tp: str = "direct"  # how tensor parallelism splits it: direct | relayout | none (registry TensorType.tp)
 
 
 @dataclass
@@ -335,12 +345,13 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
             verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
             tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
                                       source.made_on[name], _portability(type_name), packer, None, verdicts,
-                                      source.origins.get(name), portability.packer_candidates(type_name, packer)))
+                                      source.origins.get(name), portability.packer_candidates(type_name, packer),
+                                      _tp_split(type_name)))
         by_name = {t.name: t for t in tensors}
         for alias, target in source.aliases.items():
             t = by_name[target]
             tensors.append(TensorInfo(alias, t.type, t.shape, t.dtype, 0, t.device, t.portability, t.packer,
-                                      target, t.devices, None, t.packer_candidates))
+                                      target, t.devices, None, t.packer_candidates, t.tp))
         producer = ckpt.producer if ckpt else {}
         return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors)
     finally:
@@ -350,6 +361,11 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
 def _portability(type_name: str) -> str:
     """The portability class of a type name."""
     return "portable" if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].portability.value
+
+
+def _tp_split(type_name: str) -> str:
+    """How tensor parallelism slices a type (registry `TensorType.tp`); plain tensors slice directly."""
+    return TpSplit.DIRECT.value if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].tp_text()
 
 
 def _verdict_text(type_name: str, packer: str | None, device: str) -> str:

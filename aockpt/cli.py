@@ -163,10 +163,10 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
     _say(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
-    header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", *devices]
+    header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", "tp split", *devices]
     rows = [[errors.printable(c) for c in (
              t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
-             t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t),
+             t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t), t.tp,
              *(t.devices[d] for d in devices))] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

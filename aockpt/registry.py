@@ -70,6 +70,25 @@ class Portability(str, enum.Enum):
     PINNED = "pinned"  # packed for one device's kernel: another device needs a re-layout
 
 
+class Along(str, enum.Enum):
+    """How a part follows one outer dimension when a tensor is split for tensor parallelism."""
+
+    VALUES = "values"  # one stored element per 1, 2 or 8 values (the ratio is read from the shapes)
+    BLOCKS = "blocks"  # one stored element per quantization block along that dimension
+
+
+class TpSplit(str, enum.Enum):
+    """How a rank's slice of a tensor is read (see aockpt/tp.py and docs/distributed.md)."""
+
+    DIRECT = "direct"  # only the slice's bytes are read: rows/columns of each part
+    RELAYOUT = "relayout"  # device-packed int4: the whole tensor is read, sliced in its exact canonical form, re-packed
+    NONE = "none"  # not split: the layout keeps no row/column structure aockpt can cut exactly
+
+
+# part -> (part dim, how it follows) for outer dim 0 (rows, colwise split) and outer dim 1 (columns, rowwise)
+TpAxes = tuple[tuple[str, tuple[int, Along] | None, tuple[int, Along] | None], ...]
+
+
 @dataclass(frozen=True)
 class TensorType:
     """One torchao tensor subclass as aockpt sees it."""
@@ -83,9 +102,16 @@ class TensorType:
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
+    tp: tuple[TpSplit, TpSplit] = (TpSplit.NONE, TpSplit.NONE)  # splitting the rows (colwise), the columns (rowwise)
+    tp_axes: TpAxes = ()  # for DIRECT: where each part keeps the outer rows and columns
     # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
     # parts not listed are unchecked
     part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
+
+    def tp_text(self) -> str:
+        """How tensor parallelism splits this type, as `inspect` says it: one word, or rows then columns."""
+        rows, cols = self.tp
+        return rows.value if rows is cols else f"{rows.value} rows, {cols.value} cols"
 
     def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
@@ -99,8 +125,9 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, **dtypes) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names,
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None,
+       tp=(TpSplit.NONE, TpSplit.NONE), tp_axes=(), **dtypes) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, tp, tp_axes,
                       {part: frozenset(allowed) for part, allowed in dtypes.items()})
 
 
@@ -111,36 +138,46 @@ _FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 
 
 _P, _X = Portability.PORTABLE, Portability.PINNED
+_V, _B = Along.VALUES, Along.BLOCKS
+_ROW_MAJOR: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (0, _B), (1, _B)), ("zero_point", (0, _B), (1, _B)))
+_K_MAJOR_SCALES: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (1, _B), (0, _B)), ("zero_point", (1, _B), (0, _B)))
+_DIRECT, _RELAYOUT = (TpSplit.DIRECT, TpSplit.DIRECT), (TpSplit.RELAYOUT, TpSplit.RELAYOUT)
+# tinygemm tiles hold 8 whole rows each (rows cut exactly); columns run through padded K tiles (re-laid out)
+_TILE_ROWS: TpAxes = (("qdata", (0, _V), None), ("scale_and_zero", (1, _V), None))
 
 TENSOR_TYPES: dict[str, TensorType] = {
     t.name: t
     for t in (
         _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
-           "int8 per-row weight, optional int8 dynamic activation",
+           "int8 per-row weight, optional int8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
            qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F),
         _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
-           "float8 weight, optional float8 dynamic activation", qdata=_FP8, scale=_F),
+           "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR, qdata=_FP8, scale=_F),
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
-           "int1..int8 values held unpacked in int8", qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)),
+           "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
-           "int4 in CUDA tinygemm tile packing", qdata=("int32",), scale_and_zero=_F, act_pre_scale=_F),
-        _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
-           "int4 in the CPU kernel's ISA-dependent packing", qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F),
-        _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
-           "int4 plain nibble packing (mslk kernels)", qdata=("int8", "uint8"), scale=_F, zero_point=_F,
+           "int4 in CUDA tinygemm tile packing",
+           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS, qdata=("int32",), scale_and_zero=_F,
            act_pre_scale=_F),
+        _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
+           "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT,
+           qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F),
+        _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
+           "int4 plain nibble packing (mslk kernels)", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
+           qdata=("int8", "uint8"), scale=_F, zero_point=_F, act_pre_scale=_F),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
            "int4 preshuffled for mslk CUDA kernels", qdata=("int8", "uint8"), group_scale=_F, group_zero=_F,
            row_scale=_F),
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
-           "int4 packed in int32 for XPU/NPU kernels", qdata=("int32",), scale=_F, zero_point=("int8", *_F),
-           act_pre_scale=_F),
+           "int4 packed in int32 for XPU/NPU kernels", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
+           qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F),
         _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
-           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"),
-           scale=("float8_e8m0fnu", "uint8")),
+           "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"), scale=("float8_e8m0fnu", "uint8")),
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
-           "NVIDIA fp4 with float8 block scales", qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",),
-           per_tensor_scale=_F, act_per_tensor_scale=_F),
+           "NVIDIA fp4 with float8 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",), per_tensor_scale=_F, act_per_tensor_scale=_F),
         _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
            "QLoRA normal-float 4 with double-quantized scalers",
            (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),

@@ -9,6 +9,7 @@ memory map (zero copy on CPU).
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import struct
@@ -131,6 +132,7 @@ class SafetensorsFile:
             size = os.fstat(self._file.fileno()).st_size
             self.slots, self.metadata, self._data_start = _parse_header(self._file, size, self.path)
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            self.bytes_read = 0  # bytes read_slice has read, for proving what a tensor-parallel rank reads
         except BaseException:
             self._file.close()
             raise
@@ -160,6 +162,24 @@ class SafetensorsFile:
             raw = raw.clone()
         return raw.view(slot.dtype).reshape(slot.shape)
 
+    def read_slice(self, key: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Indices start:stop of `key` along `dim` read from the file (only those bytes) into a new tensor."""
+        slot = self.slots[key]
+        shape = list(slot.shape) or [1]
+        stop = shape[dim] if stop is None else stop
+        inner = math.prod(shape[dim + 1:]) * slot.dtype.itemsize
+        run, stride, runs = (stop - start) * inner, shape[dim] * inner, math.prod(shape[:dim])
+        buf = torch.empty(runs * run, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+        first = self._data_start + slot.begin + start * inner
+        if run == stride:
+            runs, run = 1, runs * run
+        for i in range(runs):
+            _pread_into(self._file.fileno(), view[i * run:(i + 1) * run], first + i * stride, self.path)
+        self.bytes_read += buf.numel()
+        shape[dim] = stop - start
+        return buf.view(slot.dtype).reshape(shape if slot.shape else ())
+
     def raw_bytes(self, key: str) -> memoryview:
         """The stored bytes of one tensor, for digests, without building a tensor."""
         slot = self.slots[key]
@@ -175,6 +195,15 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` from the file at `offset`, however many reads the OS splits it into."""
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise CorruptCheckpointError(f"{path} ended while reading it; the file was truncated after opening")
+        view, offset = view[got:], offset + got
 
 
 def _open_regular(path: Path) -> BinaryIO:

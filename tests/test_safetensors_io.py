@@ -353,3 +353,16 @@ def test_copy_of_a_packed_folder_still_verifies(tmp_path):
     shutil.copytree(folder, tmp_path / "copy")
     rewrite_header(tmp_path / "copy" / fmt.WEIGHTS_NAME, lambda h: None)
     aockpt.verify(tmp_path / "copy")
+
+
+@pytest.mark.parametrize("dim,start,stop", [(0, 1, 4), (1, 2, 5), (2, 1, 3), (1, 0, 5)])
+def test_read_slice_reads_exactly_the_slice(tmp_path, dim, start, stop):
+    from safetensors.torch import save_file
+
+    t = torch.arange(4 * 5 * 3, dtype=torch.int16).reshape(4, 5, 3)
+    save_file({"t": t, "s": torch.tensor(2.5)}, tmp_path / "x.safetensors")
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        got = f.read_slice("t", dim, start, stop)
+        assert torch.equal(got, t.narrow(dim, start, stop - start))
+        assert f.bytes_read == got.numel() * 2
+        assert f.read_slice("s").item() == 2.5 and f.bytes_read == got.numel() * 2 + 4

@@ -1,0 +1,295 @@
+"""torch.distributed.checkpoint (DCP) for aockpt folders: save from N ranks into one packed folder, load any
+packed folder into a state dict sharded for any world size.
+
+DCP moves plain tensors only (torchao 0.18 subclasses fail inside it: ``aten.is_pinned``), so the planners
+here hand it each tensor's parts, taken apart by aockpt's codec, under their torchao keys. A rank's slice
+from ``aockpt.tp`` becomes chunks of those parts at their offsets in the full parts, so DCP's own
+resharding does the rest. Saving builds on DCP's ``HuggingFaceStorageWriter``: ranks write their chunks
+to a staging folder; the coordinator assembles the full parts and writes the packed folder once, through
+aockpt's writer (records, digests, index). Loading builds on ``HuggingFaceStorageReader`` after aockpt's
+reader has validated the folder. See docs/distributed.md.
+
+Example (every rank)::
+
+    dcp.save(state, storage_writer=aockpt.dcp.AockptStorageWriter("packed/"), planner=aockpt.dcp.AockptSavePlanner())
+    dcp.load(state, storage_reader=aockpt.dcp.AockptStorageReader("packed/"), planner=aockpt.dcp.AockptLoadPlanner())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY, _HFStorageInfo
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import TensorWriteData, create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
+
+from . import codec, format as fmt, portability, tp
+from .atomic import staged
+from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
+from .reader import open_checkpoint
+from .registry import PLAIN_TENSOR
+from .safetensors_io import SafetensorsFile
+from .typed_json import loads_strict
+from .writer import SourceTensor, write_packed
+
+_RECORDS = "aockpt_records"  # planner_data key carrying the tensors' records to the coordinator
+_STAGING = ".aockpt-dcp-staging"
+
+
+@dataclass
+class _Chunk:
+    """One rank's piece of one stored part: the local tensor, its offsets in the full part, the full size."""
+
+    local: torch.Tensor
+    offsets: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+@dataclass
+class _Record:
+    """What the coordinator needs to rebuild one full tensor from its assembled parts."""
+
+    type_name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    attrs: dict[str, Any]
+    parts: dict[str, str]  # inner name -> part key
+    made_on: str
+    packer: str | None
+    alias_of: str | None = None
+
+
+def _dtensor_pieces(name: str, tensor: DTensor, keys: dict[str, str] | None) -> tuple[_Record, dict[str, _Chunk]]:
+    """A DTensor of a plain tensor: its local chunk at DTensor's own offsets."""
+    local, (chunk,) = tensor.to_local(), tensor.__create_chunk_list__()
+    if type(local) is not torch.Tensor:
+        raise UnsupportedTensorError(f"{name}: a DTensor of {type(local).__name__} cannot go through DCP; "
+                                     "keep quantized weights as aockpt.tp local tensors")
+    key = (keys or {codec.PLAIN_PART: name})[codec.PLAIN_PART]
+    return (_Record(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, {}, {codec.PLAIN_PART: key}, "cpu", None),
+            {key: _Chunk(local, tuple(chunk.offsets), tuple(tensor.shape))})
+
+
+def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None) -> tuple[_Record, dict[str, _Chunk]]:
+    """A state-dict value as a record and its parts' chunks (keys: inner -> part key; default torchao's)."""
+    if isinstance(tensor, DTensor):
+        return _dtensor_pieces(name, tensor, keys)
+    local, info = tensor, tp.slice_info(tensor)
+    offsets_of: dict[str, tuple[int, int, int] | None] = {}
+    flat = codec.flatten(name, local)
+    if info is not None:
+        if info.parts is None:
+            raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
+                                         "save the whole tensor from one rank instead")
+        offsets_of = info.parts
+    plain = flat.type_name == PLAIN_TENSOR
+    keys = keys or {inner: name if plain else fmt.part_key(name, inner) for inner in flat.parts}
+    chunks = {}
+    for inner, part in flat.parts.items():
+        span = offsets_of.get(inner)
+        offsets, size = [0] * part.dim(), list(part.shape)
+        if span is not None:
+            offsets[span[0]], size[span[0]] = span[1], span[2]
+        chunks[keys[inner]] = _Chunk(part, tuple(offsets), tuple(size))
+    shape = info.full_shape if info else tuple(flat.shape)
+    attrs = info.full_attrs if info else flat.attrs
+    packer = portability.packer_here(flat.type_name, local.device) or portability.assumed_packer(flat.type_name)
+    return _Record(flat.type_name, shape, flat.dtype, attrs, keys, local.device.type, packer), chunks
+
+
+class AockptSavePlanner(DefaultSavePlanner):
+    """Hands DCP the parts of every tensor (whole, or a rank's aockpt.tp slice) and the records to rebuild them."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None,
+                       is_coordinator: bool = False) -> None:
+        self.records: dict[str, _Record] = {}
+        self.chunks: dict[str, _Chunk] = {}
+        aliases = codec.aliases(list(state_dict.items()))
+        for name, tensor in state_dict.items():
+            if name in aliases:
+                self.records[name] = _Record("", (), tensor.dtype, {}, {}, "", None, alias_of=aliases[name])
+                continue
+            self.records[name], chunks = _pieces(name, tensor)
+            self.chunks.update(chunks)
+        super().set_up_planner({}, storage_meta, is_coordinator)
+
+    def create_local_plan(self) -> SavePlan:
+        items = [_write_item(key, c) for key, c in self.chunks.items()]
+        self.plan = SavePlan(items, planner_data={_RECORDS: self.records})
+        return self.plan
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        records: dict[str, _Record] = {}
+        for plan in all_plans:
+            for name, record in plan.planner_data[_RECORDS].items():
+                records.setdefault(name, record)
+        plans, metadata = super().create_global_plan(all_plans)
+        self.metadata = dataclasses.replace(metadata, planner_data={_RECORDS: records})
+        return plans, self.metadata
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.chunks[write_item.index.fqn].local.detach().cpu().contiguous()
+
+
+def _write_item(key: str, chunk: _Chunk) -> WriteItem:
+    """DCP's description of one chunk: a whole part, or a shard of it at its offsets."""
+    offsets = torch.Size(chunk.offsets)
+    whole = not any(chunk.offsets) and chunk.size == tuple(chunk.local.shape)
+    return WriteItem(index=MetadataIndex(key, offsets), type=WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, chunk.local.size()),
+                                                 TensorProperties.create_from_tensor(chunk.local),
+                                                 torch.Size(chunk.size)))
+
+
+class AockptStorageWriter(HuggingFaceStorageWriter):
+    """DCP's safetensors writer into a staging folder; the coordinator then writes one packed folder at `path`."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, max_shard_size: int | str | None = None):
+        self.destination, self.force, self.max_shard_size = Path(path), force, max_shard_size
+        staging = self.destination.with_name(self.destination.name + _STAGING)
+        super().__init__(str(staging), save_distributed=True)
+
+    def finish(self, metadata: Metadata, results: list[list[Any]]) -> None:
+        staging = Path(str(self.path))
+        try:
+            parts = _assemble(staging, metadata)
+            records = metadata.planner_data[_RECORDS]
+            items = _source_items(records, parts)
+            with staged(self.destination, force=self.force) as tmp:
+                write_packed(items, tmp, max_shard_size=self.max_shard_size)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _assemble(staging: Path, metadata: Metadata) -> dict[str, torch.Tensor]:
+    """Every part in full, from the chunks the ranks wrote with their offsets."""
+    full = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in metadata.state_dict_metadata.items()}
+    for path in sorted(staging.glob("*.safetensors")):
+        with SafetensorsFile(path) as f:
+            offsets = loads_strict(f.metadata[CUSTOM_METADATA_KEY], str(path))
+            for key in f.keys():
+                chunk = f.tensor(key)
+                where = tuple(slice(o, o + n) for o, n in zip(offsets[key][SAVED_OFFSETS_KEY], chunk.shape))
+                full[key][where] = chunk
+    return full
+
+
+def _source_items(records: dict[str, _Record], parts: dict[str, torch.Tensor]) -> list[SourceTensor]:
+    """Writer items in state-dict order; aliases share their target's tensor object."""
+    built: dict[str, torch.Tensor] = {}
+    items = []
+    for name, record in records.items():
+        if record.alias_of is None:
+            flat = codec.FlatTensor(record.type_name, record.shape, record.dtype,
+                                    {inner: parts[key] for inner, key in record.parts.items()}, record.attrs)
+            built[name] = codec.rebuild(flat, f"dcp save: {name}")
+    for name, record in records.items():
+        target = record.alias_of or name
+        items.append(SourceTensor(name, built[target], records[target].made_on, records[target].packer))
+    return items
+
+
+class AockptStorageReader(HuggingFaceStorageReader):
+    """DCP's safetensors reader over an aockpt (or torchao-written) folder, after aockpt validated it."""
+
+    def __init__(self, path: str | os.PathLike, thread_count: int = 1):
+        super().__init__(str(path), thread_count=thread_count)
+
+    def read_metadata(self) -> Metadata:
+        ckpt = open_checkpoint(self.path)
+        folder = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
+        try:
+            sd_md, storage, keys = {}, {}, {}
+            for name, entry in ckpt.entries.items():
+                if entry.alias_of is not None:
+                    continue
+                keys[name] = {inner: p.key for inner, p in entry.parts.items()}
+                for part in entry.parts.values():
+                    shard = ckpt.key_to_shard[part.key]
+                    slot = ckpt.shards[shard].slots[part.key]
+                    zeros = torch.Size([0] * len(slot.shape))
+                    sd_md[part.key] = TensorStorageMetadata(TensorProperties(dtype=slot.dtype), torch.Size(slot.shape),
+                                                            [ChunkStorageMetadata(zeros, torch.Size(slot.shape))])
+                    storage[MetadataIndex(part.key, zeros)] = _HFStorageInfo(str(folder / shard),
+                                                                             torch.Size(slot.shape), slot.dtype)
+            aliases = {name: e.alias_of for name, e in ckpt.entries.items() if e.alias_of is not None}
+        finally:
+            ckpt.close()
+        metadata = Metadata(sd_md, planner_data={_RECORDS: keys, "aliases": aliases}, storage_data=storage)
+        metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class AockptLoadPlanner(DefaultLoadPlanner):
+    """Fills each state-dict tensor (whole, or an aockpt.tp slice) in place from the stored parts; DCP reshards."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        keys, aliases = metadata.planner_data[_RECORDS], metadata.planner_data["aliases"]
+        self.chunks: dict[str, tuple[str, _Chunk]] = {}  # destination id -> (stored key, chunk)
+        missing = sorted(n for n in state_dict if aliases.get(n, n) not in keys)
+        if missing:
+            raise KeyMismatchError(f"the checkpoint has no tensor named {', '.join(missing[:10])}")
+        seen: set[int] = set()
+        for name, tensor in state_dict.items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            _, chunks = _pieces(name, tensor, keys[aliases.get(name, name)])
+            for key, chunk in chunks.items():
+                _check_target(name, key, chunk, metadata.state_dict_metadata[key])
+                self.chunks[f"{name}\x00{key}"] = (key, chunk)
+        super().set_up_planner({}, metadata, is_coordinator)
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for dest, (key, chunk) in self.chunks.items():
+            local_md = ChunkStorageMetadata(torch.Size(chunk.offsets), chunk.local.size())
+            for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [local_md]):
+                items.append(dataclasses.replace(item, dest_index=MetadataIndex(dest, item.dest_index.offset)))
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        local = self.chunks[read_item.dest_index.fqn][1].local
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            local = local.narrow(dim, start, length)
+        return local
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        """The reader copied into a view of the target part already."""
+
+
+def _check_target(name: str, key: str, chunk: _Chunk, stored: TensorStorageMetadata) -> None:
+    """A target part must have the stored dtype and full size, or the copy would cast or misplace values."""
+    if chunk.local.dtype != stored.properties.dtype or tuple(chunk.size) != tuple(stored.size):
+        raise CorruptCheckpointError(
+            f"{name}: part {key} is stored as {stored.properties.dtype} {list(stored.size)} but the state dict "
+            f"holds {chunk.local.dtype} {list(chunk.size)}; quantize the model with the checkpoint's config first"
+        )
+
+
+__all__ = ["AockptSavePlanner", "AockptStorageWriter", "AockptStorageReader", "AockptLoadPlanner"]

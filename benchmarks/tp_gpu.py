@@ -1,0 +1,178 @@
+"""Tensor-parallel loading on real GPUs with NCCL: per-rank slices read from disk vs whole tensors read and cut.
+
+    python benchmarks/tp_gpu.py generate DIR [--shape llama-8b]       # an 8B-shaped int8 aockpt folder
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc-per-node 2 benchmarks/tp_gpu.py run DIR --json out.json
+
+Per rank and per method (alternated B, A, B, A on a warm page cache; the second of each is reported):
+seconds to have every local tensor on the rank's GPU, bytes the reader read, and peak GPU memory against the
+bytes of the rank's slices. Then one decoder layer's MLP and q->o projections run colwise/rowwise with an
+NCCL all-reduce and are compared with rank 0's single-GPU forward of the whole weights. Results: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PLAN = {
+    "model.embed_tokens": "vocab", "lm_head": "colwise",
+    **{f"model.layers.*.self_attn.{p}": "colwise" for p in ("q_proj", "k_proj", "v_proj")},
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise", "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
+
+
+class _WholeThenCut:
+    """The baseline: a shard file that reads every part whole, then cuts the slice out in memory."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def __getattr__(self, name):  # slots, tensor(), bytes_read, close(): the real file's
+        return getattr(self.shard, name)
+
+    def read_slice(self, key, dim=0, start=0, stop=None):
+        whole = self.shard.read_slice(key, 0, 0, None)
+        if not whole.dim():
+            return whole
+        stop = whole.shape[dim] if stop is None else stop
+        return whole.narrow(dim, start, stop - start).contiguous()
+
+
+def _local_bytes(state: dict) -> int:
+    from aockpt import codec
+
+    seen, total = set(), 0
+    for name, t in state.items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += codec.flatten(name, t).nbytes
+    return total
+
+
+def _load(path: Path, rank: int, world: int, baseline: bool) -> dict:
+    """One timed load of this rank's slices onto its GPU."""
+    from aockpt import tp
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    ckpt = tp.open_sliceable(path)
+    if baseline:
+        ckpt.shards = {k: _WholeThenCut(v) for k, v in ckpt.shards.items()}
+    state = tp.read_shard(ckpt, tp.TPShard(PLAN, rank, world), f"cuda:{rank}")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"seconds": round(seconds, 3), "bytes_read": tp.bytes_read(ckpt), "stored_bytes": tp.shard_bytes(ckpt),
+           "slice_bytes": _local_bytes(state), "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+    ckpt.close()
+    del state
+    return out
+
+
+def _forward_check(path: Path, rank: int, world: int) -> dict:
+    """Layer 0 split over the ranks (colwise gate/up/q, rowwise down/o + all-reduce) vs one GPU, whole weights."""
+    import torch.distributed as dist
+
+    import aockpt
+    from aockpt import tp
+
+    names = {k: f"model.layers.0.{k}.weight" for k in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                       "self_attn.q_proj", "self_attn.o_proj")}
+    local = tp.load_shard(path, f"cuda:{rank}", shard=tp.TPShard(PLAN, rank, world), keys=list(names.values()))
+    x = torch.randn(4, 16, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(f"cuda:{rank}")
+
+    def run(w, reduce):
+        lin = torch.nn.functional.linear
+        gate, up, q = (lin(x, w[names[k]]) for k in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj"))
+        return gate, q, reduce(lin(torch.nn.functional.silu(gate) * up, w[names["mlp.down_proj"]])), \
+            reduce(lin(q, w[names["self_attn.o_proj"]]))
+
+    def all_reduce(t):
+        acc = t.float()
+        dist.all_reduce(acc)
+        return acc.to(t.dtype)
+
+    gate, q, mlp, attn = run(local, all_reduce)
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in (gate, q)]
+    dist.all_gather(gathered[0], gate.contiguous())
+    dist.all_gather(gathered[1], q.contiguous())
+    if rank != 0:
+        return {}
+    full = aockpt.load_quantized(path, f"cuda:{rank}", keys=list(names.values()))
+    s_gate, s_q, s_mlp, s_attn = run(full, lambda t: t)
+    out = {}
+    for name, got, want in (("colwise_gate", torch.cat(gathered[0], -1), s_gate),
+                            ("colwise_q", torch.cat(gathered[1], -1), s_q),
+                            ("rowwise_mlp", mlp, s_mlp), ("rowwise_attn_proj", attn, s_attn)):
+        out[f"{name}_exact"] = bool(torch.equal(got, want))
+        out[f"{name}_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+        out[f"{name}_max_abs"] = want.float().abs().max().item()
+    return out
+
+
+def run(path: Path, json_out: Path | None, forward_only: bool = False) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    results: dict = {}
+    for label in ("whole_then_cut", "slices_from_disk", "whole_then_cut", "slices_from_disk") * (not forward_only):
+        dist.barrier()
+        results[label] = _load(path, rank, world, baseline=label == "whole_then_cut")
+    results["forward"] = _forward_check(path, rank, world)
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    results["forward_without_reduced_precision_reduction"] = _forward_check(path, rank, world)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"rank": rank, "gpu": torch.cuda.get_device_name(rank), **results})
+    if rank == 0:
+        text = json.dumps(everyone, indent=2)
+        print(text)
+        if json_out:
+            json_out.write_text(text)
+    dist.destroy_process_group()
+
+
+def generate(path: Path, shape: str, layers: int | None) -> None:
+    import dataclasses
+
+    import aockpt
+    from bench_pack_load import SHAPES, build_state_dict
+
+    start = time.perf_counter()
+    sizes = SHAPES[shape] if layers is None else dataclasses.replace(SHAPES[shape], layers=layers)
+    aockpt.save(build_state_dict(sizes), path, force=True)
+    print(f"generated {path} ({sum(p.stat().st_size for p in path.iterdir()) / 1e9:.2f} GB) "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["generate", "run"])
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--layers", type=int, help="generate: fewer decoder layers (same tensor shapes)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--forward-only", action="store_true", help="run: skip the timed loads")
+    args = parser.parse_args()
+    os.environ.setdefault("AOCKPT_NO_PROGRESS", "1")
+    if args.command == "generate":
+        generate(args.dir, args.shape, args.layers)
+    else:
+        run(args.dir, args.json, args.forward_only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Tensor-parallel slices read from disk (aockpt/tp.py): every registry type, both splits, bytes counted.
+The real 2-process runs are in tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+import aockpt
+from aockpt import codec, relayout, tp
+from aockpt.cli import main
+from aockpt.errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
+from aockpt.registry import TENSOR_TYPES, TpSplit
+from aockpt.relayout import xpu as xpu_layout
+from aockpt.relayout.canonical import bytes_to_nibbles
+from conftest import CASES, assert_same_tensor
+
+
+def _int4_plain(t: torch.Tensor) -> torch.Tensor:
+    """Int4Tensor (mslk) has no CPU dequantize: w = q * scale + zero, q signed, even k in the low nibble."""
+    q = bytes_to_nibbles(t.qdata.view(torch.uint8)).to(torch.float32)
+    q = torch.where(q >= 8, q - 16, q)
+    g = t.block_size[-1]
+    scale, zero = (p.float().T.repeat_interleave(g, 1) for p in (t.scale, t.zero_point))
+    return (q * scale + zero).to(t.dtype)
+
+
+def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
+    codes = bytes_to_nibbles(t.qdata.contiguous().view(torch.uint8)).view(t.shape)
+    return xpu_layout._xpu_dequantize(codes, t.scale, t.zero_point, t.block_size[-1])
+
+
+def _canonical(t: torch.Tensor, type_name: str, packer: str) -> torch.Tensor:
+    flat = codec.flatten("w", t)
+    return relayout.dequantize(relayout.to_canonical(type_name, flat.parts, flat.attrs, packer=packer))
+
+
+# how to dequantize each type on CPU where torchao 0.18 cannot
+_DEQUANTIZE = {
+    "Int4Tensor": lambda t: _int4_plain(t),
+    "Int4PlainInt32Tensor": _int4_xpu,
+    "Int4TilePackedTo4dTensor": lambda t: _canonical(t, "Int4TilePackedTo4dTensor", "cuda-tinygemm"),
+    "Int4OpaqueTensor": lambda t: _canonical(t, "Int4OpaqueTensor", relayout.cpu_packer()),
+}
+
+
+def dequantize(t: torch.Tensor, type_name: str) -> torch.Tensor:
+    return _DEQUANTIZE.get(type_name, lambda x: x.dequantize())(t)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("style,dim", [("colwise", 0), ("rowwise", 1)])
+def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world, tmp_path):
+    case_id, type_name, tensor = case
+    aockpt.save({"m.weight": tensor, "m.bias": torch.arange(tensor.shape[0], dtype=torch.bfloat16)}, tmp_path / "p")
+    split = TENSOR_TYPES[type_name].tp[dim]
+    if split is TpSplit.NONE:
+        with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a .* split of this " + type_name):
+            aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": style}, 0, world))
+        return
+    full = dequantize(tensor, type_name)
+    for rank in range(world):
+        ckpt = tp.open_sliceable(tmp_path / "p")
+        local = tp.read_shard(ckpt, tp.TPShard({"m": style}, rank, world))
+        start, stop = tp.chunk(tensor.shape[dim], rank, world)
+        assert type(local["m.weight"]) is type(tensor)
+        want = full.narrow(dim, start, stop - start)
+        assert torch.equal(_bytes(dequantize(local["m.weight"], type_name)), _bytes(want))
+        bias = torch.arange(tensor.shape[0], dtype=torch.bfloat16)
+        assert torch.equal(local["m.bias"], bias[start:stop] if dim == 0 else bias)
+        read, total = tp.bytes_read(ckpt), tp.shard_bytes(ckpt)
+        ckpt.close()
+        if split is TpSplit.DIRECT:
+            assert read <= total * (1 / world + 0.05), (read, total)
+        else:
+            assert read >= codec.flatten("w", tensor).nbytes  # device-packed int4 is read whole, then re-laid out
+
+
+def test_every_registry_type_says_how_it_splits():
+    for entry in TENSOR_TYPES.values():
+        required, _, _ = entry.inner_names()
+        assert (TpSplit.DIRECT in entry.tp) == bool(entry.tp_axes), entry.name
+        for dim, split in enumerate(entry.tp):
+            along = {part for part, *axes in entry.tp_axes if axes[dim] is not None}
+            assert split is not TpSplit.DIRECT or set(required) <= along, (entry.name, dim)
+            assert split is not TpSplit.RELAYOUT or entry.name in relayout.CONVERTERS, (entry.name, dim)
+
+
+def test_the_readme_type_table_states_each_types_split():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| [^\n]* \| ((?:direct|relayout|none)[a-z ,]*) \|$", readme, re.M)
+    assert dict(rows) == {name: entry.tp_text() for name, entry in TENSOR_TYPES.items()}
+
+
+def test_inspect_reports_the_split(tmp_path):
+    state = {name: make() for name, (_, make) in [("a.weight", CASES["int8-weight-only"]),
+                                                   ("b.weight", CASES["int4-tile-packed"]), ("c.weight", CASES["nf4"])]}
+    aockpt.save(state, tmp_path / "p")
+    assert {t.name: t.tp for t in aockpt.inspect(tmp_path / "p").tensors} == {
+        "a.weight": "direct", "b.weight": "direct rows, relayout cols", "c.weight": "none"}
+    table = CliRunner().invoke(main, ["inspect", str(tmp_path / "p")]).output
+    assert re.search(r"^c\.weight +NF4Tensor .* none$", table, re.M) and " tp split" in table
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_a_split_inside_a_quantization_group_is_refused(world, tmp_path):
+    aockpt.save({"m.weight": CASES["intx-weight-only"][1]()}, tmp_path / "p")  # K=128 in groups of 32
+    with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a rowwise split .* cut a quantization group of 32"):
+        aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": "rowwise"}, 1, world))
+
+
+def test_torch_styles_patterns_and_bad_plans(tmp_path):
+    w = CASES["int8-weight-only"][1]()  # [64, 128]
+    state = {"layers.0.mlp.up_proj.weight": w, "layers.1.mlp.down_proj.weight": w, "embed.weight": w,
+             "norm.weight": torch.ones(64)}
+    aockpt.save(state, tmp_path / "p")
+    plan = {"layers.*.mlp.up_proj": ColwiseParallel(), "layers.*.mlp.down_proj": RowwiseParallel(), "embed": "vocab"}
+    local = aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard(plan, 1, 2))
+    assert {k: tuple(v.shape) for k, v in local.items()} == {
+        "layers.0.mlp.up_proj.weight": (32, 128), "layers.1.mlp.down_proj.weight": (64, 64),
+        "embed.weight": (32, 128), "norm.weight": (64,)}
+    only_layers = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard(plan, 0, 2), keys=lambda n: "layers" in n)
+    assert sorted(only_layers) == ["layers.0.mlp.up_proj.weight", "layers.1.mlp.down_proj.weight"]
+    with pytest.raises(UsageError, match="'layers.*' has style 'diagonal'"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard({"layers.*": "diagonal"}, 0, 2))
+    with pytest.raises(UsageError, match=r"embed.weight matches .* different styles \(rowwise, vocab\)"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard({"embed": "vocab", "emb*": "rowwise"}, 0, 2))
+    with pytest.raises(UsageError, match="rank 2 / world size 2"):
+        tp.TPShard(plan, 2, 2)
+    with pytest.raises(KeyMismatchError, match="no tensor named nope"):
+        tp.load_shard(tmp_path / "p", shard=tp.TPShard(plan, 0, 2), keys=["nope"])
+
+
+def test_a_pickle_is_refused_with_the_pack_command(tmp_path):
+    torch.save({"m.weight": torch.ones(2, 2)}, tmp_path / "model.pt")
+    with pytest.raises(UsageError, match="aockpt pack .*model.pt packed/"):
+        tp.load_shard(tmp_path / "model.pt", shard=tp.TPShard({"m": "colwise"}, 0, 2))
+
+
+def test_a_torchao_written_file_is_sliced_too(tmp_path):
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tensor = CASES["intx-weight-only"][1]()
+    tensors, metadata = flatten_tensor_state_dict({"m.weight": tensor})
+    save_file(tensors, tmp_path / "model.safetensors", metadata=metadata)
+    local = tp.load_shard(tmp_path, shard=tp.TPShard({"m": "rowwise"}, 1, 2))["m.weight"]
+    assert torch.equal(_bytes(local.dequantize()), _bytes(tensor.dequantize()[:, 64:]))
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_path):
+    """tinygemm tiles hold 8 whole rows, K padding included: a colwise cut is exact without re-packing."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 256, 2048, 128
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale_and_zero = torch.rand(k // g, n, 2, generator=gen).to(torch.bfloat16)
+    canon = relayout.Int4Canonical(codes, scale_and_zero, g, (n, k), torch.bfloat16)
+
+    def tile_tensor(c: relayout.Int4Canonical) -> torch.Tensor:
+        parts, attrs, _ = relayout.from_canonical(c, "Int4TilePackedTo4dTensor", "cpu")
+        return codec.rebuild(codec.FlatTensor("Int4TilePackedTo4dTensor", c.shape, torch.bfloat16, parts, attrs), "w")
+
+    aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
+    for rank in range(world):
+        start, stop = tp.chunk(n, rank, world)
+        ckpt = tp.open_sliceable(tmp_path / "p")
+        local = tp.read_shard(ckpt, tp.TPShard({"m": "colwise"}, rank, world))["m.weight"]
+        ckpt.close()
+        cut = relayout.Int4Canonical(canon.values[start:stop].contiguous(),
+                                     canon.scale_and_zero[:, start:stop].contiguous(), g, (stop - start, k),
+                                     torch.bfloat16)
+        assert_same_tensor(local, tile_tensor(cut))
+
+
+def test_device_rules_apply_to_slices(tmp_path):
+    """A CUDA-packed int4 slice cannot live on the CPU: refused by name, or re-packed exactly with relayout."""
+    tensor = CASES["int4-tile-packed"][1]()
+    aockpt.save({"m.weight": tensor}, tmp_path / "p")
+    shard = aockpt.TPShard({"m": "colwise"}, 1, 2)
+    with pytest.raises(PortabilityError, match=r"m\.weight is Int4TilePackedTo4dTensor .* pass relayout=True"):
+        aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard)
+    local = aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, relayout=True)["m.weight"]
+    assert type(local).__name__ == "Int4OpaqueTensor"
+    got = dequantize(local, "Int4OpaqueTensor")
+    assert torch.equal(_bytes(got), _bytes(dequantize(tensor, "Int4TilePackedTo4dTensor")[32:]))
+    with pytest.raises(UsageError, match="verify=True checks whole tensors"):
+        aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, verify=True)
