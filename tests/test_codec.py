@@ -126,7 +126,7 @@ def test_stride0_view_is_refused_not_expanded():
 
 def _rewrite(folder, edit) -> None:
     """Edit a single-file packed folder's header in place: `edit(header, record)` on the parsed JSON, where
-    `record` is the aockpt record of tensor "w" (data and digests stay)."""
+    `record` is the aockpt record of tensor "m.weight" (data and digests stay)."""
     import json
     import struct
 
@@ -135,7 +135,7 @@ def _rewrite(folder, edit) -> None:
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + length])
     record = json.loads(header["__metadata__"]["aockpt"])
-    edit(header, record["tensors"]["w"], record)
+    edit(header, record["tensors"]["m.weight"], record)
     header["__metadata__"]["aockpt"] = json.dumps(record).replace("12345678901", "1e999")
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -180,16 +180,19 @@ JUNK_RECORDS = {
 @pytest.mark.parametrize("junk", list(JUNK_RECORDS))
 def test_junk_records_are_refused_by_load_pack_and_verify_before_any_converter(tmp_path, junk):
     import aockpt
+    from aockpt import tp
     from aockpt.errors import AockptError
 
     case, edit = JUNK_RECORDS[junk]
-    aockpt.save({"w": CASES[case][1]()}, tmp_path / "src")
+    aockpt.save({"m.weight": CASES[case][1]()}, tmp_path / "src")
     _rewrite(tmp_path / "src", edit)
     calls = {"load": lambda: aockpt.load_quantized(tmp_path / "src"),
              "load-relayout": lambda: aockpt.load_quantized(tmp_path / "src", relayout=True),
              "pack": lambda: aockpt.pack(tmp_path / "src", tmp_path / "dst"),
              "pack-cpu": lambda: aockpt.pack(tmp_path / "src", tmp_path / "dst", device="cpu"),
-             "verify": lambda: aockpt.verify(tmp_path / "src")}
+             "verify": lambda: aockpt.verify(tmp_path / "src"),
+             "load-shard": lambda: tp.load_shard(tmp_path / "src", shard=tp.TPShard({"m": "colwise"}, 0, 2),
+                                                 relayout=True)}
     for what, call in calls.items():
         with pytest.raises(AockptError) as info:
             call()
