@@ -39,6 +39,7 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
         target = source.aliases.get(name, name)
         if target not in built:
             flat, packer = source.flat(target, None), source.types[target][1]
+            codec.check_record(flat, f"{source.path}: {target}")
             if target in converters:
                 flat, packer = converters[target](flat, torch.device("cpu"))
             built[target] = (codec.rebuild(flat, f"{source.path}: {target}"), packer)
@@ -68,7 +69,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     layout_for = portability.parse_device(device) if device else None
     source = open_source(src, cpu_packer)
     try:
-        with staged(dst, force=force) as tmp:
+        with staged(dst, force=force, source=src) as tmp:
             items = _source_tensors(source, layout_for)
             write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
             _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
@@ -118,9 +119,9 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
     try:
         portability.require_known_packers(source.types, str(source.path))
         _check_weights_only_loadable(source)
-        state = _build(source, _select(source, None), lambda _: torch.device("cpu"), {})
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
-        with staged(dst, force=force, folder=as_folder) as tmp:
+        with staged(dst, force=force, folder=as_folder, source=src) as tmp:
+            state = _build(source, _select(source, None), lambda _: torch.device("cpu"), {})
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
             for extra in source.extra_files if as_folder else ():
                 shutil.copy2(extra, tmp / extra.name)
@@ -239,6 +240,7 @@ def _build(source: Source, names: list[str], device_of: Callable[[str], torch.de
             flat = read_flat(source.checkpoint, name, target, direct[name].__getitem__)
         else:
             flat = source.flat(name, target)
+        codec.check_record(flat, f"{source.path}: {name}")
         if name in converters:
             flat, _ = converters[name](flat, target)
         built[name] = codec.rebuild(flat, f"{source.path}: {name}", target)

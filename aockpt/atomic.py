@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError, UsageError
+from .paths import file_homes
 
 TEMP_MARK = ".aockpt-tmp-"
 _FULL_DISK = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
@@ -51,6 +52,23 @@ def remove_stale(dst: Path) -> list[Path]:
             _remove(entry)
             removed.append(entry)
     return removed
+
+
+def check_no_overlap(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse a destination equal to, inside, or containing the source (or where a cached source's files live).
+
+    Replacing `dst` deletes what it holds, so such a write would destroy the files being read, or files
+    beside them (a folder's notes, ``.gitattributes``); ``force`` does not change that.
+    """
+    src, dst = Path(src), Path(dst)
+    target = dst.resolve()
+    read = {src.resolve()} | (file_homes(src) if src.is_dir() else set())
+    for place in read:
+        if target == place or place.is_relative_to(target) or target.is_relative_to(place):
+            raise UsageError(
+                f"destination {dst} overlaps the source {src} (same place, inside it, or containing it); writing "
+                "it would delete the files being read, with or without --force: choose a destination elsewhere"
+            )
 
 
 def output_error(path: str | os.PathLike, e: OSError) -> OutputError:
@@ -94,15 +112,18 @@ def _is_output(e: OSError, dst: Path) -> bool:
 
 
 @contextmanager
-def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True) -> Iterator[Path]:
+def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
+           source: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dst`; on success it replaces `dst`, on any error it vanishes.
 
     Raises:
-        UsageError: `dst` exists and not `force`.
+        UsageError: `dst` exists and not `force`, or `dst` overlaps `source` (see check_no_overlap).
         OutputError: the destination cannot be written (full disk, permissions, a file in the way);
             nothing was written.
     """
     dst = Path(dst)
+    if source is not None:
+        check_no_overlap(source, dst)
     try:
         if dst.exists() and not force:
             raise UsageError(f"{dst} already exists; pass --force (force=True) to replace it")

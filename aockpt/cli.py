@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
 from . import api, errors
 from .cli_hub import CPU_PACKER, hook, push
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is, so staged outputs are removed exactly as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
 
 # Every exit status of the command, most specific first; the README's table is checked against this one.
 EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
@@ -23,6 +33,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     errors.OutputError: (8, "the output could not be written (disk full, permissions)"),
     errors.AockptError: (1, "any other error aockpt raises on purpose"),
     KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
+    Terminated: (143, "terminated (SIGTERM); nothing was left at the destination"),
     Exception: (70, "internal error: a bug in aockpt (AOCKPT_DEBUG=1 shows the traceback)"),
 }
 
@@ -44,19 +55,28 @@ class _Group(click.Group):
     """Turns every error into one line: AockptError as itself, anything else as an internal error."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except errors.AockptError as e:
             raise _Failure(str(e), _exit_code(e)) from e
-        except KeyboardInterrupt as e:
-            raise _Failure("interrupted; nothing was left at the destination", _exit_code(e)) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            word = "terminated" if isinstance(e, Terminated) else "interrupted"
+            raise _Failure(f"{word}; nothing was left at the destination", _exit_code(e)) from None
         except Exception as e:
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
-            raise _Failure(f"internal error {type(e).__name__}: {e} (set AOCKPT_DEBUG=1 for the traceback "
-                           "and please report it)", _exit_code(e)) from e
+            raise _Failure(errors.printable(f"internal error {type(e).__name__}: {errors.reason(e, 300)} (set "
+                                            "AOCKPT_DEBUG=1 for the traceback and please report it)"),
+                           _exit_code(e)) from e
+
+
+def _say(text: str) -> None:
+    """Print a line of human output whose names and strings come from a file, control characters escaped."""
+    click.echo(errors.printable(text))
 
 
 def _mb(n: int) -> str:
@@ -142,17 +162,18 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
-    click.echo(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
+    _say(f"{info.path}: {info.kind}" + (f", producer {info.producer}" if info.producer else ""))
     header = ["name", "type", "shape", "dtype", "bytes", "made on", "portability", "tp split", *devices]
-    rows = [[t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
+    rows = [[errors.printable(c) for c in (
+             t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
              t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t), t.tp,
-             *(t.devices[d] for d in devices)] for t in info.tensors]
+             *(t.devices[d] for d in devices))] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        _say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     for t in info.tensors:
         if t.origin:
-            click.echo(f"  {t.name}: {t.origin}")
+            _say(f"  {t.name}: {t.origin}")
     unknown = [t.name for t in info.tensors if t.packer_candidates and not t.alias_of]
     if unknown:
         click.echo(f"CPU packer unknown for {len(unknown)} int4 tensor(s): the file does not say and nothing in it "

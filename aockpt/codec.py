@@ -7,8 +7,9 @@ torchao type needs a registry line, not new code here.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsupportedTensorError
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, tensor_type_named, tensor_type_of
+from .errors import CorruptCheckpointError, UnsupportedTensorError, reason
+from .registry import (DTYPE_NAMES, OUTER_DTYPES, PLAIN_TENSOR, STORAGE_CODES, VALUE_TYPES, tensor_type_named,
+                       tensor_type_of)
+from .typed_json import fits_int64
 
 PLAIN_PART = "data"  # the single part of an ordinary tensor
 
@@ -38,10 +41,46 @@ class FlatTensor:
         return sum(p.numel() * p.element_size() for p in self.parts.values())
 
 
+def _unstorable_kind(t: torch.Tensor) -> str | None:
+    """What makes a plain tensor impossible to store as one dense run of its own bytes, or None."""
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return f"sparse ({str(t.layout).removeprefix('torch.')})"
+    if t.is_quantized:
+        return f"torch-quantized ({str(t.dtype).removeprefix('torch.')})"
+    if t.device.type == "meta":
+        return "meta (data-less)"
+    if t.dtype not in STORAGE_CODES:
+        return str(t.dtype).removeprefix("torch.")
+    return None
+
+
+def check_storable(t: torch.Tensor, name: str) -> None:
+    """Refuse a plain tensor aockpt cannot store, or whose dense copy would need more bytes than back it.
+
+    Stored tensors are written as dense bytes; a view with overlapping strides (a stride-0 expand) over a
+    small storage would make packing allocate far more than the file holds, so it is refused instead.
+    """
+    kind = _unstorable_kind(t)
+    if kind is not None:
+        raise UnsupportedTensorError(
+            f"{name}: aockpt does not store {kind} tensors; convert it to a dense tensor of a safetensors dtype "
+            "(e.g. .to_dense(), .dequantize(), .real) before saving"
+        )
+    dense, backed = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if dense > backed:
+        raise UnsupportedTensorError(
+            f"{name}: a {list(t.shape)} view with strides {list(t.stride())} over {backed} stored bytes would need "
+            f"{dense} bytes written out (overlapping or stride-0 strides); aockpt refuses it: save .clone() instead"
+        )
+
+
 def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
     """Take a tensor apart without copying its inner tensors."""
     entry = tensor_type_of(tensor, name)
     if entry is None:
+        check_storable(tensor, name)
         plain = tensor.detach()
         return FlatTensor(PLAIN_TENSOR, tuple(plain.shape), plain.dtype, {PLAIN_PART: plain}, {})
     part_names, attrs = tensor.__tensor_flatten__()
@@ -53,6 +92,7 @@ def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
                 f"{name}: inner tensor {part!r} of {entry.name} is a {type(inner).__name__}; "
                 "nested tensor subclasses are not supported"
             )
+        check_storable(inner, f"{name} part {part!r}")
         parts[part] = inner.detach()
     return FlatTensor(entry.name, tuple(tensor.shape), tensor.dtype, parts, dict(attrs))
 
@@ -78,7 +118,33 @@ def check_names(flat: FlatTensor, where: str) -> None:
     for name, value in flat.attrs.items():
         hint = hints.get(name, _NAMED_HINTS.get(name, Any))
         if not _conforms(value, hint):
-            raise CorruptCheckpointError(f"{where}: attribute {name}={value!r} is not a valid {hint}")
+            raise CorruptCheckpointError(f"{where}: attribute {name}={str(value)[:80]} is not a valid {hint}")
+        _check_fields(value, name, where)
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Annotated field types of an allowlisted value class (kwargs dataclasses, granularities)."""
+    try:
+        return typing.get_type_hints(cls, localns=dict(VALUE_TYPES))
+    except Exception:
+        return {}
+
+
+def _check_fields(value: Any, name: str, where: str) -> None:
+    """Every field of an attribute object (and of the objects inside it) must fit its annotation, so a
+    kwargs record naming a granularity that is not one is refused before a matmul would trip on it."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_fields(item, name, where)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hints = _field_hints(type(value))
+        for f in dataclasses.fields(value):
+            inner = getattr(value, f.name)
+            if not _conforms(inner, hints.get(f.name, Any)):
+                raise CorruptCheckpointError(f"{where}: attribute {name}.{f.name}={str(inner)[:80]} is not a valid "
+                                             f"{hints.get(f.name)}; the record is corrupt or crafted")
+            _check_fields(inner, f"{name}.{f.name}", where)
 
 
 # Expected types of attributes that torchao classes leave unannotated, by attribute name.
@@ -117,9 +183,76 @@ def _conforms(value: Any, hint: Any) -> bool:
     return not isinstance(hint, type) or isinstance(value, hint)
 
 
+# Exact part shapes of the unpadded int4 layouts for an (N, K) weight with group size g: kernels index
+# them by these, so a transposed or doubled part would compute junk or read out of bounds.
+_INT4_PART_SHAPES: dict[str, Callable[[int, int, int], dict[str, tuple[int, ...]]]] = {
+    "Int4OpaqueTensor": lambda n, k, g: {"qdata": (n, k // 2), "scale_and_zero": (k // g, n, 2)},
+    "Int4Tensor": lambda n, k, g: {"qdata": (n, k // 2), "scale": (k // g, n), "zero_point": (k // g, n)},
+    "Int4PreshuffledTensor": lambda n, k, g: {"qdata": (n, k // 2), "group_scale": (k // g, n),
+                                              "group_zero": (k // g, n)},
+    "Int4PlainInt32Tensor": lambda n, k, g: {"qdata": (n, k // 8), "scale": (k // g, n), "zero_point": (k // g, n)},
+}
+_INT4_ANY_RANK = frozenset({"Int4Tensor", "Int4PreshuffledTensor"})  # also hold 3-D (expert) weights
+
+
+def _int4_geometry(flat: FlatTensor, where: str) -> None:
+    """An int4 record's `shape` and `block_size` must describe one group size dividing K, and its parts that shape."""
+    shape, block = list(flat.attrs.get("shape") or []), flat.attrs.get("block_size")
+    ranks = (2, 3) if flat.type_name in _INT4_ANY_RANK else (2,)
+    if len(shape) not in ranks or not isinstance(block, (list, tuple)) or len(block) != len(shape):
+        raise CorruptCheckpointError(
+            f"{where}: {flat.type_name} shape {shape[:4]} with block_size {block} is not a "
+            f"{' or '.join(f'{r}-D' for r in ranks)} int4 weight with one block size per dimension"
+        )
+    *lead, k = shape
+    *ones, group = block
+    if any(b != 1 for b in ones) or not (type(group) is int and 0 < group <= k and k % group == 0 and k % 8 == 0):
+        raise CorruptCheckpointError(
+            f"{where}: {flat.type_name} block_size {list(block)} is not [1, ..., group] with a group size dividing "
+            f"K={k} (K a multiple of 8); the file is inconsistent: re-export it"
+        )
+    expected = _INT4_PART_SHAPES.get(flat.type_name)
+    if expected is None or len(shape) != 2:
+        return
+    for name, want in expected(shape[0], k, group).items():
+        if name in flat.parts and tuple(flat.parts[name].shape) != want:
+            raise CorruptCheckpointError(
+                f"{where}: {flat.type_name} part {name!r} is {list(flat.parts[name].shape)}, but a {shape} weight "
+                f"with group size {group} stores it as {list(want)}; the file is inconsistent: re-export it"
+            )
+
+
+def check_invariants(flat: FlatTensor, where: str) -> None:
+    """What a record must satisfy before any converter or constructor reads it: a float outer dtype, each
+    part's dtype from its registry entry, sizes torch can address, and (int4) the geometry of its parts."""
+    entry = tensor_type_named(flat.type_name, where)
+    if flat.dtype is not None and DTYPE_NAMES.get(flat.dtype) not in OUTER_DTYPES:
+        raise CorruptCheckpointError(f"{where}: a {flat.type_name} dequantizes to a float dtype "
+                                     f"({', '.join(sorted(OUTER_DTYPES))}), not {DTYPE_NAMES.get(flat.dtype)}")
+    for name, part in flat.parts.items():
+        allowed = entry.part_dtypes.get(name)
+        if allowed and DTYPE_NAMES.get(part.dtype) not in allowed:
+            raise CorruptCheckpointError(
+                f"{where}: {flat.type_name} part {name!r} is {DTYPE_NAMES.get(part.dtype, part.dtype)}, but it is "
+                f"stored as {' or '.join(sorted(allowed))}; the file is corrupt or crafted"
+            )
+    shape = flat.attrs.get("shape")
+    if shape is not None and not fits_int64(shape):
+        raise CorruptCheckpointError(f"{where}: shape {str(list(shape))[:80]} has more elements than torch can address")
+    if entry.family == "int4":
+        _int4_geometry(flat, where)
+
+
+def check_record(flat: FlatTensor, where: str) -> None:
+    """Everything checkable before a converter or constructor reads the record: names, then invariants."""
+    check_names(flat, where)
+    if flat.type_name != PLAIN_TENSOR:
+        check_invariants(flat, where)
+
+
 def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) -> torch.Tensor:
     """Put a tensor back together on `device` and check it has the declared shape and dtype."""
-    check_names(flat, where)
+    check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
     if flat.type_name == PLAIN_TENSOR:
         tensor = parts[PLAIN_PART]
@@ -128,8 +261,11 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
         try:
             tensor = cls.__tensor_unflatten__(parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape), None)
         except Exception as e:
-            raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({e})") from e
+            raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
     if flat.type_name != PLAIN_TENSOR:
+        if DTYPE_NAMES.get(tensor.dtype) not in OUTER_DTYPES:
+            raise CorruptCheckpointError(f"{where}: rebuilt {flat.type_name} has dtype {tensor.dtype}; a quantized "
+                                         f"tensor dequantizes to {', '.join(sorted(OUTER_DTYPES))}")
         check_part_sizes(flat, tuple(tensor.shape), where)
     declared = (flat.shape, flat.dtype) if flat.shape is not None else (tuple(tensor.shape), tensor.dtype)
     if (tuple(tensor.shape), tensor.dtype) != (tuple(declared[0]), declared[1]):

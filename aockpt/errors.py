@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import re
+
+
+# C0 and C1 controls (newline, CR, ESC, BEL, ...), DEL, and Unicode line/paragraph separators and bidi
+# overrides: a name from a file holding one could forge output lines or drive the terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: every control character escaped (a newline shows as \\n), nothing else changed."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """An error text as one bounded line: controls escaped, the middle of an overlong text (a value echoed
+    from a file) elided so the what and the what-to-do at its ends survive."""
+    text = printable(text)
+    return text if len(text) <= limit else f"{text[:limit * 3 // 4]} ... {text[-limit // 4:]}"
+
+
+_BACKTRACE = re.compile(r"\s*(Exception raised from |frame #\d|Traceback \(most recent call last\)).*", re.S)
+
+
+def reason(e: BaseException | str, limit: int = 200) -> str:
+    """Why a library call failed, in one bounded line: the exception's text without the C++ backtrace torch
+    appends (``Exception raised from ... frame #0 ...``), whitespace collapsed; an exception's type name if
+    it has no text."""
+    text = " ".join(_BACKTRACE.sub("", str(e)).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text or ("" if isinstance(e, str) else type(e).__name__)
+
 
 class AockptError(Exception):
-    """Root of every error aockpt raises on purpose; the CLI prints it as one line."""
+    """Root of every error aockpt raises on purpose; its text is one bounded line, file-supplied names escaped."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class UsageError(AockptError, ValueError):
@@ -31,7 +65,7 @@ class KeyMismatchError(AockptError, KeyError):
     """Missing or unexpected tensor names; the message lists every one."""
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        return one_line(str(self.args[0])) if self.args else ""
 
 
 class OutputError(AockptError, OSError):

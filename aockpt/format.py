@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
-from .typed_json import dumps, loads_strict
+from .typed_json import dumps, fits_int64, load_file, loads_strict
 
 FORMAT_VERSION = "1.0.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
@@ -24,7 +25,10 @@ DIGEST = "sha256"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"
-_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+# Keys the format itself uses in a shard header (safetensors' metadata slot, transformers' and torchao's
+# metadata keys, aockpt's record): a tensor under one of these names would overwrite or be read as them.
+RESERVED_NAMES = frozenset({"__metadata__", "format", "tensor_names", RECORD_KEY})
+_SEMVER = re.compile(r"^(\d{1,9})\.(\d{1,9})\.(\d{1,9})$")  # bounded: int() of 5000 digits raises
 _PORTABILITIES = frozenset(p.value for p in Portability)
 
 
@@ -68,6 +72,16 @@ def part_key(name: str, inner: str) -> str:
     return f"{module}._{param}_{inner}" if module else f"_{param}_{inner}"
 
 
+def check_not_reserved(names: list[str]) -> None:
+    """Refuse tensor names or stored keys that collide with the format's own header keys, naming each one."""
+    clash = sorted(set(names) & RESERVED_NAMES)
+    if clash:
+        raise UnsupportedTensorError(
+            f"tensor name(s) {', '.join(map(repr, clash))} collide with keys the checkpoint format reserves "
+            f"({', '.join(sorted(RESERVED_NAMES))}); rename them in the state dict before packing"
+        )
+
+
 def record_to_json(record: Record) -> str:
     """Serialise a record deterministically."""
     tensors = {}
@@ -94,10 +108,13 @@ def _expect(obj: Any, keys: set[str], where: str) -> dict[str, Any]:
 
 
 def _shape(value: Any, where: str) -> list[int]:
-    """A shape: a list of non-negative ints."""
+    """A shape: a list of non-negative ints whose product torch can hold (int64)."""
     if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
-        raise CorruptCheckpointError(f"{where}: shape must be a list of non-negative ints, got {value!r}")
+        raise CorruptCheckpointError(f"{where}: shape must be a list of non-negative ints, got {str(value)[:80]}")
+    if not fits_int64(value):
+        raise CorruptCheckpointError(f"{where}: shape {str(value)[:80]} has more elements than torch can address")
     return value
+
 
 
 def _str(value: Any, where: str, allowed: Any = None) -> str:
@@ -111,7 +128,7 @@ def check_version(version: Any, where: str) -> str:
     """Accept every 1.x format; refuse newer majors with advice to upgrade."""
     match = _SEMVER.match(version) if isinstance(version, str) else None
     if match is None:
-        raise CorruptCheckpointError(f"{where}: format_version {version!r} is not semver")
+        raise CorruptCheckpointError(f"{where}: format_version {str(version)[:40]!r} is not semver")
     if int(match.group(1)) != int(FORMAT_VERSION.split(".")[0]):
         raise CorruptCheckpointError(
             f"{where}: format {version} is not readable by this aockpt (reads {FORMAT_VERSION.split('.')[0]}.x); "
@@ -183,19 +200,29 @@ def shard_metadata(record: Record, torchao_records: dict[str, str]) -> dict[str,
 def check_shard_name(name: Any, where: str) -> str:
     """A shard file name from an index must be a plain file name inside the folder."""
     if (not isinstance(name, str) or not name or "/" in name or "\\" in name or "\x00" in name
-            or name in (".", "..") or re.match(r"^[A-Za-z]:", name)):
+            or name in (".", "..") or re.match(r"^[A-Za-z]:", name) or len(name.encode("utf-8", "replace")) > 255):
         raise CorruptCheckpointError(
-            f"{where}: shard file name {name!r} must be a plain file name inside the checkpoint folder"
+            f"{where}: shard file name {str(name)[:80]!r} must be a plain file name (at most 255 bytes) inside the "
+            "checkpoint folder"
         )
     return name
 
 
-def index_from_json(text: str, where: str) -> dict[str, str]:
+def index_from_json(text: str | bytes, where: str) -> dict[str, str]:
     """The weight map of a shard index (key -> shard file), with every shard name checked."""
-    obj = loads_strict(text, where)
+    return _weight_map(loads_strict(text, where), where)
+
+
+def _weight_map(obj: Any, where: str) -> dict[str, str]:
+    """The checked weight map of a parsed index."""
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise CorruptCheckpointError(f"{where}: an index needs a 'weight_map' object")
     return {_str(k, where): check_shard_name(v, where) for k, v in obj["weight_map"].items()}
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of an index file, its size checked before it is read."""
+    return _weight_map(load_file(path), str(path))
 
 
 def index_to_json(weight_map: dict[str, str], total_size: int) -> str:

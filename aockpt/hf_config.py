@@ -21,10 +21,10 @@ AOCKPT_ONLY = "LoadWithAockptLoadPretrained"
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json as a dict, refused unless it is a JSON object."""
-    from .typed_json import loads_strict
+    """config.json as a dict (size-checked, strict JSON), refused unless it is a JSON object."""
+    from .typed_json import load_file
 
-    config = loads_strict(path.read_bytes(), str(path))
+    config = load_file(path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object")
     return config

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from .errors import AockptError, CorruptCheckpointError, HubError, UnsafeCheckpointError, UsageError
 from .filenames import PICKLE_SUFFIXES
+from .paths import is_inside, member
 
 PathLike = str | os.PathLike
 CARD_NAME = "README.md"
@@ -29,6 +30,7 @@ CARD_TAGS = ("aockpt", "torchao")
 SECTION_BEGIN = "<!-- aockpt:begin (written by `aockpt push`; edits between these markers are replaced) -->"
 SECTION_END = "<!-- aockpt:end -->"
 CARD_DEVICES = ("cpu", "cuda")
+_MAX_CARD_BYTES = 16 * 1024 * 1024  # the card is read whole and rewritten
 HOOK_MARKER = "# installed by `aockpt hook install`"
 _ZERO_SHA = re.compile(r"^0+$")
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -64,6 +66,10 @@ def find_problems(root: Path, names: Iterable[str]) -> list[Problem]:
     """The files under `root` (given by relative posix name) that must not be published."""
     problems, checkpoints = [], set()
     for name in sorted(names):
+        if not is_inside(root, root / name):
+            problems.append(Problem(f"{name}: a link outside the folder (or a link loop); "
+                                    "copy the file in if it belongs to the model", UnsafeCheckpointError))
+            continue
         with open(root / name, "rb") as f:
             head = f.read(_HEAD_BYTES)
         reason = pickle_reason(name, head)
@@ -183,8 +189,11 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
         if problems:
             error = next((p.error for p in problems if p.error is UnsafeCheckpointError), problems[0].error)
             raise error(f"refusing to push {src}: " + "; ".join(p.text for p in problems))
-        card_file = next((p / CARD_NAME for p in (folder, src) if (p / CARD_NAME).is_file()), None)
-        existing = card_file.read_text(encoding="utf-8") if card_file else None
+        card_file = next((member(p, CARD_NAME) for p in (folder, src) if (p / CARD_NAME).is_file()), None)
+        if card_file and card_file.stat().st_size > _MAX_CARD_BYTES:
+            raise UsageError(f"{card_file} is {card_file.stat().st_size:,} bytes, more than a model card's "
+                             f"{_MAX_CARD_BYTES:,}; shorten it or move the bulk into another file")
+        existing = card_file.read_text(encoding="utf-8", errors="replace") if card_file else None
         card = model_card(existing, inspect(folder, devices=CARD_DEVICES), repo_id).encode("utf-8")
         files = {name: folder / name for name in names if name != CARD_NAME}
         with _progress_bars(progress):

@@ -306,6 +306,12 @@ class _Weight:
         if not all(type(b) is int and b > 0 for b in self.block_size) or len(self.block_size) != aqt.dim():
             raise CorruptCheckpointError(f"{where}: block_size {self.block_size} does not fit shape {tuple(aqt.shape)}")
         self.shape = list(aqt.shape)
+        stored = sum(t.numel() * t.element_size() for t in self.impl.legacy_state.values() if isinstance(t, torch.Tensor))
+        if _numel(self.shape) > 8 * stored:  # no layout stores less than one bit per value
+            raise CorruptCheckpointError(
+                f"{where}: a {self.shape} weight cannot be held in the {stored} bytes its record stores; the "
+                "file is corrupt or crafted (refused before allocating anything for it)"
+            )
         self.dtype = aqt.dtype
         self.quant_range = (aqt.legacy_state.get("quant_min"), aqt.legacy_state.get("quant_max"))
         self.zero_domain = aqt.legacy_state.get("zero_point_domain")

@@ -11,6 +11,8 @@ import torch
 
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
 from .hf_config import CONFIG_NAME, model_class as _causal_lm_class
+from .paths import member
+from .typed_json import load_file
 
 PathLike = str | os.PathLike
 
@@ -67,8 +69,9 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     from .portability import parse_device
 
     folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file():
+    if not member(folder, CONFIG_NAME).is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
+    load_file(folder / CONFIG_NAME)  # size-checked and strict before transformers reads it
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

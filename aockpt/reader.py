@@ -14,9 +14,10 @@ import torch
 
 from . import codec, format as fmt
 from .errors import CorruptCheckpointError
+from .paths import member
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
-from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
+from .safetensors_io import SafetensorsFile
 from .typed_json import decode, encode, loads_strict
 
 PACKED = "aockpt"
@@ -56,16 +57,6 @@ class Checkpoint:
             shard.close()
 
 
-def file_homes(folder: Path) -> set[Path]:
-    """Where a folder's files may really live: the folder itself, or, for a Hugging Face cache snapshot
-    (``models--*/snapshots/<rev>``), the ``blobs`` folder of the same cached repo its links point into."""
-    root = folder.resolve()
-    homes = {root}
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        homes.add(root.parent.parent / "blobs")
-    return homes
-
-
 def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
     """The folder and its index weight map (None for a single file), every shard kept inside the folder."""
     if path.is_file():
@@ -74,16 +65,12 @@ def shard_files(path: Path) -> tuple[Path, dict[str, str] | None]:
         raise CorruptCheckpointError(f"{path} does not exist")
     index = path / fmt.INDEX_NAME
     if index.is_file():
-        if index.stat().st_size > MAX_HEADER_BYTES:
-            raise CorruptCheckpointError(f"{index} is larger than {MAX_HEADER_BYTES} bytes; it is not a shard index")
-        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
-        homes = file_homes(path)
+        weight_map = fmt.read_index(member(path, fmt.INDEX_NAME))
         for name in set(weight_map.values()):
-            target = (path / name).resolve()
-            if target.parent not in homes or not target.is_file():
-                raise CorruptCheckpointError(f"{index}: shard {name!r} is missing or points outside {path}")
+            if not member(path, name).is_file():
+                raise CorruptCheckpointError(f"{index}: shard {name!r} is missing")
         return path, weight_map
-    if (path / fmt.WEIGHTS_NAME).is_file():
+    if member(path, fmt.WEIGHTS_NAME).is_file():
         return path, None
     raise CorruptCheckpointError(f"{path} holds neither {fmt.WEIGHTS_NAME} nor {fmt.INDEX_NAME}")
 

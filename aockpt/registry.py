@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -112,6 +112,9 @@ class TensorType:
     names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
     tp: tuple[TpSplit, TpSplit] = (TpSplit.NONE, TpSplit.NONE)  # splitting the rows (colwise), the columns (rowwise)
     tp_axes: TpAxes = ()  # for DIRECT: where each part keeps the outer rows and columns
+    # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
+    # parts not listed are unchecked
+    part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
     config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it (config.json)
     weights_only: bool = True  # torch.load(weights_only=True) rebuilds it after a plain `import torchao`
 
@@ -132,8 +135,10 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None, **more: Any) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, **more)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None,
+       tp=(TpSplit.NONE, TpSplit.NONE), tp_axes=(), config=None, weights_only=True, **dtypes) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, tp, tp_axes,
+                      {part: frozenset(allowed) for part, allowed in dtypes.items()}, config, weights_only)
 
 
 def _int8_config(t: Any) -> Any:
@@ -165,6 +170,12 @@ def _int4_config(packing: str) -> Callable[[Any], Any]:
     return make
 
 
+# Outer dtypes a quantized tensor dequantizes to, and the dtype names its float parts may take.
+OUTER_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+_F = tuple(OUTER_DTYPES)
+_FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+
+
 _P, _X = Portability.PORTABLE, Portability.PINNED
 _V, _B = Along.VALUES, Along.BLOCKS
 _ROW_MAJOR: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (0, _B), (1, _B)), ("zero_point", (0, _B), (1, _B)))
@@ -178,34 +189,43 @@ TENSOR_TYPES: dict[str, TensorType] = {
     for t in (
         _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
            "int8 per-row weight, optional int8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F,
            config=_int8_config),
         _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
-           "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR, qdata=_FP8, scale=_F,
            config=_float8_config),
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
-           "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR, config=_intx_config),
+           "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F), config=_intx_config),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
            "int4 in CUDA tinygemm tile packing",
-           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS, config=_int4_config("tile_packed_to_4d")),
+           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS, qdata=("int32",), scale_and_zero=_F,
+           act_pre_scale=_F, config=_int4_config("tile_packed_to_4d")),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
-           "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT, weights_only=False),
+           "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT,
+           qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F, weights_only=False),
         _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
            "int4 plain nibble packing (mslk kernels)", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
-           config=_int4_config("plain")),
+           qdata=("int8", "uint8"), scale=_F, zero_point=_F, act_pre_scale=_F, config=_int4_config("plain")),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
-           "int4 preshuffled for mslk CUDA kernels"),
+           "int4 preshuffled for mslk CUDA kernels", qdata=("int8", "uint8"), group_scale=_F, group_zero=_F,
+           row_scale=_F),
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
            "int4 packed in int32 for XPU/NPU kernels", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
+           qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F,
            config=_int4_config("plain_int32")),
         _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
            "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           weights_only=False),
+           qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"), scale=("float8_e8m0fnu", "uint8"), weights_only=False),
         _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
-           "NVIDIA fp4 with float8 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR, weights_only=False),
+           "NVIDIA fp4 with float8 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",), per_tensor_scale=_F, act_per_tensor_scale=_F,
+           weights_only=False),
         _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
            "QLoRA normal-float 4 with double-quantized scalers",
            (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
-            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta"))),
+            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta")),
+           quantized_data=("uint8",), scaler_mean=_F, quantization_factor=_F, quantized_scalers=("int8",), nf4=_F),
     )
 }
 

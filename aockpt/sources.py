@@ -16,8 +16,9 @@ import torch
 from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
+from .paths import member
 from .portability import assumed_packer, settle_packers
-from .reader import Checkpoint, file_homes, open_checkpoint, read_flat
+from .reader import Checkpoint, open_checkpoint, read_flat
 from .registry import PLAIN_TENSOR, tensor_type_of
 from .unpickle import safe_load, storage_devices
 
@@ -89,6 +90,8 @@ def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state_dict.items():
         if isinstance(value, torch.Tensor) and not legacy.is_legacy(value):
+            if codec.tensor_type_of(value, name) is None:
+                codec.check_storable(value, name)
             out[name] = value
         else:
             out[name] = _migrate(name, value, path)
@@ -117,15 +120,13 @@ def _pickle_folder(path: Path) -> Source:
     """A transformers folder of pytorch_model.bin or its shards."""
     index = path / PICKLE_INDEX
     if index.is_file():
-        weight_map = fmt.index_from_json(index.read_bytes(), str(index))
+        weight_map = fmt.read_index(member(path, PICKLE_INDEX))
         files = sorted(set(weight_map.values()))
     else:
         files = [PICKLE_WEIGHTS]
     state: dict[str, Any] = {}
-    shards = [path / name for name in files]
+    shards = [member(path, name) for name in files]
     for shard in shards:
-        if shard.resolve().parent != path.resolve():
-            raise CorruptCheckpointError(f"{index}: shard {shard.name!r} points outside {path}")
         for key, value in _load_pickle(shard).items():
             if key in state:
                 raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two shards")
@@ -177,17 +178,17 @@ def _open(path: Path) -> Source:
             return source
         return from_state_dict(_load_pickle(path), path, "torch pickle", _made_on([path]))
     if (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file():
-        source = _safetensors_source(path)
+        opener = _safetensors_source
     elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_WEIGHTS).is_file():
-        source = _pickle_folder(path)
+        opener = _pickle_folder
     else:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
-    homes = file_homes(path)
-    others = sorted(p for p in path.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.resolve().parent in homes)
-    source.extra_files = [p for p in others if not _is_weight_file(p)]
+    others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
+    source = opener(path)
+    source.extra_files = extra_files
     _restore_ties(source, path)
     return source
 

@@ -250,6 +250,7 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
     """One tensor's local slice (or the whole tensor when `dim` is None), rebuilt on `device`."""
     flat = read_flat(ckpt, name, device)
     where = f"{ckpt.path}: {name}"
+    codec.check_record(flat, where)  # the whole record is sound before any slicer or converter reads it
     if flat.shape is None:  # a foreign record: learn the outer shape from the tensor built on the mapped views
         full = codec.rebuild(flat, where)
         flat = codec.FlatTensor(flat.type_name, tuple(full.shape), full.dtype, flat.parts, flat.attrs)

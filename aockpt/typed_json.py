@@ -12,6 +12,9 @@ import dataclasses
 import enum
 import json
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +23,23 @@ from .errors import CorruptCheckpointError
 from .registry import DTYPE_NAMES, DTYPES, VALUE_TYPE_NAMES, VALUE_TYPES
 
 MAX_DEPTH = 16
+MAX_FILE_BYTES = 100 * 1024 * 1024  # a JSON file (index, config) or safetensors header is read whole, once
+# Arrays, objects and commas outside strings: each becomes at most one Python object. A header of 100k
+# tensors has under a million; 99 MB of nested empty lists would have 33 million (~3 GB of objects).
+MAX_ITEMS = 4_000_000
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INT64_MAX = 2**63 - 1
 _MARKERS = frozenset({"_type", "_data"})
+
+
+def fits_int64(shape: Any) -> bool:
+    """Whether every dimension and their product fit torch's int64 sizes (stops multiplying once past)."""
+    size = 1
+    for dim in shape:
+        size *= max(dim, 1)
+        if dim > _INT64_MAX or size > _INT64_MAX:
+            return False
+    return True
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -38,6 +57,14 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite(text: str) -> float:
+    """json hook for numbers with a fraction or exponent: `1e999` would silently parse as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows to {value}")
+    return value
+
+
 def _depth(value: Any, where: str) -> None:
     """Refuse nesting deeper than MAX_DEPTH without recursing on attacker-chosen depth."""
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
@@ -49,15 +76,44 @@ def _depth(value: Any, where: str) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
+def _check_budget(text: str | bytes, where: str) -> None:
+    """Refuse JSON that would build more than MAX_ITEMS objects, counted in C before anything is parsed."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    bare = _STRING.sub('""', text)
+    items = bare.count("[") + bare.count("{") + bare.count(",")
+    if items > MAX_ITEMS:
+        raise CorruptCheckpointError(
+            f"{where}: JSON with {items:,} arrays, objects and items, more than the {MAX_ITEMS:,} any real "
+            "checkpoint needs; refused before parsing"
+        )
+
+
 def loads_strict(text: str | bytes, where: str) -> Any:
-    """Parse JSON from a file: no duplicate keys, no NaN/Infinity, no lone surrogates, bounded nesting."""
+    """Parse JSON from a file: bounded item count, no duplicate keys, no NaN/Infinity, no lone surrogates,
+    bounded nesting."""
+    _check_budget(text, where)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape cannot be written back
     except (ValueError, RecursionError, UnicodeError) as e:
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
     _depth(value, where)
     return value
+
+
+def load_file(path: Path, where: str | None = None) -> Any:
+    """A JSON file a folder holds (index, config), size-checked before a byte is read, then loads_strict."""
+    where = where or str(path)
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            raise CorruptCheckpointError(f"{where} is {size:,} bytes, larger than the {MAX_FILE_BYTES:,} a JSON "
+                                         "index or config may have; refused without reading it")
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {where}: {e.strerror}") from e
+    return loads_strict(data, where)
 
 
 def dumps(value: Any) -> str:
@@ -173,8 +229,9 @@ def _decode_sequence(ctor: type) -> Any:
         if not isinstance(data, list):
             raise CorruptCheckpointError(f"{where}: {ctor.__name__} must hold a list, got {data!r}")
         items = [decode(v, where, device) for v in data]
-        if ctor is torch.Size and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-            raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints, got {items!r}")
+        if ctor is torch.Size and not (all(type(i) is int and i >= 0 for i in items) and fits_int64(items)):
+            raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints torch can address, "
+                                         f"got {str(items)[:80]}")
         return ctor(items)
 
     return decode_seq

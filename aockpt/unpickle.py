@@ -7,10 +7,10 @@ during a load is exactly that, whatever torchao or the caller registered process
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
-import io
 import os
 import pickle
 import pickletools
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from . import legacy, registry
-from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
+from . import codec, legacy, registry
+from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError, reason
+from .pickle_scan import ZIP_MAGIC, scan_pickle
 
 # Extra dotted names that torchao 0.13-0.17 pickled registry classes under (checked in each wheel:
 # `class X` location, or its `X.__module__ = ...` override). Keys are registry stable names.
@@ -41,7 +42,7 @@ _FORMER_NAMES: dict[str, tuple[str, ...]] = {
 _CODE_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"})
 _MAX_NODES = 10_000_000  # containers and leaves in the loaded object, counted as a tree
 _MAX_DEPTH = 64  # nesting of containers; state dicts nest a handful of levels
-_ZIP_MAGIC = b"PK\x03\x04"
+_MAX_ZIP_MEMBERS = 1_000_000  # torch.save writes one member per storage plus five
 # Members a torch.save zip holds under its one root folder (torch 1.6 to 2.13).
 _ZIP_MEMBERS = re.compile(
     r"(data\.pkl|byteorder|version|\.format_version|\.storage_alignment|data/\d+|\.data/[\w.]+)"
@@ -109,12 +110,6 @@ def _only_our_globals(pairs: list[tuple[object, str]]) -> Iterator[None]:
             torch.serialization.add_safe_globals(saved)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    """Collapse an exception text into one bounded line."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _check_file(path: Path) -> None:
     """Refuse what is not a regular, non-empty file before torch sees it."""
     if not path.exists():
@@ -127,14 +122,19 @@ def _check_file(path: Path) -> None:
 
 def _check_zip_names(path: Path, names: list[str]) -> None:
     """A torch.save zip holds one `<dir>/data.pkl` and plain relative members under that one dir."""
+    if len(names) > _MAX_ZIP_MEMBERS:
+        raise CorruptCheckpointError(
+            f"{path} has {len(names):,} zip members, more than the {_MAX_ZIP_MEMBERS:,} a torch.save file of "
+            "any real model holds; refused"
+        )
     if any(n.endswith("/constants.pkl") or "/code/" in f"/{n}" for n in names):
         raise UnsafeCheckpointError(
             f"{path} is a TorchScript archive, which holds code; nothing was executed. "
             "aockpt only reads torch.save state dicts: export model.state_dict() with torch.save"
         )
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise CorruptCheckpointError(f"{path} has duplicate zip members {dup}; the file was tampered with")
+    dup = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if dup:
+        raise CorruptCheckpointError(f"{path} has duplicate zip members {dup[:4]}; the file was tampered with")
     roots = {n.split("/", 1)[0] for n in names}
     bad = [n for n in names if not _ZIP_MEMBERS.fullmatch(n.split("/", 1)[-1]) or "/" not in n]
     if bad or len(roots) != 1 or not any(n.endswith("/data.pkl") for n in names):
@@ -144,14 +144,32 @@ def _check_zip_names(path: Path, names: list[str]) -> None:
         )
 
 
+def _check_stored(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Every member must be stored uncompressed, as torch.save writes it.
+
+    torch maps a zip member's bytes in place (aockpt loads with ``mmap=True``), so a deflated member
+    would be read as its compressed stream: wrong bytes that would then be packed with matching digests.
+    A compressed member is also how a small file claims gigabytes (a zip bomb).
+    """
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CorruptCheckpointError(
+            f"{path}: zip member {packed[0]!r} is compressed ({len(packed)} compressed in all); torch.save stores "
+            "members uncompressed and aockpt reads only those. Re-save it with torch.save, or re-zip it "
+            "with `zip -0`"
+        )
+
+
 def _check_zip(path: Path) -> None:
-    """Check a zip container's member names and every member's CRC before torch's reader sees it."""
+    """Check a zip container's members (names, storage method) and every CRC before torch's reader sees it."""
     try:
         with zipfile.ZipFile(path) as zf:
-            _check_zip_names(path, zf.namelist())
+            members = zf.infolist()
+            _check_zip_names(path, [m.filename for m in members])
+            _check_stored(path, members)
             broken = zf.testzip()
     except zipfile.BadZipFile as e:
-        raise CorruptCheckpointError(f"{path} is a damaged zip: {_one_line(e)}") from e
+        raise CorruptCheckpointError(f"{path} is a damaged zip: {reason(e)}") from e
     if broken is not None:
         raise CorruptCheckpointError(f"{path}: zip member {broken} fails its CRC check; the file is corrupt")
 
@@ -160,7 +178,7 @@ def _check_container(path: Path) -> None:
     """Refuse tar and TorchScript containers and malformed zips; leave pickle-only files to torch."""
     with open(path, "rb") as f:
         head = f.read(_TAR_MAGIC_OFFSET + len(_TAR_MAGIC))
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         _check_zip(path)
     elif head[_TAR_MAGIC_OFFSET:] == _TAR_MAGIC:
         raise UnsafeCheckpointError(
@@ -198,7 +216,7 @@ def _translate(e: Exception, path: Path, is_zip: bool) -> AockptError:
                 f"{path} uses pickle opcode {name}, which aockpt's safe loader does not run; nothing from the "
                 "file was executed. Re-save it with torch.save (pickle protocol 2)"
             )
-    detail = _one_line(message.split("WeightsUnpickler error:")[-1]) or type(e).__name__
+    detail = reason(message.split("WeightsUnpickler error:")[-1], 300) or type(e).__name__
     return CorruptCheckpointError(
         f"{path} could not be read as a torch checkpoint ({type(e).__name__}: {detail}); "
         "it is truncated, corrupt, or not written by torch.save"
@@ -239,7 +257,9 @@ def _check_value(obj: object, where: str) -> None:
 
 def _check_node(obj: object, where: str) -> None:
     """Validate one loaded object by kind: a registry tensor's parts, an attribute object's fields."""
-    if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        codec.check_storable(obj, where)
+    elif isinstance(obj, torch.Tensor):
         _check_tensor(obj, where)
     elif type(obj) not in (dict, list, tuple):
         _check_value(obj, where)
@@ -248,7 +268,7 @@ def _check_node(obj: object, where: str) -> None:
 def _children(obj: object, where: str) -> list[tuple[object, str]]:
     """The objects one level inside a loaded object, each with a readable location."""
     if isinstance(obj, dict):
-        return [(k, where) for k in obj] + [(v, f"{where}[{_one_line(repr(k), 60)}]") for k, v in obj.items()]
+        return [(k, where) for k in obj] + [(v, f"{where}[{reason(repr(k), 60)}]") for k, v in obj.items()]
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     state = getattr(obj, "__dict__", None)
@@ -281,7 +301,7 @@ def _check_structure(root: object, path: Path) -> None:
         if not kids or key in sizes:
             continue
         if key in open_ids:
-            raise CorruptCheckpointError(f"{_one_line(where, 200)} contains itself (a reference cycle); refused")
+            raise CorruptCheckpointError(f"{reason(where, 200)} contains itself (a reference cycle); refused")
         if depth >= _MAX_DEPTH:
             raise CorruptCheckpointError(f"{path} nests containers deeper than {_MAX_DEPTH} levels; refused")
         open_ids.add(key)
@@ -311,10 +331,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = None, *, mmap: bool =
     path = Path(path)
     _check_file(path)
     _check_container(path)
+    scan_pickle(path)
     if map_location is None and not torch.cuda.is_available():
         map_location = "cpu"
     with open(path, "rb") as f:
-        is_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+        is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
         f.seek(0)
         pairs = allowlist()
         with _only_our_globals(pairs):
@@ -328,10 +349,6 @@ def safe_load(path: str | os.PathLike, map_location: Any = None, *, mmap: bool =
     return obj
 
 
-_LOCATION = re.compile(r"(cpu|cuda|xpu|mps|npu|hpu|meta)(:\d+)?")
-_MAX_OPCODES = 2_000_000
-
-
 def storage_devices(path: str | os.PathLike) -> set[str]:
     """Device types the file's storages were saved from, read from the pickle opcodes without running them.
 
@@ -339,32 +356,7 @@ def storage_devices(path: str | os.PathLike) -> set[str]:
     ids; loading maps them to CPU, so this is the only trace of where a checkpoint was made. Returns an
     empty set where the file cannot be scanned.
     """
-    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
-                with zipfile.ZipFile(path) as z:
-                    name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-                    data = z.read(name)
-            else:
-                f.seek(0)
-                data = f.read(64 * 1024 * 1024)
-        return _locations_in_pickles(data)
-    except (OSError, ValueError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError):
+        return scan_pickle(Path(path)).locations
+    except (AockptError, OSError):
         return set()
-
-
-def _locations_in_pickles(data: bytes, pickles: int = 4) -> set[str]:
-    """Location strings in the first pickles of a byte stream (the legacy container holds several in a row)."""
-    found: set[str] = set()
-    stream, seen = io.BytesIO(data), 0
-    for _ in range(pickles):
-        if stream.tell() >= len(data):
-            break
-        for _op, arg, _pos in pickletools.genops(stream):
-            seen += 1
-            if seen > _MAX_OPCODES:
-                return found
-            if isinstance(arg, str) and _LOCATION.fullmatch(arg):
-                found.add(arg.split(":")[0])
-    return found

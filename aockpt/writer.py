@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import multiprocessing
+import signal
 import sys
 from dataclasses import dataclass
 from functools import cache, partial
@@ -64,6 +65,7 @@ class _Planned:
 
 def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str]]:
     """Flatten every tensor, find aliases, and refuse two parts landing on one key."""
+    fmt.check_not_reserved([i.name for i in items])
     aliases = codec.aliases([(i.name, i.tensor) for i in items])
     planned: dict[str, _Planned] = {}
     owner: dict[str, str] = {}
@@ -72,6 +74,7 @@ def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str
             continue
         flat = codec.flatten(item.name, item.tensor)
         entry = _entry(item, flat)
+        fmt.check_not_reserved([p.key for p in entry.parts.values()])
         for part in entry.parts.values():
             if part.key in owner:
                 raise UnsupportedTensorError(
@@ -150,7 +153,8 @@ def _write_shard(job: _ShardJob, *, made_by: dict, torchao_records: dict[str, st
                         for a, t in job.aliases.items()})
         return fmt.shard_metadata(fmt.Record(fmt.FORMAT_VERSION, made_by, tensors), torchao_records)
 
-    write_file(job.path, parts, metadata, (lambda t: release_mapped([t])) if release_pages else None)
+    release = _page_releaser() if release_pages else None
+    write_file(job.path, parts, metadata, release)
 
 
 def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], workers: int) -> None:
@@ -159,10 +163,22 @@ def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], worke
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker, args=(write, jobs[i::workers], errors), daemon=True)
              for i in range(min(workers, len(jobs)))]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # until workers set handlers
+    try:
+        try:
+            for proc in procs:
+                proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for proc in procs:
+            proc.join()
+    except BaseException:  # Ctrl-C or SIGTERM in the parent: stop the workers before the staged folder goes
+        started = [proc for proc in procs if proc.pid is not None]
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            proc.join()
+        raise
     if not errors.empty():
         raise errors.get()
     failed = [p.exitcode for p in procs if p.exitcode]
@@ -171,16 +187,35 @@ def _in_workers(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], worke
 
 
 def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: Any) -> None:
-    """Body of one worker process: write its shards, report the first exception to the parent."""
+    """Body of one worker process: write its shards, report the first exception to the parent.
+
+    Ctrl-C reaches the whole process group: workers ignore it and die quietly by SIGTERM when the parent,
+    which handles it, stops them (no traceback per worker).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for job in jobs:
             write(job)
-    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it as one line
         errors.put(e)
-        raise
+        sys.exit(1)
 
 
-def release_mapped(tensors: list[torch.Tensor]) -> None:
+def _page_releaser() -> Callable[[torch.Tensor], None]:
+    """release_mapped for one tensor at a time, reading /proc/self/maps once (so per-tensor work stays constant)."""
+    mapped: list[tuple[int, int]] = []
+
+    def release(tensor: torch.Tensor) -> None:
+        if tensor.numel() and not mapped:
+            mapped.extend(_file_mappings())
+        release_mapped([tensor], mapped)
+
+    return release
+
+
+def release_mapped(tensors: list[torch.Tensor], mapped: list[tuple[int, int]] | None = None) -> None:
     """Drop the pages of file-mapped, unmodified tensors from this process; the page cache keeps them.
 
     A later read faults them back in from the file, so this never loses data for tensors backed by a
@@ -189,7 +224,7 @@ def release_mapped(tensors: list[torch.Tensor]) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    mapped = _file_mappings()
+    mapped = _file_mappings() if mapped is None else mapped
     page = mmap.PAGESIZE
     for tensor in tensors:
         start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()

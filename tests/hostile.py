@@ -43,6 +43,12 @@ def i(n: int) -> bytes:
     return b"J" + struct.pack("<i", n)
 
 
+def long1(n: int) -> bytes:
+    """LONG1: an int of any size."""
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
 def t(*items: bytes) -> bytes:
     """MARK items TUPLE."""
     return b"(" + b"".join(items) + b"t"
@@ -73,11 +79,12 @@ def storage(key: str, numel: int, location: str = "cpu", *, legacy: bool = False
     return t(s("storage"), g(*_FLOAT), s(key), s(location), i(numel), *([b"N"] if legacy else [])) + b"Q"
 
 
-def tensor(key: str, numel: int, size: int, *, offset: int = 0, location: str = "cpu", legacy: bool = False) -> bytes:
+def tensor(key: str, numel: int, size: int, *, offset: int = 0, location: str = "cpu", legacy: bool = False,
+           stride: int = 1) -> bytes:
     """A 1-d float tensor via torch._utils._rebuild_tensor_v2 over one storage."""
     return call(
         g("torch._utils", "_rebuild_tensor_v2"),
-        storage(key, numel, location, legacy=legacy), i(offset), t(i(size)), t(i(1)), b"\x89",
+        storage(key, numel, location, legacy=legacy), i(offset), t(i(size)), t(i(stride)), b"\x89",
         call(g("collections", "OrderedDict")),
     )
 
@@ -89,10 +96,10 @@ def state_dict(tensor_pickle: bytes) -> bytes:
 
 # ---- containers ----
 def zip_bytes(pkl: bytes, records: dict[str, bytes] | None = None, *, root: str = "archive",
-              extra: list[tuple[str, bytes]] = ()) -> bytes:
+              extra: list[tuple[str, bytes]] = (), compression: int = zipfile.ZIP_STORED) -> bytes:
     """A torch.save-style zip: root/data.pkl, byteorder, version, data/<key> records, extra members."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", compression) as zf:
         zf.writestr(f"{root}/data.pkl", pkl)
         zf.writestr(f"{root}/byteorder", b"little")
         zf.writestr(f"{root}/version", b"3\n")
@@ -195,7 +202,16 @@ _ZIP_STORAGE: dict[str, Callable[[Path], bytes]] = {
     "offset_beyond_storage": lambda p: state_dict(tensor("0", 4, 4, offset=100)),
     "negative_size": lambda p: state_dict(tensor("0", 4, -4)),
     "wrong_inner_name": lambda p: state_dict(tensor("7", 4, 4)),
+    "stride0_view_8gb": lambda p: state_dict(tensor("0", 4, 2**31 - 1, stride=0)),
+    "shape_2**63": lambda p: state_dict(call(g("torch._utils", "_rebuild_tensor_v2"), storage("0", 4), i(0),
+                                             t(long1(2**63)), t(i(1)), b"\x89", call(g("collections", "OrderedDict")))),
 }
+
+# Inputs that would make aockpt allocate gigabytes from a few bytes (each also in HOSTILE).
+_BUDGET: dict[str, Callable[[Path], bytes]] = {
+    "bytearray_2gb": lambda p: state_dict(call(g("builtins", "bytearray"), i(2**31 - 1))),
+}
+BOMBS = ["zip-stride0_view_8gb", "zip-bytearray_2gb", "legacy-bytearray_2gb", "legacy_storage_claims_8gb"]
 
 
 def _int8_wrapper(state: bytes, *, size: tuple[int, int] = (4, 4), cls: bytes | None = None) -> bytes:
@@ -300,17 +316,58 @@ _CONTAINER_TRICKS: dict[str, Builder] = {
     "zip_torchscript_fake": _zip_with([("archive/constants.pkl", pickle.dumps(())),
                                        ("archive/code/__torch__.py", b"import os\nos.system('x')\n")]),
     "zip_torchscript_real": _torchscript,
+    "zip_deflated_members": lambda p: _write(p, "hostile.pt", zip_bytes(
+        state_dict(tensor("0", 4, 4)), {"0": floats(1, 2, 3, 4) * 64}, compression=zipfile.ZIP_DEFLATED)),
     "tar_checkpoint": _tar,
     "legacy_storage_short": _legacy_storage(4, 1000, floats(1, 2, 3, 4)),
     "legacy_storage_header_mismatch": _legacy_storage(1000, 4, floats(1, 2, 3, 4)),
     "legacy_storage_truncated": _legacy_storage(4, 4, floats(1, 2)),
+    "legacy_storage_claims_8gb": _legacy_storage(2**31 - 1, 4, floats(1, 2, 3, 4)),
 }
 
 HOSTILE: list[tuple[str, Builder]] = (
-    [(f"zip-{name}", _in_zip(payload)) for name, payload in {**_PAYLOADS, **_ZIP_STORAGE}.items()]
-    + [(f"legacy-{name}", _in_legacy(payload)) for name, payload in _PAYLOADS.items()]
+    [(f"zip-{name}", _in_zip(payload)) for name, payload in {**_PAYLOADS, **_ZIP_STORAGE, **_BUDGET}.items()]
+    + [(f"legacy-{name}", _in_legacy(payload)) for name, payload in {**_PAYLOADS, **_BUDGET}.items()]
     + list(_CONTAINER_TRICKS.items())
 )
+
+
+def _named(name: str) -> Builder:
+    """A valid zip checkpoint whose one tensor has the given name."""
+    return lambda p: _write(p, "hostile.pt", zip_bytes(program(d((s(name), tensor("0", 4, 4)))), _RECORD))
+
+
+def _saved(value: Callable[[], torch.Tensor]) -> Builder:
+    """A real torch.save file holding one tensor of a kind aockpt cannot store."""
+    def build(p: Path) -> Path:
+        _prepare(p)
+        torch.save({"w": value()}, p / "hostile.pt")
+        return p / "hostile.pt"
+    return build
+
+
+def _int4_cpu(edit: Callable[[torch.Tensor], None]) -> Callable[[], torch.Tensor]:
+    """A real CPU int4 weight with one field edited into junk, as a crafted pickle could hold it."""
+    def make() -> torch.Tensor:
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        torch.manual_seed(0)
+        w = Int4OpaqueTensor.from_hp(torch.randn(64, 128, dtype=torch.bfloat16), [1, 32])
+        edit(w)
+        return w
+    return make
+
+
+# Files that load (they are valid torch checkpoints) but that `pack` must refuse, writing nothing.
+PACK_REFUSED: list[tuple[str, Builder]] = [
+    *[(f"reserved_name_{n}", _named(n)) for n in ("__metadata__", "tensor_names", "aockpt", "format")],
+    ("complex128", _saved(lambda: torch.ones(4, dtype=torch.complex128))),
+    ("sparse_coo", _saved(lambda: torch.ones(4).to_sparse())),
+    ("meta", _saved(lambda: torch.empty(4, device="meta"))),
+    ("int4_cpu_float_qdata", _saved(_int4_cpu(lambda w: setattr(w, "qdata", w.qdata.view(torch.float32))))),
+    ("int4_cpu_doubled_rows", _saved(_int4_cpu(lambda w: setattr(w, "qdata", torch.cat([w.qdata, w.qdata]))))),
+    ("int4_cpu_group_size_0", _saved(_int4_cpu(lambda w: setattr(w, "block_size", [1, 0])))),
+]
 
 
 def junk_calls(name: str) -> list[tuple[str, bytes]]:

@@ -18,7 +18,7 @@ import torch
 
 import aockpt
 from aockpt.atomic import TEMP_MARK, remove_stale
-from aockpt.errors import AockptError
+from aockpt.errors import AockptError, UsageError
 
 # A fork server: imports torch and aockpt once, builds a multi-shard state and a packed source, then for
 # each "save DST" / "pack DST" line forks a writer, prints its pid, and prints its exit status when reaped.
@@ -187,6 +187,26 @@ def test_full_tmpfs_gives_a_clear_error(tmp_path):
         _assert_clean_full_disk_error(disk / "ckpt")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def _overlapping_cases(tmp_path: Path) -> list[tuple[Path, Path]]:
+    """(src, dst) pairs where dst is the source, inside it, or contains it."""
+    folder = tmp_path / "model"
+    return [(folder, folder), (folder / "model.safetensors", folder), (folder, folder / "packed"),
+            (folder, tmp_path), (folder / "model.safetensors", folder / "model.safetensors")]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("op", ["pack", "unpack"])
+def test_destination_overlapping_the_source_is_refused_even_with_force(tmp_path, case, op):
+    folder = aockpt.save({"w": torch.arange(8, dtype=torch.float32)}, tmp_path / "model")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (folder / "notes.md").write_text("mine")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    src, dst = _overlapping_cases(tmp_path)[case]
+    with pytest.raises(UsageError, match="overlaps the source .*with or without --force"):
+        getattr(aockpt, op)(src, dst, force=True)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
 
 
 @pytest.mark.parametrize("verb", ["save", "unpack"])

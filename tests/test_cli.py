@@ -1,6 +1,11 @@
 """The CLI: each verb works, and every user mistake is one line on stderr with no traceback."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +59,8 @@ def test_pack_unpack_round_trip(packed, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["pack", "{p}", "{p}"], 2, "already exists"),
+    (["pack", "{p}", "{p}"], 2, "overlaps the source"),  # refused even with --force (docs/security.md)
+    (["pack", "{p}", "{t}/junk.safetensors"], 2, "already exists"),
     (["inspect", "{t}/missing"], 2, "does not exist"),
     (["inspect", "{t}/junk.safetensors"], 4, "too short"),
     (["inspect", "{p}", "--device", "gpu"], 2, "not a device"),
@@ -148,3 +154,55 @@ def test_readme_lists_every_exit_code():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     rows = [f"| {code} | {cls.__name__} | {meaning} |" for cls, (code, meaning) in EXIT_CODES.items()]
     assert "\n".join(rows) in readme
+
+
+EVIL = "w\nTr4ceback (most recent call last):\n\x1b]0;owned\x07\r\x1b[2J\u2028x\x9b"
+
+
+def test_file_supplied_names_cannot_forge_lines_or_drive_the_terminal(tmp_path):
+    aockpt.save({EVIL: CASES["int8-weight-only"][1](), "ok": torch.ones(2)}, tmp_path / "p")
+    table = run("inspect", tmp_path / "p")
+    assert table.exit_code == 0
+    assert not any(c in table.output.replace("\n", "") for c in "\x1b\x07\r\u2028\x9b")
+    assert len(table.output.splitlines()) == 6  # title, header, two tensors, total, stock verdict
+    assert "w\\nTr4ceback (most recent call last):\\n\\x1b]0;owned\\x07\\r" in table.output
+    assert {t["name"] for t in json.loads(run("inspect", tmp_path / "p", "--json").output)["tensors"]} == {EVIL, "ok"}
+    path = tmp_path / "p" / fmt.WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    failed = run("verify", tmp_path / "p")
+    assert failed.exit_code == 4 and len(failed.stderr.strip().splitlines()) == 1
+    assert "\x1b" not in failed.stderr and "w\\nTr4ceback" in failed.stderr
+
+
+def test_internal_errors_are_one_escaped_line(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("shape overflow\nException raised from at::native (C++ backtrace)\n\x1b[2J")
+
+    monkeypatch.setattr(aockpt.api, "inspect", boom)
+    result = run("inspect", tmp_path)
+    assert result.exit_code == 70 and result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize("sig, workers, code, word", [(signal.SIGTERM, 1, 143, "terminated"),
+                                                      (signal.SIGINT, 2, 130, "interrupted")],
+                         ids=["sigterm", "ctrl-c-with-workers"])
+def test_a_signal_mid_pack_leaves_nothing_and_says_one_line(tmp_path, sig, workers, code, word):
+    torch.manual_seed(0)
+    torch.save({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, tmp_path / "src.pt")  # 96 MB
+    proc = subprocess.Popen([sys.executable, "-m", "aockpt.cli", "pack", tmp_path / "src.pt", tmp_path / "out",
+                             "--max-shard-size", "8MB", "--workers", str(workers)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 60
+    while not any(p.suffix == ".safetensors" for p in tmp_path.glob(".out.aockpt-tmp-*/*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # a terminal's Ctrl-C reaches the whole process group, workers included
+    else:
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err.decode().strip().splitlines() == [f"Error: {word}; nothing was left at the destination"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]

@@ -1,5 +1,7 @@
 """Flatten/rebuild is exact for every registry type, and refuses what a type does not declare."""
 
+import re
+
 import pytest
 import torch
 
@@ -89,3 +91,110 @@ def test_aliases_find_tied_tensors():
     w = torch.ones(3)
     q = CASES["int8-weight-only"][1]()
     assert codec.aliases([("a", w), ("b", w), ("c", q), ("d", q), ("e", w.clone())]) == {"b": "a", "d": "c"}
+
+
+def _unstorable() -> dict[str, torch.Tensor]:
+    """Ordinary torch tensors of kinds a safetensors folder cannot hold (built quietly: some are deprecated)."""
+    import warnings
+
+    x = torch.arange(4, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"complex128": x.to(torch.complex128), "torch-quantized (qint8)": torch.quantize_per_tensor(
+                    x, 0.1, 0, torch.qint8), "sparse (sparse_coo)": x.to_sparse(),
+                "sparse (sparse_csr)": x.reshape(2, 2).to_sparse_csr(), "nested": torch.nested.nested_tensor([x, x[:2]]),
+                "meta (data-less)": torch.empty(3, device="meta")}
+
+
+@pytest.mark.parametrize("kind", list(_unstorable()))
+def test_tensor_kinds_aockpt_cannot_store_are_named_in_pack_and_save(tmp_path, kind):
+    import aockpt
+
+    tensor = _unstorable()[kind]
+    torch.save({"w": tensor}, tmp_path / "src.pt")
+    for write in (lambda: aockpt.pack(tmp_path / "src.pt", tmp_path / "dst"), lambda: aockpt.save({"w": tensor}, tmp_path / "dst")):
+        with pytest.raises(UnsupportedTensorError, match=rf"w.*aockpt does not store {re.escape(kind)} tensors"):
+            write()
+    assert not (tmp_path / "dst").exists()
+
+
+def test_stride0_view_is_refused_not_expanded():
+    view = torch.ones(1).expand(2**40)
+    with pytest.raises(UnsupportedTensorError, match="overlapping or stride-0 strides.*save .clone"):
+        codec.flatten("w", view)
+
+
+def _rewrite(folder, edit) -> None:
+    """Edit a single-file packed folder's header in place: `edit(header, record)` on the parsed JSON, where
+    `record` is the aockpt record of tensor "m.weight" (data and digests stay)."""
+    import json
+    import struct
+
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    record = json.loads(header["__metadata__"]["aockpt"])
+    edit(header, record["tensors"]["m.weight"], record)
+    header["__metadata__"]["aockpt"] = json.dumps(record).replace("12345678901", "1e999")
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def _retype(part: str, dtype: str, code: str, shape: list[int]):
+    """An edit storing one part under another dtype and shape (same byte count)."""
+    def edit(header, w, record):
+        key = w["parts"][part]["key"]
+        header[key].update(dtype=code, shape=shape)
+        w["parts"][part].update(dtype=dtype, shape=shape)
+    return edit
+
+
+def _attr(name: str, value):
+    def edit(header, w, record):
+        w["attrs"][name] = value
+    return edit
+
+
+JUNK_RECORDS = {
+    "int4-group-size-0": ("int4-tile-packed", _attr("block_size", [1, 0])),
+    "int4-empty-block-size": ("int4-tile-packed", _attr("block_size", [])),
+    "int4-3d-shape": ("int4-tile-packed", _attr("shape", {"_type": "torch.Size", "_data": [2, 64, 128]})),
+    "int4-absurd-group-size": ("int4-opaque", _attr("block_size", [1, 2**40])),
+    "cpu-int4-float-qdata": ("int4-opaque", _retype("qdata", "float32", "F32", [64, 16])),
+    "cpu-int4-scale-and-zero-transposed": ("int4-opaque", _retype("scale_and_zero", "bfloat16", "BF16", [64, 4, 2])),
+    "cpu-int4-doubled-rows": ("int4-opaque", _attr("shape", {"_type": "torch.Size", "_data": [32, 128]})),
+    "outer-dtype-int4": ("int8-weight-only", lambda h, w, r: w.update(dtype="int4")),
+    "unknown-granularity-in-kwargs": ("int8-dynamic", lambda h, w, r: w["attrs"]["act_quant_kwargs"]["_data"].update(
+        granularity="PerFoo")),
+    "granularity-field-junk": ("int8-dynamic", lambda h, w, r: w["attrs"]["act_quant_kwargs"]["_data"].update(
+        granularity={"_type": "PerRow", "_data": {"dim": "x"}})),
+    "version-5000-digits": ("int8-weight-only", lambda h, w, r: r.update(format_version="1" * 5000 + ".0.0")),
+    "attribute-1e999": ("int8-weight-only", _attr("block_size", [1, 12345678901])),
+    "shape-2**63": ("int8-weight-only", lambda h, w, r: w.update(shape=[2**63, 1])),
+    "int4-shape-2**63": ("int4-opaque", _attr("shape", {"_type": "torch.Size", "_data": [2**63, 128]})),
+}
+
+
+@pytest.mark.parametrize("junk", list(JUNK_RECORDS))
+def test_junk_records_are_refused_by_load_pack_and_verify_before_any_converter(tmp_path, junk):
+    import aockpt
+    from aockpt import tp
+    from aockpt.errors import AockptError
+
+    case, edit = JUNK_RECORDS[junk]
+    aockpt.save({"m.weight": CASES[case][1]()}, tmp_path / "src")
+    _rewrite(tmp_path / "src", edit)
+    calls = {"load": lambda: aockpt.load_quantized(tmp_path / "src"),
+             "load-relayout": lambda: aockpt.load_quantized(tmp_path / "src", relayout=True),
+             "pack": lambda: aockpt.pack(tmp_path / "src", tmp_path / "dst"),
+             "pack-cpu": lambda: aockpt.pack(tmp_path / "src", tmp_path / "dst", device="cpu"),
+             "verify": lambda: aockpt.verify(tmp_path / "src"),
+             "load-shard": lambda: tp.load_shard(tmp_path / "src", shard=tp.TPShard({"m": "colwise"}, 0, 2),
+                                                 relayout=True)}
+    for what, call in calls.items():
+        with pytest.raises(AockptError) as info:
+            call()
+        assert "\n" not in str(info.value) and len(str(info.value)) < 600, (what, str(info.value))
+    assert not (tmp_path / "dst").exists()

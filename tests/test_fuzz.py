@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 import aockpt
 from aockpt import format as fmt
-from aockpt.errors import AockptError, CorruptCheckpointError
+from aockpt.errors import AockptError, CorruptCheckpointError, printable
 from conftest import CASES
 
 Files = dict[str, bytes]  # file name in the checkpoint folder -> contents
@@ -31,13 +32,18 @@ PALETTE: list[Any] = [
     None, True, 0, -1, 1, 2**31, 2**64, 1.5, "", "x", "..", "/etc/passwd", "Int8Tensor", "Tensor", "__metadata__",
     [], [0], [-1, 2], [2**62, 2**62], {}, {"_type": "torch.dtype", "_data": "int8"}, {"_type": "os.system"},
     {"_type": "tuple", "_data": [1, 2]}, {"alias_of": "w8"}, "[]", "{}",
+    # second round (docs/security.md): huge shapes, format keys as names, control characters, long versions,
+    # junk int4 geometry and kwargs fields
+    2**63, [2**63, 1], {"_type": "torch.Size", "_data": [2**63]}, "aockpt", "tensor_names", "int4", [1, 0],
+    "w\nTraceback (most recent call last):\x1b]0;x\x07\r", "1" * 5000 + ".0.0",
+    {"_type": "PerRow", "_data": {"dim": "x"}}, {"_type": "QuantizeTensorToInt8Kwargs", "_data": {"granularity": "PerFoo"}},
 ]
 
 
 def make_templates(folder: Path) -> dict[str, Files]:
     """A small two-shard packed checkpoint, and the same files as torchao/transformers would see them."""
     state = {"w8": CASES["int8-weight-only"][1](), "f8": CASES["float8-weight-only"][1](),
-             "bias": torch.arange(6, dtype=torch.float32)}
+             "i4": CASES["int4-opaque"][1](), "bias": torch.arange(6, dtype=torch.float32)}
     state["tied"] = state["bias"]
     aockpt.save(state, folder / "packed", max_shard_size=12_000)
     packed = {p.name: p.read_bytes() for p in sorted((folder / "packed").iterdir())}
@@ -142,6 +148,18 @@ def _index_json(files: Files, rng: random.Random) -> None:
     files[fmt.INDEX_NAME] = json.dumps(_mutate_tree(json.loads(files[fmt.INDEX_NAME]), rng)).encode()
 
 
+def _number_overflow(files: Files, rng: random.Random) -> None:
+    """Write one number of a shard's header as 1e999, which plain json.loads reads as infinity."""
+    name = rng.choice(_shards(files))
+    data = files[name]
+    (length,) = struct.unpack("<Q", data[:8])
+    text = data[8:8 + length].decode()
+    numbers = [m.span() for m in re.finditer(r"(?<![\w.])\d+(?![\w.])", text)]
+    start, end = rng.choice(numbers)
+    body = (text[:start] + "1e999" + text[end:]).encode()
+    files[name] = struct.pack("<Q", len(body)) + body + data[8 + length:]
+
+
 def _truncate(files: Files, rng: random.Random) -> None:
     """Cut a file short (or pad it)."""
     name = rng.choice(sorted(files))
@@ -167,7 +185,7 @@ def _data_flip(files: Files, rng: random.Random) -> None:
 MUTATIONS: dict[str, Callable[[Files, random.Random], None]] = {
     "header-byte": _header_byte, "header-splice": _header_splice, "metadata-json": _metadata_json,
     "header-json": _header_json, "index-json": _index_json, "truncate": _truncate, "remove": _remove,
-    "data-flip": _data_flip,
+    "data-flip": _data_flip, "number-overflow": _number_overflow,
 }
 OPERATIONS: dict[str, Callable[[Path], Any]] = {
     "inspect": aockpt.inspect, "load_quantized": aockpt.load_quantized, "verify": aockpt.verify,
@@ -188,7 +206,7 @@ def check_mutant(templates: dict[str, Files], flavor: str, mutation: str, seed: 
                 run(folder)
                 outcomes[op] = "ok"
             except AockptError as e:
-                assert str(e) and "\n" not in str(e), (op, e)
+                assert str(e) and printable(str(e)) == str(e) and len(str(e)) < 2000, (op, e)
                 outcomes[op] = type(e).__name__
     if mutation == "data-flip" and flavor == "packed":
         assert outcomes["verify"] == CorruptCheckpointError.__name__, outcomes
@@ -207,7 +225,7 @@ def test_templates_are_valid(templates):
         for name, data in templates["packed"].items():
             (Path(tmp) / name).write_bytes(data)
         assert len(_shards(templates["packed"])) >= 2 and fmt.INDEX_NAME in templates["packed"]
-        assert aockpt.verify(tmp).tensors == 4
+        assert aockpt.verify(tmp).tensors == 5
 
 
 FUZZ = settings(derandomize=True, database=None, deadline=2000, max_examples=1500,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,13 @@ def test_junk_sparse_fields_give_an_aockpt_error(name: str, field: str, junk: ob
     _impl_of(record).legacy_state[field] = junk
     with pytest.raises(AockptError, match="0.weight"):
         legacy.migrate("0.weight", record)
+
+
+def test_a_record_whose_shape_its_bytes_cannot_hold_is_refused_before_allocating() -> None:
+    aqt = _int8wo_record()
+    huge = _record("torchao.dtypes.affine_quantized_tensor.AffineQuantizedTensor", (2**31, 2**20), torch.bfloat16,
+                   {**aqt.legacy_state, "block_size": (1, 2**20)})
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCheckpointError, match=r"cannot be held in the \d+ bytes its record stores"):
+        legacy.migrate("0.weight", huge)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start < 100_000

@@ -1,12 +1,15 @@
 """Typed JSON round-trips every attribute value and refuses anything outside its tables."""
 
+import json
 import math
+import time
 
 import pytest
 import torch
 
 from aockpt import registry, typed_json
 from aockpt.errors import CorruptCheckpointError
+from aockpt.typed_json import loads_strict
 from conftest import CASES
 
 
@@ -71,3 +74,28 @@ def test_encoder_refuses_unknown_objects_and_non_finite_floats():
 def test_every_dtype_name_round_trips():
     for name, (dtype, _) in registry.DTYPES.items():
         assert typed_json.decode(typed_json.encode(dtype), "t") is dtype, name
+
+
+def test_json_that_would_build_millions_of_objects_is_refused_before_parsing():
+    bomb = "[" + "[]," * 13_000_000 + "[]]"  # 39 MB, 26M objects: ~2.5 GB once parsed
+    start = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match="more than the 4,000,000 any real checkpoint needs"):
+        loads_strict(bomb, "header")
+    assert time.perf_counter() - start < 5
+    many_strings = json.dumps({"tensor_names": json.dumps([[]] * 3_000_000)})  # brackets inside strings
+    assert len(json.loads(loads_strict(many_strings, "metadata")["tensor_names"])) == 3_000_000
+
+
+@pytest.mark.parametrize("name", ["config.json", "pytorch_model.bin.index.json"])
+def test_huge_config_or_index_is_refused_without_reading_it(tmp_path, name):
+    import aockpt
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2)}, folder / "pytorch_model.bin")
+    with open(folder / name, "wb") as f:
+        f.truncate(4 * 1024**3)  # sparse: 4 GiB that costs no disk
+    start = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match=rf"{name} is 4,294,967,296 bytes, larger than"):
+        aockpt.pack(folder, tmp_path / "out")
+    assert time.perf_counter() - start < 5 and not (tmp_path / "out").exists()

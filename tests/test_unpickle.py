@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from aockpt import legacy, registry
+from aockpt import legacy, registry, unpickle
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
 from aockpt.unpickle import allowlist, safe_load
 
@@ -128,7 +131,7 @@ def test_hostile_file_is_refused_and_runs_nothing(tmp_path, name, build):
         safe_load(path)
     assert hostile.untouched(tmp_path)
     message = str(info.value)
-    assert str(path) in message and "\n" not in message
+    assert str(path) in message and "\n" not in message and "frame #" not in message  # no C++ backtrace
 
 
 @pytest.mark.parametrize("name,build", [h for h in hostile.HOSTILE if h[0].endswith("os_system")])
@@ -194,3 +197,74 @@ def test_unreadable_files_name_the_path(tmp_path, kind):
     with pytest.raises(CorruptCheckpointError) as info:
         safe_load(path)
     assert str(path) in str(info.value)
+
+
+def _rezipped(src: Path, dst: Path, compression: int) -> Path:
+    """The same zip members, written again with another storage method (a legal zip torch.load reads)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info), compress_type=compression)
+    return dst
+
+
+def test_deflated_zip_members_are_refused_not_read_as_wrong_bytes(tmp_path):
+    weights = {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64) % 7}
+    torch.save(weights, tmp_path / "plain.pt")
+    deflated = _rezipped(tmp_path / "plain.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    assert torch.equal(torch.load(deflated, weights_only=True)["w"], weights["w"])  # legal: torch reads it
+    with pytest.raises(CorruptCheckpointError, match=r"compressed .*torch.save stores members uncompressed"):
+        safe_load(deflated)
+    stored = _rezipped(deflated, tmp_path / "stored.pt", zipfile.ZIP_STORED)
+    assert _same_bytes(safe_load(stored, mmap=True)["w"], weights["w"])
+
+
+def test_zip_member_checks_are_linear_and_bounded(tmp_path, monkeypatch):
+    names = ["archive/data.pkl"] + [f"archive/data/{i}" for i in range(200_000)]
+    start = time.perf_counter()
+    unpickle._check_zip_names(tmp_path / "x.pt", names)
+    assert time.perf_counter() - start < 2
+    with pytest.raises(CorruptCheckpointError, match="duplicate zip members"):
+        unpickle._check_zip_names(tmp_path / "x.pt", names + names[-1:])
+    monkeypatch.setattr(unpickle, "_MAX_ZIP_MEMBERS", 1000)
+    with pytest.raises(CorruptCheckpointError, match="zip members, more than the 1,000"):
+        unpickle._check_zip_names(tmp_path / "x.pt", names)
+
+
+_BOMB_RUNNER = """
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+import aockpt, hostile
+from aockpt.errors import AockptError
+builds = dict(hostile.HOSTILE)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name in hostile.BOMBS:
+    d = Path(sys.argv[1]) / name
+    d.mkdir()
+    try:
+        aockpt.pack(builds[name](d), d / "out")
+        print("ACCEPTED", name)
+    except AockptError as e:
+        print("refused", name, type(e).__name__)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
+"""
+
+
+def test_memory_bombs_are_refused_without_allocating(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _BOMB_RUNNER, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "ACCEPTED" not in out.stdout and out.stdout.count("refused") == len(hostile.BOMBS), out.stdout
+    assert int(out.stdout.split("grew_kb")[1]) < 200_000, out.stdout  # each bomb claims 2-8 GB
+
+
+@pytest.mark.parametrize("name,build", hostile.PACK_REFUSED, ids=[n for n, _ in hostile.PACK_REFUSED])
+def test_loadable_files_pack_refuses_leave_nothing(tmp_path, name, build):
+    import aockpt
+
+    path = build(tmp_path)
+    with pytest.raises(AockptError) as info:
+        aockpt.pack(path, tmp_path / "out", cpu_packer="native")  # say the packer: the junk itself must be refused
+    assert isinstance(info.value, (CorruptCheckpointError, aockpt.UnsupportedTensorError)), info.value
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists() and hostile.untouched(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -10,7 +10,8 @@ import torch
 from torchao.quantization import Int8Tensor
 
 import aockpt
-from aockpt.errors import OutputError, UsageError
+from aockpt import format as fmt
+from aockpt.errors import OutputError, UnsupportedTensorError, UsageError
 from aockpt.safetensors_io import SafetensorsFile
 from aockpt.writer import release_mapped, write_packed
 from aockpt.api import state_items
@@ -114,3 +115,29 @@ def test_pack_peak_memory_is_a_shard_not_the_checkpoint(tmp_path):
     growth_mib = int(done.stdout.split()[-1]) / 1024
     assert growth_mib < 40, f"peak RSS grew by {growth_mib:.0f} MiB packing a 96 MiB checkpoint"
     assert len(list((tmp_path / "dst").glob("*.safetensors"))) == 12
+
+
+@pytest.mark.parametrize("name", sorted(fmt.RESERVED_NAMES))
+def test_names_the_format_reserves_are_refused_and_nothing_is_written(tmp_path, name):
+    src = tmp_path / "src.pt"
+    torch.save({name: torch.ones(2), "ok": torch.zeros(2)}, src)
+    for write in (lambda: aockpt.save({name: torch.ones(2)}, tmp_path / "a"), lambda: aockpt.pack(src, tmp_path / "b")):
+        with pytest.raises(UnsupportedTensorError, match=rf"'{name}' collide with keys the checkpoint format reserves"):
+            write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
+
+
+def test_per_tensor_work_does_not_grow_with_the_tensor_count(tmp_path, monkeypatch):
+    """/proc/self/maps was read once per tensor (100k empty tensors took minutes); now once per shard."""
+    from safetensors.torch import save_file
+
+    from aockpt import writer
+
+    save_file({f"t{i}": torch.full((2,), float(i)) for i in range(3000)} | {f"e{i}": torch.empty(0) for i in range(3000)},
+              str(tmp_path / "many.safetensors"))
+    reads = []
+    real = writer._file_mappings
+    monkeypatch.setattr(writer, "_file_mappings", lambda: reads.append(1) or real())
+    aockpt.pack(tmp_path / "many.safetensors", tmp_path / "out")
+    assert len(reads) == 1
+    assert torch.equal(aockpt.load_quantized(tmp_path / "out", keys=["t2999"])["t2999"], torch.full((2,), 2999.0))
