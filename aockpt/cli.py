@@ -182,7 +182,7 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
     click.echo(f"total: {len(info.tensors)} tensors, {_mb(info.total_bytes)} stored, "
                f"{_mb(info.bf16_bytes)} as bf16 ({share:.2f}x the bf16 size)")
     if info.stock is not None:
-        click.echo(f"stock from_pretrained: {info.stock.verdict} ({info.stock.reason})")
+        _say(f"stock from_pretrained: {info.stock.verdict} ({info.stock.reason})")
     elif info.not_stock_loadable:
         click.echo(f"stock transformers + torchao: cannot read {', '.join(info.not_stock_loadable)}")
     if info.not_unpackable:

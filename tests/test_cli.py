@@ -164,7 +164,7 @@ def test_file_supplied_names_cannot_forge_lines_or_drive_the_terminal(tmp_path):
     table = run("inspect", tmp_path / "p")
     assert table.exit_code == 0
     assert not any(c in table.output.replace("\n", "") for c in "\x1b\x07\r\u2028\x9b")
-    assert len(table.output.splitlines()) == 6  # title, header, two tensors, total, stock verdict
+    assert len(table.output.splitlines()) == 5  # title, header, two tensors, total (not a model folder: no verdict)
     assert "w\\nTr4ceback (most recent call last):\\n\\x1b]0;owned\\x07\\r" in table.output
     assert {t["name"] for t in json.loads(run("inspect", tmp_path / "p", "--json").output)["tensors"]} == {EVIL, "ok"}
     path = tmp_path / "p" / fmt.WEIGHTS_NAME
