@@ -16,7 +16,7 @@ from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, Unsup
 from .hf_config import CONFIG_NAME, StockVerdict, read_config, rewritten_config, stock_verdict
 from .reader import check_torchao_records, read_flat
 from .progress import track
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES, TpSplit
+from .registry import DTYPE_NAMES, tensor_type_named
 from .safetensors_io import sha256_hex
 from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .sources import Source, from_state_dict, open_source
@@ -132,7 +132,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
 
 def _check_weights_only_loadable(source: Source) -> None:
     """Refuse to unpack tensor types that ``torch.load(weights_only=True)`` refuses even after ``import torchao``."""
-    refused = sorted({t for t, _ in source.types.values() if t != PLAIN_TENSOR and not TENSOR_TYPES[t].weights_only})
+    refused = sorted({t for t, _ in source.types.values() if not tensor_type_named(t, t).weights_only})
     if refused:
         raise UnsupportedTensorError(
             f"{source.path} holds {', '.join(refused)}, which torch.load(weights_only=True) refuses even after "
@@ -325,12 +325,12 @@ class CheckpointInfo:
     @property
     def not_stock_loadable(self) -> list[str]:
         """Types here that stock transformers 5 + torchao 0.18 cannot read from safetensors (registry table)."""
-        return sorted({t.type for t in self.tensors if t.type != PLAIN_TENSOR and not TENSOR_TYPES[t.type].stock_loadable})
+        return sorted({t.type for t in self.tensors if not tensor_type_named(t.type, t.name).stock_loadable})
 
     @property
     def not_unpackable(self) -> list[str]:
         """Types here that ``aockpt unpack`` refuses: torch.load(weights_only=True) cannot read them (registry)."""
-        return sorted({t.type for t in self.tensors if t.type != PLAIN_TENSOR and not TENSOR_TYPES[t.type].weights_only})
+        return sorted({t.type for t in self.tensors if not tensor_type_named(t.type, t.name).weights_only})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as `aockpt inspect --json` prints it."""
@@ -389,12 +389,12 @@ def _stock(source: Source) -> StockVerdict | None:
 
 def _portability(type_name: str) -> str:
     """The portability class of a type name."""
-    return "portable" if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].portability.value
+    return tensor_type_named(type_name, type_name).portability.value
 
 
 def _tp_split(type_name: str) -> str:
-    """How tensor parallelism slices a type (registry `TensorType.tp`); plain tensors slice directly."""
-    return TpSplit.DIRECT.value if type_name == PLAIN_TENSOR else TENSOR_TYPES[type_name].tp_text()
+    """How tensor parallelism slices a type (registry `TensorType.tp`)."""
+    return tensor_type_named(type_name, type_name).tp_text()
 
 
 def _verdict_text(type_name: str, packer: str | None, device: str) -> str:

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from . import part_sizes
 from .errors import CorruptCheckpointError, UnsupportedTensorError, reason
-from .registry import (DTYPE_NAMES, OUTER_DTYPES, PLAIN_TENSOR, STORAGE_CODES, VALUE_TYPES, tensor_type_named,
-                       tensor_type_of)
+from .registry import DTYPE_NAMES, PLAIN_PART, STORAGE_CODES, VALUE_TYPES, tensor_type_named, tensor_type_of
 from .typed_json import fits_int64
-
-PLAIN_PART = "data"  # the single part of an ordinary tensor
 
 
 @dataclass
@@ -79,31 +76,23 @@ def check_storable(t: torch.Tensor, name: str) -> None:
 def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
     """Take a tensor apart without copying its inner tensors."""
     entry = tensor_type_of(tensor, name)
-    if entry is None:
-        check_storable(tensor, name)
-        plain = tensor.detach()
-        return FlatTensor(PLAIN_TENSOR, tuple(plain.shape), plain.dtype, {PLAIN_PART: plain}, {})
-    part_names, attrs = tensor.__tensor_flatten__()
+    inner_parts, attrs = entry.parts_of(tensor)
     parts = {}
-    for part in part_names:
-        inner = getattr(tensor, part)
+    for part, inner in inner_parts.items():
         if type(inner) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedTensorError(
                 f"{name}: inner tensor {part!r} of {entry.name} is a {type(inner).__name__}; "
                 "nested tensor subclasses are not supported"
             )
-        check_storable(inner, f"{name} part {part!r}")
+        check_storable(inner, name if inner is tensor else f"{name} part {part!r}")
         parts[part] = inner.detach()
     return FlatTensor(entry.name, tuple(tensor.shape), tensor.dtype, parts, dict(attrs))
 
 
 def check_names(flat: FlatTensor, where: str) -> None:
     """Refuse parts or attributes that the type does not declare, before any constructor runs."""
-    if flat.type_name == PLAIN_TENSOR:
-        if set(flat.parts) != {PLAIN_PART} or flat.attrs:
-            raise CorruptCheckpointError(f"{where}: a plain tensor must have one part and no attributes")
-        return
-    required, optional, attr_names = tensor_type_named(flat.type_name, where).inner_names()
+    entry = tensor_type_named(flat.type_name, where)
+    required, optional, attr_names = entry.inner_names()
     missing = set(required) - set(flat.parts)
     unknown = set(flat.parts) - set(required) - set(optional)
     if missing or unknown:
@@ -114,7 +103,7 @@ def check_names(flat: FlatTensor, where: str) -> None:
         raise CorruptCheckpointError(
             f"{where}: {flat.type_name} attributes are {sorted(flat.attrs)}, expected {sorted(attr_names)}"
         )
-    hints = _attribute_hints(tensor_type_named(flat.type_name, where).cls)
+    hints = _attribute_hints(entry.cls) if flat.attrs else {}
     for name, value in flat.attrs.items():
         hint = hints.get(name, _NAMED_HINTS.get(name, Any))
         if not _conforms(value, hint):
@@ -183,52 +172,14 @@ def _conforms(value: Any, hint: Any) -> bool:
     return not isinstance(hint, type) or isinstance(value, hint)
 
 
-# Exact part shapes of the unpadded int4 layouts for an (N, K) weight with group size g: kernels index
-# them by these, so a transposed or doubled part would compute junk or read out of bounds.
-_INT4_PART_SHAPES: dict[str, Callable[[int, int, int], dict[str, tuple[int, ...]]]] = {
-    "Int4OpaqueTensor": lambda n, k, g: {"qdata": (n, k // 2), "scale_and_zero": (k // g, n, 2)},
-    "Int4Tensor": lambda n, k, g: {"qdata": (n, k // 2), "scale": (k // g, n), "zero_point": (k // g, n)},
-    "Int4PreshuffledTensor": lambda n, k, g: {"qdata": (n, k // 2), "group_scale": (k // g, n),
-                                              "group_zero": (k // g, n)},
-    "Int4PlainInt32Tensor": lambda n, k, g: {"qdata": (n, k // 8), "scale": (k // g, n), "zero_point": (k // g, n)},
-}
-_INT4_ANY_RANK = frozenset({"Int4Tensor", "Int4PreshuffledTensor"})  # also hold 3-D (expert) weights
-
-
-def _int4_geometry(flat: FlatTensor, where: str) -> None:
-    """An int4 record's `shape` and `block_size` must describe one group size dividing K, and its parts that shape."""
-    shape, block = list(flat.attrs.get("shape") or []), flat.attrs.get("block_size")
-    ranks = (2, 3) if flat.type_name in _INT4_ANY_RANK else (2,)
-    if len(shape) not in ranks or not isinstance(block, (list, tuple)) or len(block) != len(shape):
-        raise CorruptCheckpointError(
-            f"{where}: {flat.type_name} shape {shape[:4]} with block_size {block} is not a "
-            f"{' or '.join(f'{r}-D' for r in ranks)} int4 weight with one block size per dimension"
-        )
-    *lead, k = shape
-    *ones, group = block
-    if any(b != 1 for b in ones) or not (type(group) is int and 0 < group <= k and k % group == 0 and k % 8 == 0):
-        raise CorruptCheckpointError(
-            f"{where}: {flat.type_name} block_size {list(block)} is not [1, ..., group] with a group size dividing "
-            f"K={k} (K a multiple of 8); the file is inconsistent: re-export it"
-        )
-    expected = _INT4_PART_SHAPES.get(flat.type_name)
-    if expected is None or len(shape) != 2:
-        return
-    for name, want in expected(shape[0], k, group).items():
-        if name in flat.parts and tuple(flat.parts[name].shape) != want:
-            raise CorruptCheckpointError(
-                f"{where}: {flat.type_name} part {name!r} is {list(flat.parts[name].shape)}, but a {shape} weight "
-                f"with group size {group} stores it as {list(want)}; the file is inconsistent: re-export it"
-            )
-
-
 def check_invariants(flat: FlatTensor, where: str) -> None:
     """What a record must satisfy before any converter or constructor reads it: a float outer dtype, each
     part's dtype from its registry entry, sizes torch can address, and (int4) the geometry of its parts."""
     entry = tensor_type_named(flat.type_name, where)
-    if flat.dtype is not None and DTYPE_NAMES.get(flat.dtype) not in OUTER_DTYPES:
+    outer = entry.outer_dtypes
+    if flat.dtype is not None and outer is not None and DTYPE_NAMES.get(flat.dtype) not in outer:
         raise CorruptCheckpointError(f"{where}: a {flat.type_name} dequantizes to a float dtype "
-                                     f"({', '.join(sorted(OUTER_DTYPES))}), not {DTYPE_NAMES.get(flat.dtype)}")
+                                     f"({', '.join(sorted(outer))}), not {DTYPE_NAMES.get(flat.dtype)}")
     for name, part in flat.parts.items():
         allowed = entry.part_dtypes.get(name)
         if allowed and DTYPE_NAMES.get(part.dtype) not in allowed:
@@ -239,34 +190,29 @@ def check_invariants(flat: FlatTensor, where: str) -> None:
     shape = flat.attrs.get("shape")
     if shape is not None and not fits_int64(shape):
         raise CorruptCheckpointError(f"{where}: shape {str(list(shape))[:80]} has more elements than torch can address")
-    if entry.family == "int4":
-        _int4_geometry(flat, where)
+    if entry.geometry is not None:
+        entry.geometry.check(flat.type_name, flat.parts, flat.attrs, where)
 
 
 def check_record(flat: FlatTensor, where: str) -> None:
     """Everything checkable before a converter or constructor reads the record: names, then invariants."""
     check_names(flat, where)
-    if flat.type_name != PLAIN_TENSOR:
-        check_invariants(flat, where)
+    check_invariants(flat, where)
 
 
 def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) -> torch.Tensor:
     """Put a tensor back together on `device` and check it has the declared shape and dtype."""
     check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
-    if flat.type_name == PLAIN_TENSOR:
-        tensor = parts[PLAIN_PART]
-    else:
-        cls = tensor_type_named(flat.type_name, where).cls
-        try:
-            tensor = cls.__tensor_unflatten__(parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape), None)
-        except Exception as e:
-            raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
-    if flat.type_name != PLAIN_TENSOR:
-        if DTYPE_NAMES.get(tensor.dtype) not in OUTER_DTYPES:
-            raise CorruptCheckpointError(f"{where}: rebuilt {flat.type_name} has dtype {tensor.dtype}; a quantized "
-                                         f"tensor dequantizes to {', '.join(sorted(OUTER_DTYPES))}")
-        check_part_sizes(flat, tuple(tensor.shape), where)
+    entry = tensor_type_named(flat.type_name, where)
+    try:
+        tensor = entry.build(entry.cls, parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape))
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
+    if entry.outer_dtypes is not None and DTYPE_NAMES.get(tensor.dtype) not in entry.outer_dtypes:
+        raise CorruptCheckpointError(f"{where}: rebuilt {flat.type_name} has dtype {tensor.dtype}; a quantized "
+                                     f"tensor dequantizes to {', '.join(sorted(entry.outer_dtypes))}")
+    part_sizes.check(entry.part_rules, flat.type_name, flat.parts, flat.attrs, tuple(tensor.shape), where)
     declared = (flat.shape, flat.dtype) if flat.shape is not None else (tuple(tensor.shape), tensor.dtype)
     if (tuple(tensor.shape), tensor.dtype) != (tuple(declared[0]), declared[1]):
         raise CorruptCheckpointError(
@@ -274,85 +220,6 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
             f"but the file declares {DTYPE_NAMES.get(flat.dtype)} {list(flat.shape)}"
         )
     return tensor
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    """What a tensor's outer shape and block size imply for the sizes of its parts."""
-
-    elements: int  # values of the outer (dequantized) tensor
-    blocks: int | None  # quantization blocks, one scale each; None where the type records no block size
-    attrs: dict[str, Any]
-
-
-def _blocks(shape: tuple[int, ...], block_size: Any, where: str) -> int | None:
-    """Blocks of a shape: per-dimension block sizes, or one int counting values along the flattened tensor."""
-    if block_size is None:
-        return None
-    if type(block_size) is int:
-        block_size, shape = [block_size], (math.prod(shape),)
-    if len(block_size) != len(shape) or not all(type(b) is int and b > 0 for b in block_size):
-        raise CorruptCheckpointError(f"{where}: block_size {list(block_size)} does not fit shape {list(shape)}")
-    return math.prod(-(-d // b) for d, b in zip(shape, block_size))
-
-
-def _bits(part: torch.Tensor) -> int:
-    """Bits a part stores (packed parts are measured this way)."""
-    return part.numel() * part.element_size() * 8
-
-
-def _count(part: torch.Tensor) -> int:
-    """Elements of a part (scales are measured this way)."""
-    return part.numel()
-
-
-def _mx_bits(s: _Sizes) -> int | None:
-    """Bits an MX qdata holds: 4 per value for fp4, 8 for fp8, unchecked for other element types."""
-    bits = {torch.float4_e2m1fn_x2: 4, torch.float8_e4m3fn: 8, torch.float8_e5m2: 8}.get(s.attrs.get("elem_dtype"))
-    return bits and bits * s.elements
-
-
-_Rule = tuple[Callable[[torch.Tensor], int], Callable[[_Sizes], int | None], bool]  # measure, expected, at least
-_PER_BLOCK: _Rule = (_count, lambda s: s.blocks, False)
-_BYTE_PER_VALUE: _Rule = (_bits, lambda s: 8 * s.elements, False)
-_NIBBLE_PER_VALUE: _Rule = (_bits, lambda s: 4 * s.elements, False)
-_PADDED_NIBBLES: _Rule = (_bits, lambda s: 4 * s.elements, True)
-_PADDED_PER_BLOCK: _Rule = (_count, lambda s: s.blocks, True)
-
-# family -> part -> rule. Kernels index parts by the outer shape, so a part too small for it is refused
-# before the tensor is used; layouts that pad (int4 tinygemm tiles pad K and N, swizzled mx/nvfp4 scales)
-# may hold more than the outer shape needs.
-PART_SIZE_RULES: dict[str, dict[str, _Rule]] = {
-    "int8": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK, "zero_point": _PER_BLOCK},
-    "float8": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK},
-    "intx": {"qdata": _BYTE_PER_VALUE, "scale": _PER_BLOCK, "zero_point": _PER_BLOCK},
-    "int4": {"qdata": _PADDED_NIBBLES, "scale": _PADDED_PER_BLOCK, "zero_point": _PADDED_PER_BLOCK,
-             "group_scale": _PADDED_PER_BLOCK, "group_zero": _PADDED_PER_BLOCK,
-             "scale_and_zero": (_count, lambda s: s.blocks and 2 * s.blocks, True)},
-    "mx": {"qdata": (_bits, _mx_bits, False), "scale": _PADDED_PER_BLOCK},
-    "nvfp4": {"qdata": _NIBBLE_PER_VALUE, "scale": _PADDED_PER_BLOCK},
-    "nf4": {"quantized_data": _NIBBLE_PER_VALUE, "quantized_scalers": _PER_BLOCK, "nf4": (_count, lambda s: 16, False),
-            "quantization_factor": (_count, lambda s: s.blocks and s.blocks // s.attrs["scaler_block_size"], False)},
-}
-
-
-def check_part_sizes(flat: FlatTensor, shape: tuple[int, ...], where: str) -> None:
-    """Refuse parts whose sizes disagree with the outer shape and block size (see PART_SIZE_RULES)."""
-    rules = PART_SIZE_RULES.get(tensor_type_named(flat.type_name, where).family, {})
-    try:
-        sizes = _Sizes(math.prod(shape), _blocks(shape, flat.attrs.get("block_size"), where), flat.attrs)
-        checks = [(name, measure(flat.parts[name]), expected(sizes), at_least)
-                  for name, (measure, expected, at_least) in rules.items() if name in flat.parts]
-    except (ArithmeticError, TypeError, KeyError) as e:
-        raise CorruptCheckpointError(f"{where}: {flat.type_name} attributes do not describe its parts ({e})") from e
-    for name, got, want, at_least in checks:
-        if want is not None and (got < want if at_least else got != want):
-            unit = "bits" if rules[name][0] is _bits else "values"
-            raise CorruptCheckpointError(
-                f"{where}: {flat.type_name} part {name!r} holds {got} {unit}, but a {list(shape)} tensor with "
-                f"block_size {flat.attrs.get('block_size')} needs {'at least ' if at_least else ''}{want}; "
-                "the file is inconsistent: re-export it"
-            )
 
 
 def identity(tensor: torch.Tensor) -> tuple | None:

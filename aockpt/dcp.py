@@ -44,7 +44,7 @@ from . import codec, format as fmt, portability, tp
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
 from .reader import open_checkpoint
-from .registry import PLAIN_TENSOR
+from .registry import PLAIN, tensor_type_named
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
 from .writer import SourceTensor, write_packed
@@ -83,7 +83,7 @@ def _dtensor_pieces(name: str, tensor: DTensor, keys: dict[str, str] | None) -> 
         raise UnsupportedTensorError(f"{name}: a DTensor of {type(local).__name__} cannot go through DCP; "
                                      "keep quantized weights as aockpt.tp local tensors")
     key = (keys or {codec.PLAIN_PART: name})[codec.PLAIN_PART]
-    return (_Record(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, {}, {codec.PLAIN_PART: key}, "cpu", None),
+    return (_Record(PLAIN.name, tuple(tensor.shape), tensor.dtype, {}, {codec.PLAIN_PART: key}, "cpu", None),
             {key: _Chunk(local, tuple(chunk.offsets), tuple(tensor.shape))})
 
 
@@ -99,8 +99,8 @@ def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None)
             raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
                                          "save the whole tensor from one rank instead")
         offsets_of = info.parts
-    plain = flat.type_name == PLAIN_TENSOR
-    keys = keys or {inner: name if plain else fmt.part_key(name, inner) for inner in flat.parts}
+    own_key = tensor_type_named(flat.type_name, name).own_key
+    keys = keys or {inner: name if own_key else fmt.part_key(name, inner) for inner in flat.parts}
     chunks = {}
     for inner, part in flat.parts.items():
         span = offsets_of.get(inner)

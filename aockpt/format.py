@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
-from .registry import DTYPES, PLAIN_TENSOR, Portability, tensor_type_named
+from .registry import DTYPES, Portability, tensor_type_named
 from .typed_json import dumps, fits_int64, load_file, loads_strict
 
 FORMAT_VERSION = "1.0.0"
@@ -150,8 +150,7 @@ def _entry_from_json(name: str, obj: Any, where: str) -> TensorEntry:
         raise CorruptCheckpointError(f"{here}: attrs must be an object")
     if obj["packer"] is not None:
         _str(obj["packer"], here)
-    if _str(obj["type"], here) != PLAIN_TENSOR:
-        tensor_type_named(obj["type"], here)
+    tensor_type_named(_str(obj["type"], here), here)
     return TensorEntry(
         type=obj["type"], shape=_shape(obj["shape"], here),
         dtype=_str(obj["dtype"], here, DTYPES), device=_str(obj["device"], here),
@@ -185,8 +184,8 @@ def record_from_json(text: str, where: str) -> Record:
 
 def torchao_record(entry: TensorEntry, torchao_attrs: dict[str, Any]) -> str:
     """torchao's per-tensor JSON record (``_type``/``_data``/``_tensor_data_names``) for stock readers."""
-    if entry.type == PLAIN_TENSOR:
-        return dumps({"_type": PLAIN_TENSOR})
+    if not tensor_type_named(entry.type, entry.type).quantized:
+        return dumps({"_type": entry.type})
     return dumps({"_type": entry.type, "_data": torchao_attrs, "_tensor_data_names": sorted(entry.parts)})
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpointError
-from .registry import PLAIN_TENSOR, TENSOR_TYPES, tensor_type_of
+from .registry import TENSOR_TYPES, known_type, tensor_type_of
 
 CONFIG_NAME = "config.json"
 _CONTAINERS = frozenset({"FqnToConfig", "ModuleFqnToConfig", "AOPerModuleConfig"})
@@ -120,7 +120,7 @@ def quantization_config(state: dict[str, torch.Tensor], skel: Skeleton | None) -
     from transformers import TorchAoConfig
 
     typed = {n: (tensor_type_of(t, n), t) for n, t in state.items()}
-    quantized = {n: (e, t) for n, (e, t) in typed.items() if e is not None}
+    quantized = {n: (e, t) for n, (e, t) in typed.items() if e.quantized}
     if not quantized:
         return None
     unreadable = sorted({e.name for e, _ in quantized.values() if e.config is None or not e.stock_loadable})
@@ -186,7 +186,7 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
         types: stored tensor name -> registry type name (aliases excluded).
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
     """
-    quantized = sorted({t for t in types.values() if t != PLAIN_TENSOR})
+    quantized = sorted({t for t in types.values() if known_type(t) is None or known_type(t).quantized})
     qc = config.get("quantization_config")
     if legacy:
         return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "
@@ -208,7 +208,7 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
-    twice = [(t, s) for t, s in _stored_ties(config, types) if {types[t], types[s]} != {PLAIN_TENSOR}]
+    twice = [(t, s) for t, s in _stored_ties(config, types) if any(known_type(types[n]) is None or known_type(types[n]).quantized for n in (t, s))]
     if twice:
         return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
                                               f"and transformers' tie check (torch.equal) is not implemented for "

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from . import relayout
+from .codec import FlatTensor
 from .errors import PortabilityError, UsageError
-from .registry import PLAIN_TENSOR, TENSOR_TYPES, Portability
+from .registry import Device, Portability, known_type, tensor_type_named
 from .relayout import cpu
 
-if TYPE_CHECKING:
-    from .codec import FlatTensor
-
-DEVICE_TYPES = ("cpu", "cuda", "xpu", "npu", "mps")
+DEVICE_TYPES = tuple(d.value for d in Device)
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -30,33 +29,20 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 def packer_here(type_name: str, device: torch.device) -> str | None:
     """The packer that produced a pinned tensor quantized in this process on `device`."""
-    entry = TENSOR_TYPES.get(type_name)
-    if entry is None or entry.portability is Portability.PORTABLE:
-        return None
-    if entry.packed_for == "cuda":
-        return "rocm-tinygemm" if torch.version.hip else "cuda-tinygemm"
-    if entry.packed_for == "cpu":
-        return cpu.cpu_packer()
-    return entry.packed_for
-
-
-# Packers assumed for pinned tensors read from files that do not record one (docs/portability.md):
-# tile-packed int4 is overwhelmingly CUDA-made; CPU packing depends on an unknowable ISA.
-_ASSUMED_PACKERS = {"cuda": "cuda-tinygemm", "xpu": "xpu"}
+    entry = known_type(type_name)
+    return entry.packer_here() if entry is not None and entry.packer_here is not None else None
 
 
 def assumed_packer(type_name: str) -> str | None:
-    """The packer to assume for a pinned tensor whose file does not say; None means unknown."""
-    entry = TENSOR_TYPES.get(type_name)
-    if entry is None or entry.portability is Portability.PORTABLE:
-        return None
-    return _ASSUMED_PACKERS.get(entry.packed_for)
+    """The packer to assume for a pinned tensor whose file does not say (docs/portability.md); None: unknown."""
+    entry = known_type(type_name)
+    return entry.assumed_packer if entry is not None else None
 
 
 def _pinned_to_cpu(type_name: str) -> bool:
     """Whether a type's bytes are in a CPU packing, which depends on the ISA of the machine that packed them."""
-    entry = TENSOR_TYPES.get(type_name)
-    return entry is not None and entry.portability is not Portability.PORTABLE and entry.packed_for == "cpu"
+    entry = known_type(type_name)
+    return entry is not None and entry.portability is Portability.PINNED and entry.packed_for is Device.CPU
 
 
 def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str], int | None], choice: str | None,
@@ -115,9 +101,7 @@ class Verdict:
 
 def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
     """Decide one tensor's fate on one device type."""
-    if type_name == PLAIN_TENSOR:
-        return Verdict(True, True, "plain tensor")
-    entry = TENSOR_TYPES[type_name]
+    entry = tensor_type_named(type_name, type_name)
     runs = device_type in entry.kernels
     if entry.portability is Portability.PORTABLE:
         kernel = "" if runs else f"; no {device_type} kernel in torchao 0.18 (data only)"
@@ -131,10 +115,10 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
             return Verdict(False, False, f"{entry.note}, packed by {packer} but this machine's {device_type} "
                                          f"kernel reads the {expected} packing")
         return Verdict(True, runs, f"packed for {device_type} ({packer})")
-    return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for} ({packer})")
+    return Verdict(False, False, f"{entry.note}, packed for {entry.packed_for.value} ({packer})")
 
 
-Converter = Callable[["FlatTensor", torch.device], tuple["FlatTensor", str]]
+Converter = Callable[[FlatTensor, torch.device], tuple[FlatTensor, str]]
 
 
 def _converter(type_name: str, packer: str | None, device_type: str) -> Converter | None:
@@ -143,16 +127,13 @@ def _converter(type_name: str, packer: str | None, device_type: str) -> Converte
     The converter takes the device to build the new parts on (the target itself when loading, the CPU
     when packing for a device this machine lacks) and returns the new flat tensor and its packer.
     """
-    from . import relayout
-    from .codec import FlatTensor
-
-    target = relayout.TARGETS.get(device_type)
-    if packer is None or type_name not in relayout.CONVERTERS or target is None:
+    entry = known_type(type_name)
+    if packer is None or entry is None or entry.relayout is None or relayout.target(device_type) is None:
         return None
 
     def convert(flat: FlatTensor, build_on: torch.device) -> tuple[FlatTensor, str]:
-        canon = relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer)
-        parts, attrs, new_packer = relayout.from_canonical(canon, target, build_on)
+        target, parts, attrs, new_packer = relayout.relayout(flat.type_name, flat.parts, flat.attrs, packer=packer,
+                                                             target_device=device_type, build_on=build_on)
         return FlatTensor(target, flat.shape, flat.dtype, parts, attrs), new_packer
 
     return convert

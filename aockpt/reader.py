@@ -6,6 +6,7 @@ aockpt files are followed through their explicit part map; torchao files through
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,14 +17,20 @@ from . import codec, format as fmt
 from .errors import CorruptCheckpointError
 from .paths import member
 from .portability import assumed_packer
-from .registry import DTYPE_NAMES, DTYPES, PLAIN_TENSOR, TENSOR_TYPES, Portability
+from .registry import DTYPE_NAMES, DTYPES, PLAIN, known_type, tensor_type_named
 from .safetensors_io import SafetensorsFile
 from .typed_json import decode, encode, loads_strict
 
-PACKED = "aockpt"
-TORCHAO = "torchao>=0.15 safetensors (transformers 5 / flatten_tensor_state_dict)"
-TORCHAO_014 = "torchao 0.14 safetensors (keys name:inner, unreadable by torchao >= 0.15)"
-PLAIN = "plain safetensors"
+
+
+class Flavor(str, enum.Enum):
+    """Which writer made a safetensors checkpoint (the value is how `inspect` names it)."""
+
+    PACKED = "aockpt"
+    TORCHAO = "torchao>=0.15 safetensors (transformers 5 / flatten_tensor_state_dict)"
+    TORCHAO_014 = "torchao 0.14 safetensors (keys name:inner, unreadable by torchao >= 0.15)"
+    PLAIN = "plain safetensors"
+
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Checkpoint:
     """An opened safetensors checkpoint: shards, where each key lives, and one entry per tensor."""
 
     path: Path
-    flavor: str
+    flavor: Flavor
     shards: dict[str, SafetensorsFile]
     key_to_shard: dict[str, str]
     entries: dict[str, fmt.TensorEntry]
@@ -88,7 +95,7 @@ def is_packed(path: str | Path) -> bool:
         return False
     ckpt = open_checkpoint(path)
     ckpt.close()
-    return ckpt.flavor == PACKED
+    return ckpt.flavor is Flavor.PACKED
 
 
 def open_checkpoint(path: str | Path, *, omitted_ok: bool = False) -> Checkpoint:
@@ -131,7 +138,7 @@ def _assemble(path: Path, shards: dict[str, SafetensorsFile], weight_map: dict[s
         raise CorruptCheckpointError(f"{path}: index lists keys that no shard holds: {missing}")
     flavor = _flavor(shards)
     entries, producer, version = _READERS[flavor](path, shards)
-    omitted = _omitted(entries, key_to_shard) if flavor in (TORCHAO, TORCHAO_014) else []
+    omitted = _omitted(entries, key_to_shard) if flavor in (Flavor.TORCHAO, Flavor.TORCHAO_014) else []
     ckpt = Checkpoint(path, flavor, shards, key_to_shard, entries, producer, version, omitted)
     _check_parts(ckpt)
     return ckpt
@@ -149,17 +156,17 @@ def _omitted(entries: dict[str, fmt.TensorEntry], key_to_shard: dict[str, str]) 
     return omitted
 
 
-def _flavor(shards: dict[str, SafetensorsFile]) -> str:
+def _flavor(shards: dict[str, SafetensorsFile]) -> Flavor:
     """Which writer made these shards, from their header metadata; mixed flavors are refused."""
     flavors = set()
     for shard in shards.values():
         meta = shard.metadata
         if fmt.RECORD_KEY in meta:
-            flavors.add(PACKED)
+            flavors.add(Flavor.PACKED)
         elif "tensor_names" in meta:
-            flavors.add(TORCHAO_014 if any(":" in key for key in shard.keys()) else TORCHAO)
+            flavors.add(Flavor.TORCHAO_014 if any(":" in key for key in shard.keys()) else Flavor.TORCHAO)
         else:
-            flavors.add(PLAIN)
+            flavors.add(Flavor.PLAIN)
     if len(flavors) != 1:
         raise CorruptCheckpointError(f"shards were written by different tools ({', '.join(sorted(flavors))})")
     return flavors.pop()
@@ -212,9 +219,9 @@ def _torchao_entry(name: str, record: Any, shard: SafetensorsFile, where: str) -
     """One torchao record as an entry; outer shape/dtype are read from the rebuilt tensor later."""
     if not isinstance(record, dict) or "_type" not in record:
         raise CorruptCheckpointError(f"{where}: record has no _type")
-    if record["_type"] == PLAIN_TENSOR:
+    entry_type = known_type(record["_type"])
+    if entry_type is not None and entry_type.own_key:
         return _plain_entry(name)
-    entry_type = TENSOR_TYPES.get(record["_type"]) if isinstance(record["_type"], str) else None
     if entry_type is None or set(record) != {"_type", "_data", "_tensor_data_names"}:
         raise CorruptCheckpointError(f"{where}: unsupported torchao record type {record.get('_type')!r}")
     inner = record["_tensor_data_names"]
@@ -230,9 +237,9 @@ def _torchao_014_entry(name: str, record: Any, keys: set[str], where: str) -> fm
     """One torchao 0.14 record; its parts are the declared inner names stored as ``name:inner``."""
     if not isinstance(record, dict) or set(record) - {"_type", "_data"} or "_type" not in record:
         raise CorruptCheckpointError(f"{where}: malformed torchao 0.14 record")
-    if record["_type"] == PLAIN_TENSOR:
+    entry_type = known_type(record["_type"])
+    if entry_type is not None and entry_type.own_key:
         return _plain_entry(name, f"{name}:_data")
-    entry_type = TENSOR_TYPES.get(record["_type"]) if isinstance(record["_type"], str) else None
     if entry_type is None or not isinstance(record.get("_data"), dict):
         raise CorruptCheckpointError(f"{where}: unsupported torchao 0.14 record type {record.get('_type')!r}")
     required, optional, _ = entry_type.inner_names()
@@ -243,7 +250,7 @@ def _torchao_014_entry(name: str, record: Any, keys: set[str], where: str) -> fm
 
 def _plain_entry(name: str, key: str | None = None) -> fmt.TensorEntry:
     """An entry for an ordinary tensor stored under its own name; its dtype and shape are the stored ones."""
-    return fmt.TensorEntry(PLAIN_TENSOR, [], "", "unknown", Portability.PORTABLE.value, None,
+    return fmt.TensorEntry(PLAIN.name, [], "", "unknown", PLAIN.portability.value, None,
                            {codec.PLAIN_PART: fmt.PartEntry(key or name, "", [], "")}, {})
 
 
@@ -257,10 +264,10 @@ def _read_plain(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, d
 
 
 _READERS: dict[str, Callable[[Path, dict[str, SafetensorsFile]], tuple[dict, dict, str | None]]] = {
-    PACKED: _read_packed,
-    TORCHAO: _read_torchao,
-    TORCHAO_014: _read_torchao_014,
-    PLAIN: _read_plain,
+    Flavor.PACKED: _read_packed,
+    Flavor.TORCHAO: _read_torchao,
+    Flavor.TORCHAO_014: _read_torchao_014,
+    Flavor.PLAIN: _read_plain,
 }
 
 
@@ -296,10 +303,10 @@ def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None,
     entry = ckpt.entries[ckpt.resolve(name)]
     where = f"{ckpt.path}: {name}"
     parts = {inner: (part or ckpt.part)(p.key) for inner, p in entry.parts.items()}
-    if entry.type == PLAIN_TENSOR:
-        codec.check_names(codec.FlatTensor(PLAIN_TENSOR, None, None, parts, entry.attrs), where)
+    if tensor_type_named(entry.type, where).own_key:  # its one part is the tensor: its shape and dtype
+        codec.check_names(codec.FlatTensor(entry.type, None, None, parts, entry.attrs), where)
         tensor = parts[codec.PLAIN_PART]
-        return codec.FlatTensor(PLAIN_TENSOR, tuple(tensor.shape), tensor.dtype, parts, {})
+        return codec.FlatTensor(entry.type, tuple(tensor.shape), tensor.dtype, parts, {})
     attrs = {k: decode(v, where, device) for k, v in entry.attrs.items()}
     dtype = DTYPES[entry.dtype][0] if entry.dtype else None
     return codec.FlatTensor(entry.type, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)

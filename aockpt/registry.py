@@ -1,4 +1,4 @@
-"""The one table of torchao tensor types and attribute value types that aockpt knows.
+"""The one table of tensor types (torchao subclasses and the plain tensor) and attribute value types that aockpt knows.
 
 Everything that depends on a tensor's type (flatten/rebuild, the unpickling allowlist, portability
 checks, ``inspect``, the docs and the parametrized tests) reads ``TENSOR_TYPES``; a new torchao type is
@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import part_sizes
 from .errors import UnsupportedTensorError
 
 
@@ -70,12 +71,41 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: E
     SubclassTensorArgs,
 )
 
+from . import relayout as relayout_converters  # noqa: E402  (registry-free at import; its lookups read this table)
+from .relayout import cpu as cpu_layout  # noqa: E402
+from .relayout import tinygemm  # noqa: E402
+from .relayout import xpu as xpu_layout  # noqa: E402
+from .relayout import Converter  # noqa: E402
+
 
 class Portability(str, enum.Enum):
     """Whether a tensor's bytes mean the same thing on every device."""
 
     PORTABLE = "portable"  # plain layout: moving the bytes to another device is exact
     PINNED = "pinned"  # packed for one device's kernel: another device needs a re-layout
+
+
+class Family(str, enum.Enum):
+    """The kind of quantization a type stores (README type table)."""
+
+    PLAIN = "plain"
+    INT8 = "int8"
+    FLOAT8 = "float8"
+    INTX = "intx"
+    INT4 = "int4"
+    MX = "mx"
+    NVFP4 = "nvfp4"
+    NF4 = "nf4"
+
+
+class Device(str, enum.Enum):
+    """Device types aockpt knows (torch.device(...).type)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    XPU = "xpu"
+    NPU = "npu"
+    MPS = "mps"
 
 
 class Along(str, enum.Enum):
@@ -95,21 +125,37 @@ class TpSplit(str, enum.Enum):
 
 # part -> (part dim, how it follows) for outer dim 0 (rows, colwise split) and outer dim 1 (columns, rowwise)
 TpAxes = tuple[tuple[str, tuple[int, Along] | None, tuple[int, Along] | None], ...]
+Names = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]  # required parts, optional parts, attributes
+
+# Outer dtypes a quantized tensor dequantizes to, and the dtype names its float parts may take.
+OUTER_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+
+def _torchao_parts(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A torchao subclass's inner tensors and attributes, by its own ``__tensor_flatten__``."""
+    names, attrs = tensor.__tensor_flatten__()
+    return {n: getattr(tensor, n) for n in names}, dict(attrs)
+
+
+def _torchao_build(cls: type, parts: dict[str, torch.Tensor], attrs: dict[str, Any],
+                   shape: torch.Size | None) -> torch.Tensor:
+    """A torchao subclass put back together by its own ``__tensor_unflatten__``."""
+    return cls.__tensor_unflatten__(parts, attrs, shape, None)
 
 
 @dataclass(frozen=True)
 class TensorType:
-    """One torchao tensor subclass as aockpt sees it."""
+    """One tensor type as aockpt sees it: every per-type fact lives here."""
 
     name: str  # stable on-disk name (torchao's `_type`)
     cls: type
-    family: str  # int8 | float8 | int4 | intx | mx | nvfp4 | nf4
+    family: Family
     portability: Portability
-    packed_for: str | None  # device type whose kernel the bytes are packed for (pinned only)
+    packed_for: Device | None  # device type whose kernel the bytes are packed for (pinned only)
     kernels: frozenset[str]  # device types where torch/torchao 0.18 has a matmul kernel for it
     stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
     note: str
-    names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None  # see inner_names
+    names: Names | None = None  # see inner_names
     tp: tuple[TpSplit, TpSplit] = (TpSplit.NONE, TpSplit.NONE)  # splitting the rows (colwise), the columns (rowwise)
     tp_axes: TpAxes = ()  # for DIRECT: where each part keeps the outer rows and columns
     # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
@@ -117,13 +163,28 @@ class TensorType:
     part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
     config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it (config.json)
     weights_only: bool = True  # torch.load(weights_only=True) rebuilds it after a plain `import torchao`
+    part_rules: part_sizes.Rules = field(default_factory=dict, hash=False, compare=False)  # part sizes vs shape
+    geometry: part_sizes.Int4Geometry | None = None  # int4: shape, block size and exact part shapes
+    outer_dtypes: frozenset[str] | None = OUTER_DTYPES  # dtypes the tensor may have; None: any storable one
+    relayout: Converter | None = None  # exact int4 re-layout through the canonical form
+    packer_here: Callable[[], str] | None = None  # pinned: the packer this process's kernel writes and reads
+    assumed_packer: str | None = None  # pinned: the packer to assume where a file does not record one
+    former_names: tuple[str, ...] = ()  # dotted names torchao 0.13-0.17 pickled the class under
+    own_key: bool = False  # its one part is stored under the tensor's own name (torchao's plain convention)
+    parts_of: Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, Any]]] = _torchao_parts
+    build: Callable[[type, dict[str, torch.Tensor], dict[str, Any], torch.Size | None], torch.Tensor] = _torchao_build
+
+    @property
+    def quantized(self) -> bool:
+        """Whether it is a torchao subclass (anything but the plain tensor row)."""
+        return self.family is not Family.PLAIN
 
     def tp_text(self) -> str:
         """How tensor parallelism splits this type, as `inspect` says it: one word, or rows then columns."""
         rows, cols = self.tp
         return rows.value if rows is cols else f"{rows.value} rows, {cols.value} cols"
 
-    def inner_names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    def inner_names(self) -> Names:
         """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
         if self.names is not None:
             return self.names
@@ -135,10 +196,9 @@ class TensorType:
         )
 
 
-def _t(name, cls, family, portability, packed_for, kernels, stock, note, names=None,
-       tp=(TpSplit.NONE, TpSplit.NONE), tp_axes=(), config=None, weights_only=True, **dtypes) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note, names, tp, tp_axes,
-                      {part: frozenset(allowed) for part, allowed in dtypes.items()}, config, weights_only)
+def _t(name, cls, family, portability, packed_for, kernels, stock, note, *, dtypes=None, **facts) -> TensorType:
+    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note,
+                      part_dtypes={part: frozenset(allowed) for part, allowed in (dtypes or {}).items()}, **facts)
 
 
 def _int8_config(t: Any) -> Any:
@@ -170,75 +230,110 @@ def _int4_config(packing: str) -> Callable[[Any], Any]:
     return make
 
 
-# Outer dtypes a quantized tensor dequantizes to, and the dtype names its float parts may take.
-OUTER_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+def _cuda_int4_packer() -> str:
+    """The packer this process's CUDA int4 kernels use: tinygemm, which ROCm builds pack differently."""
+    return "rocm-tinygemm" if torch.version.hip else tinygemm.PACKER
+
+
+def _plain_parts(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An ordinary tensor is its own one part, with no attributes."""
+    return {PLAIN_PART: tensor}, {}
+
+
+def _plain_build(cls: type, parts: dict[str, torch.Tensor], attrs: dict[str, Any],
+                 shape: torch.Size | None) -> torch.Tensor:
+    """An ordinary tensor is its one part."""
+    return parts[PLAIN_PART]
+
+
+PLAIN_PART = "data"  # the single part of an ordinary tensor
 _F = tuple(OUTER_DTYPES)
 _FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-
-
 _P, _X = Portability.PORTABLE, Portability.PINNED
+_CPU, _CUDA, _XPU = Device.CPU, Device.CUDA, Device.XPU
 _V, _B = Along.VALUES, Along.BLOCKS
 _ROW_MAJOR: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (0, _B), (1, _B)), ("zero_point", (0, _B), (1, _B)))
 _K_MAJOR_SCALES: TpAxes = (("qdata", (0, _V), (1, _V)), ("scale", (1, _B), (0, _B)), ("zero_point", (1, _B), (0, _B)))
 _DIRECT, _RELAYOUT = (TpSplit.DIRECT, TpSplit.DIRECT), (TpSplit.RELAYOUT, TpSplit.RELAYOUT)
 # tinygemm tiles hold 8 whole rows each (rows cut exactly); columns run through padded K tiles (re-laid out)
 _TILE_ROWS: TpAxes = (("qdata", (0, _V), None), ("scale_and_zero", (1, _V), None))
+_BYTES, _INT4 = part_sizes.BYTE_QDATA, part_sizes.INT4
 
+# The ordinary torch.Tensor: a row like the others (portable, every kernel, its one part under its own name).
+PLAIN = _t("Tensor", torch.Tensor, Family.PLAIN, _P, None, (d.value for d in Device), True, "plain tensor",
+           names=((PLAIN_PART,), (), ()), tp=_DIRECT, tp_axes=((PLAIN_PART, (0, _V), (1, _V)),),
+           part_rules=part_sizes.PLAIN, outer_dtypes=None, own_key=True, parts_of=_plain_parts, build=_plain_build)
+
+# The torchao tensor subclasses, by on-disk name.
 TENSOR_TYPES: dict[str, TensorType] = {
     t.name: t
     for t in (
-        _t("Int8Tensor", Int8Tensor, "int8", _P, None, {"cpu", "cuda"}, True,
+        _t("Int8Tensor", Int8Tensor, Family.INT8, _P, None, {"cpu", "cuda"}, True,
            "int8 per-row weight, optional int8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F,
-           config=_int8_config),
-        _t("Float8Tensor", Float8Tensor, "float8", _P, None, {"cpu", "cuda"}, True,
-           "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR, qdata=_FP8, scale=_F,
-           config=_float8_config),
-        _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, "intx", _P, None, {"cpu", "cuda"}, True,
+           dtypes=dict(qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F),
+           config=_int8_config, part_rules=_BYTES),
+        _t("Float8Tensor", Float8Tensor, Family.FLOAT8, _P, None, {"cpu", "cuda"}, True,
+           "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
+           dtypes=dict(qdata=_FP8, scale=_F), config=_float8_config, part_rules=_BYTES),
+        _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, Family.INTX, _P, None, {"cpu", "cuda"}, True,
            "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F), config=_intx_config),
-        _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, "int4", _X, "cuda", {"cuda"}, True,
+           dtypes=dict(qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)), config=_intx_config,
+           part_rules=_BYTES),
+        _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, Family.INT4, _X, _CUDA, {"cuda"}, True,
            "int4 in CUDA tinygemm tile packing",
-           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS, qdata=("int32",), scale_and_zero=_F,
-           act_pre_scale=_F, config=_int4_config("tile_packed_to_4d")),
-        _t("Int4OpaqueTensor", Int4OpaqueTensor, "int4", _X, "cpu", {"cpu"}, False,
+           tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS,
+           dtypes=dict(qdata=("int32",), scale_and_zero=_F, act_pre_scale=_F),
+           config=_int4_config("tile_packed_to_4d"), part_rules=_INT4, geometry=part_sizes.INT4_TILES,
+           relayout=relayout_converters.TILE_PACKED, packer_here=_cuda_int4_packer, assumed_packer=tinygemm.PACKER),
+        _t("Int4OpaqueTensor", Int4OpaqueTensor, Family.INT4, _X, _CPU, {"cpu"}, False,
            "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT,
-           qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F, weights_only=False),
-        _t("Int4Tensor", Int4Tensor, "int4", _P, None, {"cuda"}, True,
+           dtypes=dict(qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F), weights_only=False,
+           part_rules=_INT4, geometry=part_sizes.INT4_OPAQUE, relayout=relayout_converters.OPAQUE,
+           packer_here=cpu_layout.cpu_packer,  # no assumed packer: CPU packing depends on an unknowable ISA
+           former_names=("torchao.quantization.Int4OpaqueTensor",  # 0.14
+                         "torchao.prototype.int4_opaque_tensor.Int4OpaqueTensor")),  # 0.15-0.16
+        _t("Int4Tensor", Int4Tensor, Family.INT4, _P, None, {"cuda"}, True,
            "int4 plain nibble packing (mslk kernels)", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
-           qdata=("int8", "uint8"), scale=_F, zero_point=_F, act_pre_scale=_F, config=_int4_config("plain")),
-        _t("Int4PreshuffledTensor", Int4PreshuffledTensor, "int4", _X, "cuda", {"cuda"}, False,
-           "int4 preshuffled for mslk CUDA kernels", qdata=("int8", "uint8"), group_scale=_F, group_zero=_F,
-           row_scale=_F),
-        _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, "int4", _X, "xpu", {"xpu", "npu"}, True,
+           dtypes=dict(qdata=("int8", "uint8"), scale=_F, zero_point=_F, act_pre_scale=_F),
+           config=_int4_config("plain"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN),
+        _t("Int4PreshuffledTensor", Int4PreshuffledTensor, Family.INT4, _X, _CUDA, {"cuda"}, False,
+           "int4 preshuffled for mslk CUDA kernels",
+           dtypes=dict(qdata=("int8", "uint8"), group_scale=_F, group_zero=_F, row_scale=_F),
+           part_rules=_INT4, geometry=part_sizes.INT4_PRESHUFFLED, packer_here=_cuda_int4_packer,
+           assumed_packer=tinygemm.PACKER),
+        _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, Family.INT4, _X, _XPU, {"xpu", "npu"}, True,
            "int4 packed in int32 for XPU/NPU kernels", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
-           qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F,
-           config=_int4_config("plain_int32")),
-        _t("MXTensor", MXTensor, "mx", _P, None, {"cpu", "cuda"}, True,
+           dtypes=dict(qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F),
+           config=_int4_config("plain_int32"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN_INT32,
+           relayout=relayout_converters.PLAIN_INT32, packer_here=lambda: xpu_layout.PACKER,
+           assumed_packer=xpu_layout.PACKER),
+        _t("MXTensor", MXTensor, Family.MX, _P, None, {"cpu", "cuda"}, True,
            "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"), scale=("float8_e8m0fnu", "uint8"), weights_only=False),
-        _t("NVFP4Tensor", NVFP4Tensor, "nvfp4", _P, None, {"cpu", "cuda"}, True,
+           dtypes=dict(qdata=(*_FP8, "uint8", "float4_e2m1fn_x2"), scale=("float8_e8m0fnu", "uint8")),
+           weights_only=False, part_rules=part_sizes.MX),
+        _t("NVFP4Tensor", NVFP4Tensor, Family.NVFP4, _P, None, {"cpu", "cuda"}, True,
            "NVIDIA fp4 with float8 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",), per_tensor_scale=_F, act_per_tensor_scale=_F,
-           weights_only=False),
-        _t("NF4Tensor", NF4Tensor, "nf4", _P, None, {"cpu", "cuda"}, False,
+           dtypes=dict(qdata=("uint8", "float4_e2m1fn_x2"), scale=("float8_e4m3fn",), per_tensor_scale=_F,
+                       act_per_tensor_scale=_F),
+           weights_only=False, part_rules=part_sizes.NVFP4),
+        _t("NF4Tensor", NF4Tensor, Family.NF4, _P, None, {"cpu", "cuda"}, False,
            "QLoRA normal-float 4 with double-quantized scalers",
-           (("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
-            ("block_size", "n_blocks", "scaler_block_size", "tensor_meta")),
-           quantized_data=("uint8",), scaler_mean=_F, quantization_factor=_F, quantized_scalers=("int8",), nf4=_F),
+           names=(("quantized_data", "scaler_mean", "quantization_factor", "quantized_scalers", "nf4"), (),
+                  ("block_size", "n_blocks", "scaler_block_size", "tensor_meta")),
+           dtypes=dict(quantized_data=("uint8",), scaler_mean=_F, quantization_factor=_F,
+                       quantized_scalers=("int8",), nf4=_F),
+           part_rules=part_sizes.NF4, former_names=("torchao.dtypes.nf4tensor.NF4Tensor",)),
     )
 }
 
-PLAIN_TENSOR = "Tensor"  # on-disk `_type` of an ordinary torch.Tensor (torchao's convention)
+_BY_NAME: dict[str, TensorType] = {PLAIN.name: PLAIN, **TENSOR_TYPES}
+_BY_CLASS: dict[type, TensorType] = {torch.Tensor: PLAIN, torch.nn.Parameter: PLAIN,
+                                     **{t.cls: t for t in TENSOR_TYPES.values()}}
 
-_BY_CLASS: dict[type, TensorType] = {t.cls: t for t in TENSOR_TYPES.values()}
 
-
-def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType | None:
-    """The registry entry for a tensor, None for a plain tensor; refuses unknown subclasses."""
+def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType:
+    """The registry row of a tensor (PLAIN for an ordinary one); refuses unknown subclasses."""
     cls = type(tensor)
-    if cls is torch.Tensor or cls is torch.nn.Parameter:
-        return None
     entry = _BY_CLASS.get(cls)
     if entry is None:
         known = ", ".join(TENSOR_TYPES)
@@ -250,14 +345,24 @@ def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType | None:
 
 
 def tensor_type_named(type_name: str, where: str) -> TensorType:
-    """The registry entry for an on-disk type name; a name outside the table is refused."""
-    entry = TENSOR_TYPES.get(type_name) if isinstance(type_name, str) else None
+    """The registry row of an on-disk type name (PLAIN for "Tensor"); a name outside the table is refused."""
+    entry = _BY_NAME.get(type_name) if isinstance(type_name, str) else None
     if entry is None:
         raise UnsupportedTensorError(
             f"{where} has tensor type {type_name!r}, which is not in aockpt's allowlist "
             f"({', '.join(TENSOR_TYPES)}); upgrade aockpt or re-export the checkpoint"
         )
     return entry
+
+
+def known_type(type_name: str) -> TensorType | None:
+    """The registry row of an on-disk type name, or None where aockpt has none."""
+    return _BY_NAME.get(type_name) if isinstance(type_name, str) else None
+
+
+def relayout_types() -> dict[str, TensorType]:
+    """The int4 types re-layout converts between, by name."""
+    return {n: t for n, t in TENSOR_TYPES.items() if t.relayout is not None}
 
 
 # Attribute values: the only classes a JSON record may name, keyed by stable on-disk names.
@@ -279,6 +384,10 @@ VALUE_TYPES: dict[str, type] = {
     "QuantizeTensorToNVFP4Kwargs": QuantizeTensorToNVFP4Kwargs,
     "Float8MMConfig": Float8MMConfig,
     "SubclassTensorArgs": SubclassTensorArgs,
+}
+# Dotted names torchao 0.13-0.17 pickled value classes under (tensor types keep theirs in `former_names`).
+VALUE_FORMER_NAMES: dict[str, tuple[str, ...]] = {
+    "SubclassTensorArgs": ("torchao.dtypes.nf4tensor.SubclassTensorArgs",),
 }
 
 VALUE_TYPE_NAMES: dict[type, str] = {cls: name for name, cls in VALUE_TYPES.items()}

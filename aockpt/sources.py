@@ -18,8 +18,8 @@ from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .paths import member
 from .portability import assumed_packer, settle_packers
-from .reader import Checkpoint, open_checkpoint, read_flat
-from .registry import PLAIN_TENSOR, tensor_type_of
+from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
+from .registry import tensor_type_of
 from .unpickle import safe_load, storage_devices
 
 
@@ -60,7 +60,7 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         return [(inner, p.digest, ckpt.raw(p.key)) for inner, p in entry.parts.items()]
 
     return Source(ckpt.path, kind, types, aliases, made_on, lambda n, d: read_flat(ckpt, n, d),
-                  digests if ckpt.flavor == "aockpt" else None, checkpoint=ckpt)
+                  digests if ckpt.flavor is Flavor.PACKED else None, checkpoint=ckpt)
 
 
 def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: str = "unknown") -> Source:
@@ -73,8 +73,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
     types = {}
     for name, tensor in tensors.items():
         if name not in aliases:
-            entry = tensor_type_of(tensor, name)
-            type_name = entry.name if entry else PLAIN_TENSOR
+            type_name = tensor_type_of(tensor, name).name
             types[name] = (type_name, assumed_packer(type_name))
     made_on = dict.fromkeys(types, made_on)
     return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
@@ -90,7 +89,7 @@ def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state_dict.items():
         if isinstance(value, torch.Tensor) and not legacy.is_legacy(value):
-            if codec.tensor_type_of(value, name) is None:
+            if not codec.tensor_type_of(value, name).quantized:
                 codec.check_storable(value, name)
             out[name] = value
         else:
@@ -137,7 +136,7 @@ def _pickle_folder(path: Path) -> Source:
 def _safetensors_source(path: Path) -> Source:
     """A packed, torchao or plain safetensors file or folder."""
     ckpt = open_checkpoint(path, omitted_ok=True)
-    kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor == "aockpt" else ckpt.flavor
+    kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor is Flavor.PACKED else ckpt.flavor.value
     return from_checkpoint(ckpt, kind)
 
 

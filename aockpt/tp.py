@@ -26,7 +26,7 @@ from . import codec, portability, relayout
 from .errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .reader import Checkpoint, open_checkpoint, read_flat
-from .registry import PLAIN_TENSOR, TENSOR_TYPES, Along, TpSplit, TensorType
+from .registry import Along, TensorType, TpSplit, tensor_type_named
 
 
 class Style(str, enum.Enum):
@@ -265,11 +265,7 @@ def _load_one(ckpt: Checkpoint, name: str, dim: int | None, shard: TPShard, devi
     size = flat.shape[dim]
     start, stop = chunk(size, shard.rank, shard.world_size)
     cut = _Cut(name, dim, size, start, stop, ("colwise/vocab", "rowwise")[dim])
-    if flat.type_name == PLAIN_TENSOR:
-        data = _read(ckpt, ckpt.entries[name].parts[codec.PLAIN_PART].key, dim, start, stop).to(device)
-        _SLICES[data] = SliceInfo(flat.shape, {}, {codec.PLAIN_PART: (dim, start, size)})
-        return _Piece(data, dim, flat.shape)
-    entry = TENSOR_TYPES[flat.type_name]
+    entry = tensor_type_named(flat.type_name, where)
     local, spans, packer = _SLICERS[entry.tp[dim]](ckpt, flat, entry, cut, device, packer)
     local, converted = _fit(local, packer, name, device, relayout)
     tensor = codec.rebuild(local, f"{where} (rank {shard.rank} of {shard.world_size})", device)
@@ -393,7 +389,7 @@ def _slice_relayout(ckpt: Checkpoint, flat: codec.FlatTensor, entry: TensorType,
         new_parts, attrs, new_packer = relayout.from_canonical(local, flat.type_name, device)
     except PortabilityError as e:
         raise _refuse(cut, flat, f"cannot be re-packed on {device.type} ({e})",
-                      f"load it on a {entry.packed_for} device") from e
+                      f"load it on a {entry.packed_for.value} device") from e
     return codec.FlatTensor(flat.type_name, _local_shape(flat, cut), flat.dtype, new_parts, attrs), None, new_packer
 
 

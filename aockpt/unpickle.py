@@ -27,17 +27,6 @@ from . import codec, legacy, registry
 from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError, reason
 from .pickle_scan import ZIP_MAGIC, scan_pickle
 
-# Extra dotted names that torchao 0.13-0.17 pickled registry classes under (checked in each wheel:
-# `class X` location, or its `X.__module__ = ...` override). Keys are registry stable names.
-_FORMER_NAMES: dict[str, tuple[str, ...]] = {
-    "NF4Tensor": ("torchao.dtypes.nf4tensor.NF4Tensor",),
-    "SubclassTensorArgs": ("torchao.dtypes.nf4tensor.SubclassTensorArgs",),
-    "Int4OpaqueTensor": (
-        "torchao.quantization.Int4OpaqueTensor",  # 0.14
-        "torchao.prototype.int4_opaque_tensor.Int4OpaqueTensor",  # 0.15-0.16
-    ),
-}
-
 # Pickle opcodes that name or call code and that torch's weights-only unpickler does not implement.
 _CODE_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"})
 _MAX_NODES = 10_000_000  # containers and leaves in the loaded object, counted as a tree
@@ -86,10 +75,11 @@ def _dotted(cls: type) -> str:
 
 def allowlist() -> list[tuple[object, str]]:
     """Every (object, exact dotted name) a checkpoint may name beyond torch's own rebuild functions."""
-    classes = {**{n: t.cls for n, t in registry.TENSOR_TYPES.items()}, **registry.VALUE_TYPES}
+    classes = [*((t.cls, t.former_names) for t in registry.TENSOR_TYPES.values()),
+               *((cls, registry.VALUE_FORMER_NAMES.get(n, ())) for n, cls in registry.VALUE_TYPES.items())]
     by_name: dict[str, object] = {}
-    for stable, cls in classes.items():
-        for name in (_dotted(cls), *_FORMER_NAMES.get(stable, ())):
+    for cls, former in classes:
+        for name in (_dotted(cls), *former):
             by_name.setdefault(name, _loadable(cls))
     for name, cls in legacy.STAND_INS.items():  # a name both tables hold keeps the registry's class
         by_name.setdefault(name, _loadable(cls))

@@ -18,7 +18,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from . import __version__, codec, format as fmt
 from .errors import AockptError, UnsupportedTensorError, UsageError
 from .progress import track
-from .registry import DTYPE_NAMES, PLAIN_TENSOR, TENSOR_TYPES, Portability
+from .registry import DTYPE_NAMES, tensor_type_named
 from .safetensors_io import aligned_order, write_file
 from .typed_json import encode
 
@@ -44,14 +44,14 @@ def producer() -> dict[str, str]:
 
 def _entry(item: SourceTensor, flat: codec.FlatTensor) -> fmt.TensorEntry:
     """The aockpt record entry of one tensor, digests still empty."""
-    portability = TENSOR_TYPES[flat.type_name].portability if flat.type_name != PLAIN_TENSOR else Portability.PORTABLE
+    entry = tensor_type_named(flat.type_name, item.name)
     parts = {}
     for inner, part in flat.parts.items():
-        key = item.name if flat.type_name == PLAIN_TENSOR else fmt.part_key(item.name, inner)
+        key = item.name if entry.own_key else fmt.part_key(item.name, inner)
         parts[inner] = fmt.PartEntry(key, DTYPE_NAMES[part.dtype], list(part.shape), "")
     attrs = {k: encode(v) for k, v in flat.attrs.items()}
     return fmt.TensorEntry(flat.type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], item.device,
-                           portability.value, item.packer, parts, attrs)
+                           entry.portability.value, item.packer, parts, attrs)
 
 
 @dataclass

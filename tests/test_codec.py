@@ -41,7 +41,7 @@ def test_flatten_does_not_copy(case):
 def test_plain_tensor_round_trip():
     t = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     flat = codec.flatten("b", t)
-    assert flat.type_name == registry.PLAIN_TENSOR and set(flat.parts) == {codec.PLAIN_PART}
+    assert flat.type_name == registry.PLAIN.name and set(flat.parts) == {codec.PLAIN_PART}
     assert codec.rebuild(flat, "b") is flat.parts[codec.PLAIN_PART]
 
 

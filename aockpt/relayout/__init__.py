@@ -19,7 +19,7 @@ from . import cpu, tinygemm, xpu
 from .canonical import Int4Canonical, dequantize
 from .cpu import cpu_packer
 
-__all__ = ["Int4Canonical", "dequantize", "cpu_packer", "to_canonical", "from_canonical", "relayout", "TARGETS"]
+__all__ = ["Int4Canonical", "dequantize", "cpu_packer", "to_canonical", "from_canonical", "relayout", "target"]
 
 Parts = dict[str, torch.Tensor]
 
@@ -63,29 +63,26 @@ def _xpu_from(canon: Int4Canonical, device: torch.device, allow_inexact: bool) -
 
 
 @dataclass(frozen=True)
-class _Converter:
+class Converter:
+    """One int4 layout's way into and out of the canonical form (a registry row's `relayout` field)."""
+
     to_canonical: Callable[[Parts, dict, str, bool], Int4Canonical]
     from_canonical: Callable[[Int4Canonical, torch.device, bool], tuple[Parts, dict, str]]
 
 
-CONVERTERS: dict[str, _Converter] = {
-    "Int4TilePackedTo4dTensor": _Converter(_tile_to, _tile_from),
-    "Int4OpaqueTensor": _Converter(_cpu_to, _cpu_from),
-    "Int4PlainInt32Tensor": _Converter(_xpu_to, _xpu_from),
-}
-
-TARGETS: dict[str, str] = {  # device type -> the int4 type whose kernel runs there
-    "cuda": "Int4TilePackedTo4dTensor",
-    "cpu": "Int4OpaqueTensor",
-    "xpu": "Int4PlainInt32Tensor",
-}
+TILE_PACKED = Converter(_tile_to, _tile_from)
+OPAQUE = Converter(_cpu_to, _cpu_from)
+PLAIN_INT32 = Converter(_xpu_to, _xpu_from)
 
 
-def _converter(type_name: str) -> _Converter:
-    found = CONVERTERS.get(type_name)
+def _converter(type_name: str) -> Converter:
+    from ..registry import relayout_types  # the registry's rows name the converters above
+
+    found = relayout_types().get(type_name)
     if found is None:
-        raise UnsupportedTensorError(f"{type_name!r} has no int4 re-layout; re-layout handles {', '.join(CONVERTERS)}")
-    return found
+        raise UnsupportedTensorError(f"{type_name!r} has no int4 re-layout; re-layout handles "
+                                     f"{', '.join(relayout_types())}")
+    return found.relayout
 
 
 def to_canonical(
@@ -108,6 +105,13 @@ def from_canonical(
     return _converter(type_name).from_canonical(canon, torch.device(device), allow_inexact)
 
 
+def target(device_type: str) -> str | None:
+    """The int4 type whose kernel runs on `device_type` and that re-layout can pack, or None."""
+    from ..registry import relayout_types
+
+    return next((name for name, t in relayout_types().items() if t.packed_for == device_type), None)
+
+
 def relayout(
     type_name: str,
     parts: Parts,
@@ -116,12 +120,21 @@ def relayout(
     packer: str,
     target_device: str | torch.device,
     allow_inexact: bool = False,
+    build_on: str | torch.device | None = None,
 ) -> tuple[str, Parts, dict, str]:
-    """Re-pack one int4 tensor for the kernel of `target_device`: (new_type_name, parts, attrs, packer)."""
+    """Re-pack one int4 tensor for the kernel of `target_device`: (new_type_name, parts, attrs, packer).
+
+    The new parts are built on `build_on` (default: the target itself), e.g. the CPU when packing a
+    checkpoint for a device this machine lacks.
+    """
+    from ..registry import relayout_types
+
     device = torch.device(target_device)
-    target = TARGETS.get(device.type)
-    if target is None:
-        raise PortabilityError(f"no int4 kernel layout is known for device {device.type!r}; targets: {', '.join(TARGETS)}")
+    new_type = target(device.type)
+    if new_type is None:
+        targets = ", ".join(t.packed_for.value for t in relayout_types().values())
+        raise PortabilityError(f"no int4 kernel layout is known for device {device.type!r}; targets: {targets}")
     canon = to_canonical(type_name, parts, attrs, packer=packer, allow_inexact=allow_inexact)
-    new_parts, new_attrs, new_packer = from_canonical(canon, target, device, allow_inexact=allow_inexact)
-    return target, new_parts, new_attrs, new_packer
+    new_parts, new_attrs, new_packer = from_canonical(canon, new_type, device if build_on is None else build_on,
+                                                      allow_inexact=allow_inexact)
+    return new_type, new_parts, new_attrs, new_packer
