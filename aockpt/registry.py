@@ -326,15 +326,15 @@ TENSOR_TYPES: dict[str, TensorType] = {
     )
 }
 
-_BY_NAME: dict[str, TensorType] = {PLAIN.name: PLAIN, **TENSOR_TYPES}
-_BY_CLASS: dict[type, TensorType] = {torch.Tensor: PLAIN, torch.nn.Parameter: PLAIN,
-                                     **{t.cls: t for t in TENSOR_TYPES.values()}}
+_PLAIN_CLASSES = (torch.Tensor, torch.nn.Parameter)
 
 
 def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType:
     """The registry row of a tensor (PLAIN for an ordinary one); refuses unknown subclasses."""
     cls = type(tensor)
-    entry = _BY_CLASS.get(cls)
+    if cls in _PLAIN_CLASSES:
+        return PLAIN
+    entry = next((t for t in TENSOR_TYPES.values() if t.cls is cls), None)
     if entry is None:
         known = ", ".join(TENSOR_TYPES)
         raise UnsupportedTensorError(
@@ -346,7 +346,7 @@ def tensor_type_of(tensor: torch.Tensor, name: str) -> TensorType:
 
 def tensor_type_named(type_name: str, where: str) -> TensorType:
     """The registry row of an on-disk type name (PLAIN for "Tensor"); a name outside the table is refused."""
-    entry = _BY_NAME.get(type_name) if isinstance(type_name, str) else None
+    entry = known_type(type_name)
     if entry is None:
         raise UnsupportedTensorError(
             f"{where} has tensor type {type_name!r}, which is not in aockpt's allowlist "
@@ -357,7 +357,9 @@ def tensor_type_named(type_name: str, where: str) -> TensorType:
 
 def known_type(type_name: str) -> TensorType | None:
     """The registry row of an on-disk type name, or None where aockpt has none."""
-    return _BY_NAME.get(type_name) if isinstance(type_name, str) else None
+    if not isinstance(type_name, str):
+        return None
+    return PLAIN if type_name == PLAIN.name else TENSOR_TYPES.get(type_name)
 
 
 def relayout_types() -> dict[str, TensorType]:

@@ -4,7 +4,6 @@ The real 2-process runs are in tests/test_distributed.py."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -93,12 +92,6 @@ def test_every_registry_type_says_how_it_splits():
             along = {part for part, *axes in entry.tp_axes if axes[dim] is not None}
             assert split is not TpSplit.DIRECT or set(required) <= along, (entry.name, dim)
             assert split is not TpSplit.RELAYOUT or entry.relayout is not None, (entry.name, dim)
-
-
-def test_the_readme_type_table_states_each_types_split():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    rows = re.findall(r"^\| (\w+) \| [^\n]* \| ((?:direct|relayout|none)[a-z ,]*) \|$", readme, re.M)
-    assert dict(rows) == {name: entry.tp_text() for name, entry in TENSOR_TYPES.items()}
 
 
 def test_inspect_reports_the_split(tmp_path):
