@@ -222,12 +222,12 @@ def test_push_calls_a_damaged_aockpt_record_corrupt_not_unpacked(server, packed)
 
 
 def test_push_to_hub_of_an_in_memory_model_loads_back_with_stock_transformers(server, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, TorchAoConfig
+
+    from conftest import tiny_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                  quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, Int8Tensor)
