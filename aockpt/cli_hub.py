@@ -1,11 +1,11 @@
-"""`aockpt push` and `aockpt hook install`: thin commands over aockpt.hub (errors are turned into one line
+"""`aockpt push` and `aockpt hook install`: thin commands over aockpt.hub and aockpt.hook (errors are turned into one line
 by the main group's error table in cli.py)."""
 
 from __future__ import annotations
 
 import click
 
-from . import hub
+from . import hook as git_hook, hub
 
 # Shared by every verb that reads a checkpoint (cli.py imports it from here).
 CPU_PACKER = click.option(
@@ -62,4 +62,4 @@ def install(repo_dir: str, force: bool) -> None:
     \b
     aockpt hook install ~/models/llama-int8
     """
-    click.echo(f"installed {hub.install_hook(repo_dir, force=force)}")
+    click.echo(f"installed {git_hook.install_hook(repo_dir, force=force)}")

@@ -10,7 +10,6 @@ CPU "device" (plain buffers, synchronous copies), which is how tests check it wi
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import CorruptCheckpointError
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, pread_into
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
 CHUNK_BYTES = 16 << 20
@@ -173,7 +171,8 @@ def _run(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Tens
             while (chunk := next_chunk()) is not None:
                 buf = buffers[turn]
                 copier.wait(turn)
-                _pread(fds[chunk.shard], buf, chunk.offset, chunk.nbytes, shards[chunk.shard])
+                view = memoryview((ctypes.c_char * chunk.nbytes).from_address(buf.data_ptr())).cast("B")
+                pread_into(fds[chunk.shard], view, chunk.offset, shards[chunk.shard].path)
                 copier.copy(turn, buf, chunk.pieces)
                 turn ^= 1
             copier.finish()
@@ -223,14 +222,3 @@ class _Copier:
         """Wait for every queued copy."""
         self.wait(0)
         self.wait(1)
-
-
-def _pread(fd: int, buf: torch.Tensor, offset: int, nbytes: int, shard: SafetensorsFile) -> None:
-    """Fill the first `nbytes` of `buf` from `offset` of the file, through short reads if the kernel gives them."""
-    view = memoryview((ctypes.c_char * nbytes).from_address(buf.data_ptr())).cast("B")
-    done = 0
-    while done < nbytes:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise CorruptCheckpointError(f"{shard.path} ended while reading it (was it truncated after opening?)")
-        done += got

@@ -1,28 +1,24 @@
-"""Publishing to the Hugging Face Hub: what may be uploaded, the model card, the upload, the git pre-push hook.
+"""Publishing to the Hugging Face Hub: the model card and the upload, under aockpt's publish_rules.
 
-Rules (docs/hub.md): never upload a pickle (by extension or by zip/pickle magic), never upload safetensors
-that lack aockpt's record or fail ``verify``. ``push`` packs an unpacked input into a temporary folder first,
-writes the model card, and makes one atomic Hub commit. ``python -m aockpt.hub pre-push`` is the git
-pre-push hook that applies the same rules to every commit being pushed.
+``push`` packs an unpacked input into a temporary folder first, refuses what publish_rules refuses, writes
+the model card, and makes one atomic Hub commit. The git pre-push hook applying the same rules lives in
+aockpt/hook.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
-import subprocess
 import sys
-import tarfile
 import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, NamedTuple
+from pathlib import Path
+from typing import Any, Iterator
 
-from .errors import AockptError, CorruptCheckpointError, HubError, UnsafeCheckpointError, UsageError
-from .filenames import PICKLE_SUFFIXES
-from .paths import is_inside, member
+from .errors import HubError, UnsafeCheckpointError, UsageError
+from .paths import member
+from .publish_rules import find_problems, publishable_files
 
 PathLike = str | os.PathLike
 CARD_NAME = "README.md"
@@ -31,82 +27,7 @@ SECTION_BEGIN = "<!-- aockpt:begin (written by `aockpt push`; edits between thes
 SECTION_END = "<!-- aockpt:end -->"
 CARD_DEVICES = ("cpu", "cuda")
 _MAX_CARD_BYTES = 16 * 1024 * 1024  # the card is read whole and rewritten
-HOOK_MARKER = "# installed by `aockpt hook install`"
-_ZERO_SHA = re.compile(r"^0+$")
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
-_CHECKPOINT_SUFFIXES = (".safetensors", ".safetensors.index.json")  # changing one re-verifies its folder
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
-
-# File content that means "pickle inside", whatever the file is called: (magic test, reason).
-_PICKLE_MAGIC: tuple[tuple[re.Pattern[bytes], str], ...] = (
-    (re.compile(rb"^PK\x03\x04"), "a zip archive, the container torch.save writes its pickle into"),
-    (re.compile(rb"^\x80[\x02-\x05]"), "a raw pickle stream (legacy torch.save or pickle.dump)"),
-)
-_HEAD_BYTES = 8
-
-
-# --- what may be published -------------------------------------------------------------------------
-
-def pickle_reason(name: str, head: bytes) -> str | None:
-    """Why a file is a pickle, from its name and first bytes; None when it is not one."""
-    suffix = PurePosixPath(name).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        return f"{suffix} is a torch pickle extension"
-    return next((reason for magic, reason in _PICKLE_MAGIC if magic.match(head)), None)
-
-
-class Problem(NamedTuple):
-    """One file that must not be published: the line to show and the error class it belongs to."""
-
-    text: str
-    error: type[AockptError]
-
-
-def find_problems(root: Path, names: Iterable[str]) -> list[Problem]:
-    """The files under `root` (given by relative posix name) that must not be published."""
-    problems, checkpoints = [], set()
-    for name in sorted(names):
-        if not is_inside(root, root / name):
-            problems.append(Problem(f"{name}: a link outside the folder (or a link loop); "
-                                    "copy the file in if it belongs to the model", UnsafeCheckpointError))
-            continue
-        with open(root / name, "rb") as f:
-            head = f.read(_HEAD_BYTES)
-        reason = pickle_reason(name, head)
-        if reason:
-            problems.append(Problem(f"{name}: {reason}; convert it with `aockpt pack`, never publish pickles",
-                                    UnsafeCheckpointError))
-        elif name.endswith(_CHECKPOINT_SUFFIXES):
-            checkpoints.add(str(PurePosixPath(name).parent))
-    for folder in sorted(checkpoints):
-        problems.extend(_checkpoint_problems(root, folder))
-    return problems
-
-
-def _checkpoint_problems(root: Path, folder: str) -> list[Problem]:
-    """Problems of one folder of safetensors: not packed by aockpt, or failing verify."""
-    from .api import verify
-    from .reader import is_packed
-
-    shown = folder if folder != "." else "the checkpoint folder"
-    try:
-        if not is_packed(root / folder):
-            return [Problem(f"{shown}: safetensors without aockpt's record; run `aockpt pack` on it first",
-                            UnsafeCheckpointError)]
-        verify(root / folder)
-    except AockptError as e:
-        return [Problem(f"{shown}: fails verify: {e}", CorruptCheckpointError)]
-    return []
-
-
-def publishable_files(folder: Path) -> list[str]:
-    """Relative names of the files `push` uploads: everything but hidden files and folders."""
-    names = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            names.append(rel.as_posix())
-    return names
 
 
 # --- model card ------------------------------------------------------------------------------------
@@ -306,129 +227,7 @@ def _progress_bars(wanted: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-# --- git pre-push hook -----------------------------------------------------------------------------
+if __name__ == "__main__":  # hooks installed by aockpt 0.1 run `python -m aockpt.hub pre-push`
+    from .hook import main
 
-def install_hook(repo_dir: PathLike = ".", *, force: bool = False) -> Path:
-    """Write `.git/hooks/pre-push` running this Python's aockpt; refuse to replace a foreign hook unless forced."""
-    import aockpt
-
-    try:
-        hooks = Path(_git(Path(repo_dir), "rev-parse", "--git-path", "hooks").decode().strip())
-    except subprocess.CalledProcessError as e:
-        raise UsageError(f"{repo_dir} is not a git repository; run `git init` or pass a clone's folder") from e
-    hook = (hooks if hooks.is_absolute() else Path(repo_dir) / hooks) / "pre-push"
-    if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace") and not force:
-        raise UsageError(f"{hook} exists and was not written by aockpt; pass --force to replace it "
-                         "(the old hook is kept as pre-push.aockpt-backup)")
-    if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
-        hook.replace(hook.with_name("pre-push.aockpt-backup"))
-    package_parent = str(Path(aockpt.__file__).resolve().parent.parent)
-    hook.parent.mkdir(parents=True, exist_ok=True)
-    hook.write_text(
-        f"#!/bin/sh\n{HOOK_MARKER}: refuses pushes carrying torch pickles or safetensors that fail\n"
-        "# `aockpt verify`. Bypass once with `git push --no-verify`; delete this file to uninstall.\n"
-        f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}} "
-        f"exec {shlex.quote(sys.executable)} -m aockpt.hub pre-push \"$@\"\n"
-    )
-    hook.chmod(0o755)
-    return hook
-
-
-def check_push(updates: str, remote: str, repo: Path) -> list[str]:
-    """Problems in the commits of a push, from git's pre-push stdin (`<lref> <lsha> <rref> <rsha>` lines)."""
-    problems = []
-    for line in updates.splitlines():
-        if not line.strip():
-            continue
-        _, local_sha, _, remote_sha = line.split()
-        if _ZERO_SHA.match(local_sha):
-            continue  # a branch deletion carries no files
-        for sha in _new_commits(repo, local_sha, remote_sha, remote):
-            problems += [f"{sha[:12]} {p.text}" for p in _commit_problems(repo, sha)]
-    return problems
-
-
-def _new_commits(repo: Path, local_sha: str, remote_sha: str, remote: str) -> list[str]:
-    """Commits the push sends: those not on the remote's head, else not on any of its tracking refs."""
-    probe = ["git", "cat-file", "-e", f"{remote_sha}^{{commit}}"]
-    known = not _ZERO_SHA.match(remote_sha) and subprocess.run(probe, cwd=repo, capture_output=True).returncode == 0
-    exclude = [f"^{remote_sha}"] if known else ["--not", f"--remotes={remote}"]
-    return _git(repo, "rev-list", local_sha, *exclude).decode().split()
-
-
-def _commit_problems(repo: Path, sha: str) -> list[Problem]:
-    """Problems in the files a commit adds or changes, checked on an export of that commit."""
-    parents = _git(repo, "rev-list", "--parents", "-n", "1", sha).decode().split()[1:]
-    listing = (["diff-tree", "-r", "-z", "--name-only", "--no-commit-id", "--diff-filter=ACMRT", parents[0], sha]
-               if parents else ["ls-tree", "-r", "-z", "--name-only", sha])
-    changed = [n for n in _git(repo, *listing).decode().split("\0") if n]
-    if not changed:
-        return []
-    export = set(changed)
-    for folder in {str(PurePosixPath(n).parent) for n in changed if n.endswith(_CHECKPOINT_SUFFIXES)}:
-        export.update(_folder_files(repo, sha, folder))
-    with tempfile.TemporaryDirectory(prefix="aockpt-pre-push-") as tmp:
-        _export(repo, sha, sorted(export), Path(tmp))
-        return find_problems(Path(tmp), changed)
-
-
-def _folder_files(repo: Path, sha: str, folder: str) -> list[str]:
-    """Files directly in one folder of a commit (the rest of a checkpoint whose shard changed)."""
-    spec = [] if folder == "." else [f"{folder}/"]
-    out = _git(repo, "ls-tree", "-z", "--full-tree", sha, "--", *spec).decode().split("\0")
-    return [entry.split("\t", 1)[1] for entry in out if entry and entry.split()[1] == "blob"]
-
-
-def _export(repo: Path, sha: str, names: list[str], dst: Path) -> None:
-    """Write the named files of a commit under `dst`, with git-lfs pointers replaced by their local objects."""
-    proc = subprocess.Popen(["git", "--literal-pathspecs", "archive", "--format=tar", sha, "--", *names],
-                            cwd=repo, stdout=subprocess.PIPE)
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-        tar.extractall(dst, filter="data")
-    if proc.wait() != 0:
-        raise subprocess.CalledProcessError(proc.returncode, "git archive")
-    lfs_store = Path(_git(repo, "rev-parse", "--git-path", "lfs/objects").decode().strip())
-    for name in names:
-        _resolve_lfs_pointer(dst / name, lfs_store if lfs_store.is_absolute() else repo / lfs_store)
-
-
-def _resolve_lfs_pointer(path: Path, store: Path) -> None:
-    """Replace a git-lfs pointer file by the object it names, when the object is in the local store."""
-    with open(path, "rb") as f:
-        if f.read(len(_LFS_POINTER)) != _LFS_POINTER:
-            return
-        match = re.search(rb"^oid sha256:([0-9a-f]{64})$", f.read(1024), re.M)
-    oid = match.group(1).decode() if match else ""
-    obj = store / oid[:2] / oid[2:4] / oid
-    if oid and obj.is_file():
-        path.unlink()
-        path.symlink_to(obj)
-
-
-def _git(repo: Path, *args: str) -> bytes:
-    """Run git in `repo` and return its stdout; raise CalledProcessError on failure."""
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, check=True).stdout
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the hook: `python -m aockpt.hub pre-push <remote> <url>` with git's lines on stdin."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["pre-push"]:
-        print("usage: python -m aockpt.hub pre-push <remote> <url>  (run by git)", file=sys.stderr)
-        return 2
-    try:
-        problems = check_push(sys.stdin.read(), args[1] if len(args) > 1 else "", Path.cwd())
-    except (subprocess.CalledProcessError, OSError, tarfile.TarError, ValueError) as e:
-        print(f"aockpt: push refused: could not inspect the pushed commits ({e}); "
-              "bypass once with `git push --no-verify`", file=sys.stderr)
-        return 1
-    for problem in problems:
-        print(f"aockpt: refused {problem}", file=sys.stderr)
-    if problems:
-        print(f"aockpt: push refused ({len(problems)} problem(s)); pack checkpoints with `aockpt pack`, "
-              "or bypass once with `git push --no-verify`", file=sys.stderr)
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

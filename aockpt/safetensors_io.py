@@ -175,7 +175,7 @@ class SafetensorsFile:
         if run == stride:
             runs, run = 1, runs * run
         for i in range(runs):
-            _pread_into(self._file.fileno(), view[i * run:(i + 1) * run], first + i * stride, self.path)
+            pread_into(self._file.fileno(), view[i * run:(i + 1) * run], first + i * stride, self.path)
         self.bytes_read += buf.numel()
         shape[dim] = stop - start
         return buf.view(slot.dtype).reshape(shape if slot.shape else ())
@@ -197,7 +197,7 @@ class SafetensorsFile:
         self.close()
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+def pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
     """Fill `view` from the file at `offset`, however many reads the OS splits it into."""
     while len(view):
         got = os.preadv(fd, [view], offset)

@@ -152,3 +152,72 @@ def assert_same_tensor(a: torch.Tensor, b: torch.Tensor) -> None:
 def _normalise(attrs: dict) -> dict:
     """Attributes compared by value; devices compared by type."""
     return {k: (v.type if isinstance(v, torch.device) else v) for k, v in attrs.items()}
+
+
+def tiny_config(arch: str = "llama", *, layers: int = 2, tie: bool = False):
+    """The suite's one tiny transformers config: a real architecture with dimensions small enough for CI."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
+    return Qwen3Config(head_dim=16, **common) if arch == "qwen3" else LlamaConfig(**common)
+
+
+def tiny_model(arch: str = "llama", *, layers: int = 2, tie: bool = False, seed: int = 0):
+    """A seeded bf16 causal LM of `tiny_config`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, tie=tie), dtype=torch.bfloat16).eval()
+
+
+def assert_close_in_bf16_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int = 4) -> None:
+    """|got - want| <= ulps bf16 steps at the largest |want|: where two kernels accumulate differently."""
+    top = want.float().abs().max()
+    spacing = 2.0 ** (torch.floor(torch.log2(top)) - 7)
+    worst = (got.float() - want.float()).abs().max()
+    assert worst <= ulps * spacing, f"max diff {worst} > {ulps} ulps ({spacing}) of max output {top}"
+
+
+def _int4_plain(t: torch.Tensor) -> torch.Tensor:
+    """Int4Tensor (mslk) has no CPU dequantize: w = q * scale + zero, q signed, even k in the low nibble."""
+    from aockpt.relayout.canonical import bytes_to_nibbles
+
+    q = bytes_to_nibbles(t.qdata.view(torch.uint8)).to(torch.float32)
+    q = torch.where(q >= 8, q - 16, q)
+    g = t.block_size[-1]
+    scale, zero = (p.float().T.repeat_interleave(g, 1) for p in (t.scale, t.zero_point))
+    return (q * scale + zero).to(t.dtype)
+
+
+def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
+    """Int4PlainInt32Tensor through aockpt's XPU layout math (torchao dequantizes it on XPU only)."""
+    from aockpt.relayout import xpu
+    from aockpt.relayout.canonical import bytes_to_nibbles
+
+    codes = bytes_to_nibbles(t.qdata.contiguous().view(torch.uint8)).view(t.shape)
+    return xpu._xpu_dequantize(codes, t.scale, t.zero_point, t.block_size[-1])
+
+
+def _canonical(t: torch.Tensor, packer: str) -> torch.Tensor:
+    """A device-packed int4 tensor through aockpt's canonical form, read as `packer` wrote it."""
+    from aockpt import codec, relayout
+
+    flat = codec.flatten("w", t)
+    return relayout.dequantize(relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer)).to(t.dtype)
+
+
+def dequantize(t: torch.Tensor, *, cpu_packer: str | None = None) -> torch.Tensor:
+    """The suite's one dequantizer: torchao's own where it runs on CPU, aockpt's int4 math where it does not.
+
+    CPU int4 is read as `cpu_packer` wrote it (default: this machine's packer, for tensors made here).
+    """
+    from aockpt import relayout
+
+    by_type = {
+        "Int4Tensor": _int4_plain,
+        "Int4PlainInt32Tensor": _int4_xpu,
+        "Int4TilePackedTo4dTensor": lambda x: _canonical(x, "cuda-tinygemm"),
+        "Int4OpaqueTensor": lambda x: _canonical(x, cpu_packer or relayout.cpu_packer()),
+    }
+    return by_type.get(type(t).__name__, lambda x: x.dequantize())(t)

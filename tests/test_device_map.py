@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_config
 
 import aockpt
 from aockpt import device_map as dm
@@ -16,10 +18,8 @@ UNITS = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm",
 
 
 def _skeleton(tie: bool) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(tiny_config(tie=tie))
     model.tie_weights()
     return model
 

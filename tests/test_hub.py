@@ -20,7 +20,7 @@ from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 sys.path.insert(0, str(Path(__file__).parent))
 
 import aockpt  # noqa: E402
-from aockpt import hub  # noqa: E402
+from aockpt import hook, hub, publish_rules  # noqa: E402
 from aockpt.cli import main  # noqa: E402
 from aockpt.errors import HubError, UnsafeCheckpointError, UsageError  # noqa: E402
 from hub_server import HubServer  # noqa: E402
@@ -217,17 +217,17 @@ def test_push_calls_a_damaged_aockpt_record_corrupt_not_unpacked(server, packed)
     with pytest.raises(aockpt.CorruptCheckpointError, match=r"model\.safetensors: invalid JSON .*damaged"):
         _push(server, packed)
     assert server.requests == []
-    [problem] = hub.find_problems(packed, hub.publishable_files(packed))
+    [problem] = publish_rules.find_problems(packed, publish_rules.publishable_files(packed))
     assert problem.error is aockpt.CorruptCheckpointError and "fails verify: " in problem.text
 
 
 def test_push_to_hub_of_an_in_memory_model_loads_back_with_stock_transformers(server, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, TorchAoConfig
+
+    from conftest import tiny_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                  quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, Int8Tensor)
@@ -359,9 +359,9 @@ def test_hook_checks_every_pushed_commit_not_only_the_tip(clone, packed):
 
 def test_hook_install_rules(tmp_path, clone):
     hook_file = clone / ".git" / "hooks" / "pre-push"
-    assert hub.HOOK_MARKER in hook_file.read_text() and os.access(hook_file, os.X_OK)
+    assert hook.HOOK_MARKER in hook_file.read_text() and os.access(hook_file, os.X_OK)
     assert sys.executable in hook_file.read_text()
-    assert hub.install_hook(clone) == hook_file  # re-installing our own hook needs no --force
+    assert hook.install_hook(clone) == hook_file  # re-installing our own hook needs no --force
 
     hook_file.write_text("#!/bin/sh\necho foreign\n")
     result = CliRunner().invoke(main, ["hook", "install", str(clone)])
@@ -371,7 +371,7 @@ def test_hook_install_rules(tmp_path, clone):
 
     (tmp_path / "plain").mkdir()
     with pytest.raises(UsageError, match="is not a git repository"):
-        hub.install_hook(tmp_path / "plain")
+        hook.install_hook(tmp_path / "plain")
 
 
 def test_the_hook_refuses_pickles_without_importing_torch():
@@ -379,7 +379,20 @@ def test_the_hook_refuses_pickles_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys, aockpt.hub as h; assert h.pickle_reason('m/x.bin', b'') "
-            "and h.pickle_reason('m/y.dat', b'PK\\x03\\x04'); print('torch' in sys.modules)")
+    code = ("import sys, aockpt.hook, aockpt.publish_rules as r; assert r.pickle_reason('m/x.bin', b'') "
+            "and r.pickle_reason('m/y.dat', b'PK\\x03\\x04'); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("module", ["aockpt.hook", "aockpt.hub"])
+def test_hooks_installed_by_any_release_still_run(module):
+    """aockpt 0.1 hooks run `python -m aockpt.hub pre-push`; current ones `-m aockpt.hook`: both check the push."""
+    import subprocess
+    import sys
+
+    usage = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
+    assert usage.returncode == 2 and "pre-push" in usage.stderr
+    empty = subprocess.run([sys.executable, "-m", module, "pre-push", "origin", "url"], input="",
+                           capture_output=True, text=True)
+    assert empty.returncode == 0, empty.stderr

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, TorchAoConfig
+from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import aockpt
 from aockpt.errors import AockptError, UnsupportedTensorError
 from aockpt.hf_config import model_class, transformers_config
+from conftest import tiny_config
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 from torchao.quantization import (
     Float8WeightOnlyConfig,
@@ -36,10 +37,8 @@ DOC = ROOT / "docs" / "transformers.md"
 NEW_TOKENS = 16
 
 ARCHS = {
-    "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False),
-    "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=True),
+    "llama": lambda: tiny_config("llama", layers=1, tie=False),
+    "qwen3": lambda: tiny_config("qwen3", layers=1, tie=True),
 }
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import aockpt
 from aockpt import relayout
 from aockpt.errors import PortabilityError
+from conftest import assert_close_in_bf16_ulps, dequantize
 from mlp import run_mlp
 
 ROOT = Path(__file__).parent.parent / "fixtures"
@@ -17,21 +18,6 @@ CUDA = ROOT / "cuda"
 LEGACY_CUDA = ROOT / "legacy" / "ao0.13-cuda"
 INT4 = ["linear_int4_tile_g32", "linear_int4_tile_g64"]
 PORTABLE = ["linear_int8_wo", "linear_int8_dyn", "linear_float8_wo", "linear_float8_dyn_row", "linear_float8_dyn_tensor"]
-
-
-def _close(got, want, ulps=4):
-    """Within a few bf16 steps of the largest recorded value: CPU and GPU kernels accumulate differently."""
-    assert (got.float() - want.float()).abs().max().item() <= ulps * torch.finfo(torch.bfloat16).eps * want.abs().max()
-
-
-def _dequantized(t):
-    """Dequantize, through the canonical int4 form where torchao has no CPU dequantize."""
-    if type(t).__name__ == "Int4OpaqueTensor":
-        names, attrs = t.__tensor_flatten__()
-        parts = {n: getattr(t, n) for n in names}
-        return relayout.dequantize(relayout.to_canonical("Int4OpaqueTensor", parts, attrs,
-                                                         packer=relayout.cpu_packer())).to(t.dtype)
-    return t.dequantize()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -44,9 +30,9 @@ def test_cuda_int4_is_refused_on_cpu_then_relaid_out_exactly(name, suffix):
     expected = load_file(CUDA / f"{name}.expected.safetensors")
     for layer in ("0.weight", "2.weight"):
         assert type(state[layer]).__name__ == "Int4OpaqueTensor"
-        got, want = _dequantized(state[layer]), expected[f"dequantized.{layer}"]
+        got, want = dequantize(state[layer]), expected[f"dequantized.{layer}"]
         assert torch.equal(got.float(), want.float()), layer
-    _close(run_mlp(state, expected["input"]), expected["output"])
+    assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -57,7 +43,7 @@ def test_cuda_int8_and_float8_load_on_cpu(name, suffix, tmp_path):
     expected = load_file(CUDA / f"{name}.expected.safetensors")
     for layer in ("0.weight", "2.weight"):
         assert torch.equal(state[layer].dequantize(), expected[f"dequantized.{layer}"]), layer
-    _close(run_mlp(state, expected["input"]), expected["output"])
+    assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("name", ["llama_int8_wo", "llama_int8_dyn", "llama_float8_wo", "llama_float8_dyn_row"])
@@ -66,7 +52,7 @@ def test_transformers5_cuda_folder_packs_and_loads_with_stock_transformers_on_cp
     expected = load_file(CUDA / f"{name}.expected.safetensors")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
     with torch.no_grad():
-        _close(model(expected["input_ids"]).logits, expected["logits"], ulps=8)
+        assert_close_in_bf16_ulps(model(expected["input_ids"]).logits, expected["logits"], 8)
 
 
 def test_transformers5_cuda_int4_folder_runs_on_cpu_with_relayout(tmp_path):
@@ -77,7 +63,7 @@ def test_transformers5_cuda_int4_folder_runs_on_cpu_with_relayout(tmp_path):
     assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
     expected = load_file(CUDA / "llama_int4_tile_g32.expected.safetensors")
     with torch.no_grad():
-        _close(model(expected["input_ids"]).logits, expected["logits"], ulps=8)
+        assert_close_in_bf16_ulps(model(expected["input_ids"]).logits, expected["logits"], 8)
 
 
 @pytest.mark.parametrize("name", ["linear_int4_tc_tiled_g32", "linear_int4_tc_tiled_ik4_g64", "linear_float8_wo_aqt",
@@ -88,7 +74,7 @@ def test_legacy_cuda_pickles_migrate_and_run_on_cpu(name):
         granularity = state["0.weight"].act_quant_kwargs.granularity
         assert type(granularity).__name__ == ("PerRow" if "row" in name else "PerTensor")
     expected = load_file(LEGACY_CUDA / f"{name}.expected.safetensors")
-    _close(run_mlp(state, expected["input"]), expected["output"])
+    assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"])
 
 
 @pytest.mark.parametrize("name", ["linear_float8_dyn_row", "linear_float8_dyn_tensor"])
@@ -115,7 +101,7 @@ def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
     assert info["0.weight"].type == "Int4OpaqueTensor" and info["0.weight"].packer == relayout.cpu_packer()
     state = aockpt.load_quantized(tmp_path / "cpu", "cpu")
     expected = load_file(CUDA / "linear_int4_tile_g32.expected.safetensors")
-    _close(run_mlp(state, expected["input"]), expected["output"])
+    assert_close_in_bf16_ulps(run_mlp(state, expected["input"]), expected["output"])
     aockpt.pack(tmp_path / "cpu", tmp_path / "cuda", device="cuda")
     original = aockpt.inspect(source)
     again = {t.name: t for t in aockpt.inspect(tmp_path / "cuda").tensors}

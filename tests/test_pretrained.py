@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import tiny_config, tiny_model
 
 import aockpt
 from aockpt.errors import KeyMismatchError
@@ -54,10 +56,7 @@ def test_per_module_mix_keeps_skipped_modules_plain(tmp_path):
 def _tiny_int4_cpu_model() -> LlamaForCausalLM:
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = tiny_model(tie=True)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
             module.weight = torch.nn.Parameter(Int4OpaqueTensor.from_hp(module.weight.detach(), [1, 32]),
@@ -118,8 +117,7 @@ def test_load_pretrained_takes_an_explicit_model_class(tmp_path):
 def test_skeleton_holds_no_weights_but_real_buffers():
     from aockpt.pretrained import _parameters_on_meta
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+    config = tiny_config()
     with _parameters_on_meta():
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     assert {p.device.type for p in model.parameters()} == {"meta"}

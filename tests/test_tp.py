@@ -15,41 +15,7 @@ from aockpt import codec, relayout, tp
 from aockpt.cli import main
 from aockpt.errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from aockpt.registry import TENSOR_TYPES, TpSplit
-from aockpt.relayout import xpu as xpu_layout
-from aockpt.relayout.canonical import bytes_to_nibbles
-from conftest import CASES, assert_same_tensor
-
-
-def _int4_plain(t: torch.Tensor) -> torch.Tensor:
-    """Int4Tensor (mslk) has no CPU dequantize: w = q * scale + zero, q signed, even k in the low nibble."""
-    q = bytes_to_nibbles(t.qdata.view(torch.uint8)).to(torch.float32)
-    q = torch.where(q >= 8, q - 16, q)
-    g = t.block_size[-1]
-    scale, zero = (p.float().T.repeat_interleave(g, 1) for p in (t.scale, t.zero_point))
-    return (q * scale + zero).to(t.dtype)
-
-
-def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
-    codes = bytes_to_nibbles(t.qdata.contiguous().view(torch.uint8)).view(t.shape)
-    return xpu_layout._xpu_dequantize(codes, t.scale, t.zero_point, t.block_size[-1])
-
-
-def _canonical(t: torch.Tensor, type_name: str, packer: str) -> torch.Tensor:
-    flat = codec.flatten("w", t)
-    return relayout.dequantize(relayout.to_canonical(type_name, flat.parts, flat.attrs, packer=packer))
-
-
-# how to dequantize each type on CPU where torchao 0.18 cannot
-_DEQUANTIZE = {
-    "Int4Tensor": lambda t: _int4_plain(t),
-    "Int4PlainInt32Tensor": _int4_xpu,
-    "Int4TilePackedTo4dTensor": lambda t: _canonical(t, "Int4TilePackedTo4dTensor", "cuda-tinygemm"),
-    "Int4OpaqueTensor": lambda t: _canonical(t, "Int4OpaqueTensor", relayout.cpu_packer()),
-}
-
-
-def dequantize(t: torch.Tensor, type_name: str) -> torch.Tensor:
-    return _DEQUANTIZE.get(type_name, lambda x: x.dequantize())(t)
+from conftest import CASES, assert_same_tensor, dequantize
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -66,14 +32,14 @@ def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world,
         with pytest.raises(UnsupportedTensorError, match=r"m\.weight: a .* split of this " + type_name):
             aockpt.load_quantized(tmp_path / "p", shard=tp.TPShard({"m": style}, 0, world))
         return
-    full = dequantize(tensor, type_name)
+    full = dequantize(tensor)
     for rank in range(world):
         ckpt = tp.open_sliceable(tmp_path / "p")
         local = tp.read_shard(ckpt, tp.TPShard({"m": style}, rank, world))
         start, stop = tp.chunk(tensor.shape[dim], rank, world)
         assert type(local["m.weight"]) is type(tensor)
         want = full.narrow(dim, start, stop - start)
-        assert torch.equal(_bytes(dequantize(local["m.weight"], type_name)), _bytes(want))
+        assert torch.equal(_bytes(dequantize(local["m.weight"])), _bytes(want))
         bias = torch.arange(tensor.shape[0], dtype=torch.bfloat16)
         assert torch.equal(local["m.bias"], bias[start:stop] if dim == 0 else bias)
         read, total = tp.bytes_read(ckpt), tp.shard_bytes(ckpt)
@@ -184,7 +150,7 @@ def test_device_rules_apply_to_slices(tmp_path):
         aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard)
     local = aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, relayout=True)["m.weight"]
     assert type(local).__name__ == "Int4OpaqueTensor"
-    got = dequantize(local, "Int4OpaqueTensor")
-    assert torch.equal(_bytes(got), _bytes(dequantize(tensor, "Int4TilePackedTo4dTensor")[32:]))
+    got = dequantize(local)
+    assert torch.equal(_bytes(got), _bytes(dequantize(tensor)[32:]))
     with pytest.raises(UsageError, match="verify=True checks whole tensors"):
         aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, verify=True)

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from transformers import AutoModelForCausalLM, TorchAoConfig
+
+from conftest import tiny_model
 
 import aockpt
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
@@ -10,16 +12,9 @@ from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Weig
 CONFIGS = {"int8-weight-only": Int8WeightOnlyConfig, "int8-dynamic": Int8DynamicActivationInt8WeightConfig}
 
 
-def tiny_llama(tie: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
-    return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-
-
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 def test_stock_from_pretrained_gives_same_logits(tmp_path, config_name):
-    model = tiny_llama(tie=True)
+    model = tiny_model(tie=True)
     quant = CONFIGS[config_name]()
     quantize_(model, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
     model.config.quantization_config = TorchAoConfig(quant)
@@ -38,7 +33,7 @@ def test_stock_from_pretrained_gives_same_logits(tmp_path, config_name):
 
 def test_stock_save_pretrained_still_fails_on_cpu_torchao_tensors(tmp_path):
     """Why save_pretrained exists: if this starts passing, transformers fixed it and the docs should say so."""
-    model = tiny_llama(tie=False)
+    model = tiny_model(tie=False)
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
     model.config.quantization_config = TorchAoConfig(Int8WeightOnlyConfig())
     with pytest.raises(RuntimeError, match="invalid python storage"):
@@ -50,7 +45,7 @@ def test_sharded_folder_repeats_every_torchao_record_in_every_shard(tmp_path):
     from safetensors import safe_open
     from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
 
-    model = tiny_llama(tie=False)
+    model = tiny_model(tie=False)
     quant = Int8WeightOnlyConfig()
     quantize_(model, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
     model.config.quantization_config = TorchAoConfig(quant)
