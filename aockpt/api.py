@@ -26,6 +26,9 @@ PathLike = str | os.PathLike
 KeyFilter = Iterable[str] | Callable[[str], bool] | None
 
 
+_CPU = torch.device("cpu")
+
+
 def _source_tensors(source: Source, layout_for: torch.device | None = None) -> list[SourceTensor]:
     """Rebuild every tensor of a source on CPU (zero-copy where the source allows), aliases sharing one object.
 
@@ -33,19 +36,9 @@ def _source_tensors(source: Source, layout_for: torch.device | None = None) -> l
     """
     portability.require_known_packers(source.types, str(source.path))
     converters = portability.plan_loading(source.types, layout_for, relayout=True) if layout_for else {}
-    built: dict[str, tuple[torch.Tensor, str | None]] = {}
-    items = []
-    for name in list(source.types) + list(source.aliases):
-        target = source.aliases.get(name, name)
-        if target not in built:
-            flat, packer = source.flat(target, None), source.types[target][1]
-            codec.check_record(flat, f"{source.path}: {target}")
-            if target in converters:
-                flat, packer = converters[target](flat, torch.device("cpu"))
-            built[target] = (codec.rebuild(flat, f"{source.path}: {target}"), packer)
-        tensor, packer = built[target]
-        items.append(SourceTensor(name, tensor, source.made_on[target], packer))
-    return items
+    tensors, packers = _build(source, source.names, lambda _: _CPU, converters)
+    return [SourceTensor(n, tensors[n], source.made_on[t], packers[t])
+            for n, t in ((n, source.aliases.get(n, n)) for n in source.names)]
 
 
 def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: int | str | None = None,
@@ -67,14 +60,10 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
         PortabilityError (CPU int4 of an unknown packer, and no `cpu_packer`).
     """
     layout_for = portability.parse_device(device) if device else None
-    source = open_source(src, cpu_packer)
-    try:
-        with staged(dst, force=force, source=src) as tmp:
-            items = _source_tensors(source, layout_for)
-            write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
-            _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
-    finally:
-        source.close()
+    with open_source(src, cpu_packer) as source, staged(dst, force=force, source=src) as tmp:
+        items = _source_tensors(source, layout_for)
+        write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
+        _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
     return Path(dst)
 
 
@@ -92,11 +81,11 @@ def state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
     """An in-memory state dict as writer items, recording this machine's packer for pinned layouts."""
     source = from_state_dict(state_dict, Path("<state_dict>"), "state dict")
     items = []
-    for name in list(source.types) + list(source.aliases):
-        type_name, packer = source.types[source.aliases.get(name, name)]
+    for name in source.names:
+        kind = source.types[source.aliases.get(name, name)]
         tensor = state_dict[name]
         items.append(SourceTensor(name, tensor, tensor.device.type,
-                                  portability.packer_here(type_name, tensor.device) or packer))
+                                  portability.packer_here(kind.type, tensor.device) or kind.packer))
     return items
 
 
@@ -115,24 +104,21 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
     a pickle file (``.pt``, ``.bin``, ...); anything else unpacks into the single file `dst`.
     `cpu_packer` is as for `pack`.
     """
-    source = open_source(src, cpu_packer)
-    try:
+    with open_source(src, cpu_packer) as source:
         portability.require_known_packers(source.types, str(source.path))
         _check_weights_only_loadable(source)
         as_folder = bool(source.extra_files) and Path(dst).suffix not in PICKLE_SUFFIXES
         with staged(dst, force=force, folder=as_folder, source=src) as tmp:
-            state = _build(source, _select(source, None), lambda _: torch.device("cpu"), {})
+            state, _ = _build(source, source.names, lambda _: _CPU, {})
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
             for extra in source.extra_files if as_folder else ():
                 shutil.copy2(extra, tmp / extra.name)
-    finally:
-        source.close()
     return Path(dst)
 
 
 def _check_weights_only_loadable(source: Source) -> None:
     """Refuse to unpack tensor types that ``torch.load(weights_only=True)`` refuses even after ``import torchao``."""
-    refused = sorted({t for t, _ in source.types.values() if not tensor_type_named(t, t).weights_only})
+    refused = sorted({k.type for k in source.types.values() if not tensor_type_named(k.type, k.type).weights_only})
     if refused:
         raise UnsupportedTensorError(
             f"{source.path} holds {', '.join(refused)}, which torch.load(weights_only=True) refuses even after "
@@ -152,7 +138,7 @@ def _torch_save(state: dict[str, torch.Tensor], path: Path, dst: Path) -> None:
 
 def _select(source: Source, keys: KeyFilter) -> list[str]:
     """Names to load; unknown names asked for are an error listing each one."""
-    names = list(source.types) + list(source.aliases)
+    names = source.names
     if keys is None:
         return names
     if callable(keys):
@@ -199,10 +185,9 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
 def load_placed(path: PathLike, device_of: Callable[[str], torch.device], *, relayout: bool = False,
                 keys: KeyFilter = None, verify: bool = False, cpu_packer: str | None = None) -> dict[str, torch.Tensor]:
     """`load_quantized` with each tensor read straight onto its own device, `device_of(name)` (device maps)."""
-    source = open_source(path, cpu_packer)
-    try:
+    with open_source(path, cpu_packer) as source:
         names = _select(source, keys)
-        real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+        real = source.real_names(names)
         portability.require_known_packers({n: source.types[n] for n in real}, str(source.path))
         place = {n: _concrete(device_of(n)) for n in real}
         plan: dict[str, portability.Converter] = {}
@@ -211,27 +196,23 @@ def load_placed(path: PathLike, device_of: Callable[[str], torch.device], *, rel
             plan.update(portability.plan_loading(types, device, relayout=relayout))
         if verify:
             _verify_digests(source, real)
-        return _build(source, names, place.__getitem__, plan)
-    finally:
-        source.close()
+        return _build(source, names, place.__getitem__, plan)[0]
 
 
 def stored_bytes(path: PathLike, cpu_packer: str | None = None) -> dict[str, int]:
     """Bytes each tensor stores (tied names share their target's), read from headers alone."""
-    source = open_source(path, cpu_packer)
-    try:
+    with open_source(path, cpu_packer) as source:
         sizes = {n: source.flat(n, None).nbytes for n in source.types}
         return {**sizes, **{a: sizes[t] for a, t in source.aliases.items()}}
-    finally:
-        source.close()
 
 
 def _build(source: Source, names: list[str], device_of: Callable[[str], torch.device],
-           converters: dict[str, portability.Converter]) -> dict[str, torch.Tensor]:
-    """Rebuild the named tensors each on `device_of(name)`, re-laying out those with a converter; parts
-    bound for an accelerator are read straight onto it; aliases share."""
-    built = {}
-    real = list(dict.fromkeys(source.aliases.get(n, n) for n in names))
+           converters: dict[str, portability.Converter]) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+    """The one rebuild loop: the named tensors each on `device_of(name)`, re-laying out those with a
+    converter; parts bound for an accelerator are read straight onto it; aliases share. Also returns each
+    stored tensor's packer (the converter's where it re-packed)."""
+    built, packers = {}, {}
+    real = source.real_names(names)
     place = {n: device_of(n) for n in real}
     direct = _read_direct(source, {n: d for n, d in place.items() if n not in converters})
     for name in track(real, "loading", len(real)):
@@ -241,10 +222,11 @@ def _build(source: Source, names: list[str], device_of: Callable[[str], torch.de
         else:
             flat = source.flat(name, target)
         codec.check_record(flat, f"{source.path}: {name}")
+        packers[name] = source.types[name].packer
         if name in converters:
-            flat, _ = converters[name](flat, target)
+            flat, packers[name] = converters[name](flat, target)
         built[name] = codec.rebuild(flat, f"{source.path}: {name}", target)
-    return {n: built[source.aliases.get(n, n)] for n in names}
+    return {n: built[source.aliases.get(n, n)] for n in names}, packers
 
 
 def _concrete(device: torch.device) -> torch.device:
@@ -353,8 +335,7 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
 
     A CPU int4 tensor whose packer neither the file nor `cpu_packer` states lists its `packer_candidates`.
     """
-    source = open_source(path, cpu_packer)
-    try:
+    with open_source(path, cpu_packer) as source:
         ckpt = source.checkpoint
         tensors = []
         for name, (type_name, packer) in source.types.items():
@@ -374,8 +355,6 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
         producer = ckpt.producer if ckpt else {}
         return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors,
                               _stock(source))
-    finally:
-        source.close()
 
 
 def _stock(source: Source) -> StockVerdict | None:
@@ -383,7 +362,7 @@ def _stock(source: Source) -> StockVerdict | None:
     config = next((f for f in source.extra_files if f.name == CONFIG_NAME), None)
     if config is None:
         return None
-    types = {n: t for n, (t, _) in source.types.items()}
+    types = {n: kind.type for n, kind in source.types.items()}
     return stock_verdict(read_config(config), types, legacy=bool(source.origins))
 
 
@@ -415,8 +394,7 @@ class VerifyReport:
 
 def verify(path: PathLike) -> VerifyReport:
     """Check structure, every digest, and that torchao's records agree with aockpt's; name what is wrong."""
-    source = open_source(path)
-    try:
+    with open_source(path) as source:
         names = list(source.types)
         _verify_digests(source, names)
         for name in names:
@@ -424,5 +402,3 @@ def verify(path: PathLike) -> VerifyReport:
         check_torchao_records(source.checkpoint)
         total = sum(sum(len(d) for _, _, d in source.digests(n)) for n in names)
         return VerifyReport(str(path), len(names) + len(source.aliases), total)
-    finally:
-        source.close()

@@ -179,6 +179,12 @@ class StockVerdict:
     reason: str
 
 
+def _is_plain(type_name: str) -> bool:
+    """Whether an on-disk type name is the plain tensor row."""
+    entry = known_type(type_name)
+    return entry is not None and not entry.quantized
+
+
 def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
 
@@ -186,7 +192,7 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
         types: stored tensor name -> registry type name (aliases excluded).
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
     """
-    quantized = sorted({t for t in types.values() if known_type(t) is None or known_type(t).quantized})
+    quantized = sorted({t for t in types.values() if not _is_plain(t)})
     qc = config.get("quantization_config")
     if legacy:
         return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "
@@ -208,7 +214,7 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
-    twice = [(t, s) for t, s in _stored_ties(config, types) if any(known_type(types[n]) is None or known_type(types[n]).quantized for n in (t, s))]
+    twice = [(t, s) for t, s in _stored_ties(config, types) if not all(_is_plain(types[n]) for n in (t, s))]
     if twice:
         return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
                                               f"and transformers' tie check (torch.equal) is not implemented for "

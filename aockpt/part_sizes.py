@@ -68,7 +68,8 @@ INT4: Rules = {"qdata": _PADDED_NIBBLES, "scale": _PADDED_PER_BLOCK, "zero_point
                "scale_and_zero": (_count, lambda s: s.blocks and 2 * s.blocks, True)}
 MX: Rules = {"qdata": (_bits, _mx_bits, False), "scale": _PADDED_PER_BLOCK}
 NVFP4: Rules = {"qdata": _NIBBLE_PER_VALUE, "scale": _PADDED_PER_BLOCK}
-NF4: Rules = {"quantized_data": _NIBBLE_PER_VALUE, "quantized_scalers": _PER_BLOCK, "nf4": (_count, lambda s: 16, False),
+NF4: Rules = {"quantized_data": _NIBBLE_PER_VALUE, "quantized_scalers": _PER_BLOCK,
+              "nf4": (_count, lambda s: 16, False),
               "quantization_factor": (_count, lambda s: s.blocks and s.blocks // s.attrs["scaler_block_size"], False)}
 
 
@@ -130,7 +131,8 @@ class Int4Geometry:
 
 INT4_TILES = Int4Geometry()  # tinygemm tiles pad K and N: only the shape and block size are checked
 INT4_OPAQUE = Int4Geometry(part_shapes=lambda n, k, g: {"qdata": (n, k // 2), "scale_and_zero": (k // g, n, 2)})
-INT4_PLAIN = Int4Geometry((2, 3), lambda n, k, g: {"qdata": (n, k // 2), "scale": (k // g, n), "zero_point": (k // g, n)})
+INT4_PLAIN = Int4Geometry((2, 3), lambda n, k, g: {"qdata": (n, k // 2), "scale": (k // g, n),
+                                                   "zero_point": (k // g, n)})
 INT4_PRESHUFFLED = Int4Geometry((2, 3), lambda n, k, g: {"qdata": (n, k // 2), "group_scale": (k // g, n),
                                                          "group_zero": (k // g, n)})
 INT4_PLAIN_INT32 = Int4Geometry(part_shapes=lambda n, k, g: {"qdata": (n, k // 8), "scale": (k // g, n),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -14,6 +14,13 @@ from .registry import Device, Portability, known_type, tensor_type_named
 from .relayout import cpu
 
 DEVICE_TYPES = tuple(d.value for d in Device)
+
+
+class TensorKind(NamedTuple):
+    """What a stored tensor is: its registry type name and the packer that wrote it (None: unknown or none)."""
+
+    type: str
+    packer: str | None
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -45,8 +52,8 @@ def _pinned_to_cpu(type_name: str) -> bool:
     return entry is not None and entry.portability is Portability.PINNED and entry.packed_for is Device.CPU
 
 
-def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str], int | None], choice: str | None,
-                   where: str) -> dict[str, tuple[str, str | None]]:
+def settle_packers(types: dict[str, TensorKind], rows: Callable[[str], int | None], choice: str | None,
+                   where: str) -> dict[str, TensorKind]:
     """Fill in the CPU int4 packer a file does not record: the user's `cpu_packer=` choice, else proof from
     the shape (`cpu.packings_agree`); where neither decides it stays None (unknown), never guessed."""
     stated = cpu.chosen_packer(choice)
@@ -59,7 +66,7 @@ def settle_packers(types: dict[str, tuple[str, str | None]], rows: Callable[[str
                                  f"{stated}; drop cpu_packer (the file's record is used)")
             if packer is None:
                 packer = stated or (agreed if _agree(rows(name)) else None)
-        settled[name] = (type_name, packer)
+        settled[name] = TensorKind(type_name, packer)
     return settled
 
 
@@ -77,7 +84,7 @@ _CHOOSE = (f"state it with cpu_packer= (CLI: --cpu-packer): {', '.join(cpu.PACKI
            "if the file was made on this machine")
 
 
-def require_known_packers(types: dict[str, tuple[str, str | None]], where: str) -> None:
+def require_known_packers(types: dict[str, TensorKind], where: str) -> None:
     """Refuse CPU int4 tensors whose packer is unknown: read with the wrong one, their rows come out permuted."""
     unknown = [name for name, (type_name, packer) in types.items() if packer_candidates(type_name, packer)]
     if unknown:
@@ -139,7 +146,7 @@ def _converter(type_name: str, packer: str | None, device_type: str) -> Converte
     return convert
 
 
-def plan_loading(types: dict[str, tuple[str, str | None]], device: torch.device, *,
+def plan_loading(types: dict[str, TensorKind], device: torch.device, *,
                  relayout: bool) -> dict[str, Converter]:
     """Check every tensor before any is built: converters for those that need a re-layout, or one error."""
     stuck = {}

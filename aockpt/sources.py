@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -17,7 +17,7 @@ from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .paths import member
-from .portability import assumed_packer, settle_packers
+from .portability import TensorKind, assumed_packer, settle_packers
 from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
 from .registry import tensor_type_of
 from .unpickle import safe_load, storage_devices
@@ -26,11 +26,14 @@ from .unpickle import safe_load, storage_devices
 
 @dataclass
 class Source:
-    """An opened input: its tensor names, their (type, packer), aliases, and a way to get each flat tensor."""
+    """An opened input: its tensor names, what each is, aliases, and a way to get each flat tensor.
+
+    A context manager: ``with open_source(path) as source:`` releases its files on the way out.
+    """
 
     path: Path
     kind: str
-    types: dict[str, tuple[str, str | None]]
+    types: dict[str, TensorKind]
     aliases: dict[str, str]
     made_on: dict[str, str]
     flat: Callable[[str, torch.device | None], codec.FlatTensor]
@@ -44,6 +47,21 @@ class Source:
         if self.checkpoint is not None:
             self.checkpoint.close()
 
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def real_names(self, names: Iterable[str]) -> list[str]:
+        """The stored tensors behind `names` (aliases resolved), each once, in order."""
+        return list(dict.fromkeys(self.aliases.get(n, n) for n in names))
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name: stored ones, then aliases."""
+        return [*self.types, *self.aliases]
+
 
 def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
     """A safetensors checkpoint as a source: nothing is read until a tensor is asked for."""
@@ -52,7 +70,7 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         if entry.alias_of is not None:
             aliases[name] = entry.alias_of
             continue
-        types[name] = (entry.type, entry.packer)
+        types[name] = TensorKind(entry.type, entry.packer)
         made_on[name] = entry.device
 
     def digests(name: str) -> list[tuple[str, str, memoryview]]:
@@ -74,7 +92,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
     for name, tensor in tensors.items():
         if name not in aliases:
             type_name = tensor_type_of(tensor, name).name
-            types[name] = (type_name, assumed_packer(type_name))
+            types[name] = TensorKind(type_name, assumed_packer(type_name))
     made_on = dict.fromkeys(types, made_on)
     return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
 

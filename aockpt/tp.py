@@ -279,7 +279,8 @@ def _fit(flat: codec.FlatTensor, packer: str | None, name: str, device: torch.de
     """load_quantized's device rules on one (local) tensor: refuse it, or re-pack it exactly; whether it was."""
     if relayout is None:
         return flat, False
-    converters = portability.plan_loading({name: (flat.type_name, packer)}, device, relayout=relayout)
+    kind = portability.TensorKind(flat.type_name, packer)
+    converters = portability.plan_loading({name: kind}, device, relayout=relayout)
     if name not in converters:
         return flat, False
     return converters[name](flat, device)[0], True

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .registry import TENSOR_TYPES, Portability, TensorType
 
-_HEADER = ("| type | family | portability | kernels (torchao 0.18) | stock transformers reads it | what it is | tp split |\n"
-           "|---|---|---|---|---|---|---|")
+_HEADER = ("| type | family | portability | kernels (torchao 0.18) | stock transformers reads it | what it is "
+           "| tp split |\n|---|---|---|---|---|---|---|")
 
 
 def _row(t: TensorType) -> str:
