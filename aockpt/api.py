@@ -277,7 +277,7 @@ class TensorInfo:
     portability: str
     packer: str | None
     alias_of: str | None = None
-    devices: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, portability.Verdict] = field(default_factory=dict)  # device -> will it load and run
     origin: str | None = None  # for a migrated legacy tensor: what it was and what it became
     packer_candidates: list[str] = field(default_factory=list)  # unknown CPU int4 packer: who may have packed it
     tp: str = "direct"  # how tensor parallelism splits it: direct | relayout | none (registry TensorType.tp)
@@ -317,6 +317,8 @@ class CheckpointInfo:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as `aockpt inspect --json` prints it."""
         out = asdict(self)
+        for t, row in zip(self.tensors, out["tensors"]):
+            row["devices"] = {d: v.text() for d, v in t.devices.items()}
         out.update(total_bytes=self.total_bytes, bf16_bytes=self.bf16_bytes, not_stock_loadable=self.not_stock_loadable,
                    not_unpackable=self.not_unpackable)
         return out
@@ -342,7 +344,7 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
             flat = source.flat(name, None)
             if flat.shape is None:
                 flat = codec.flatten(name, codec.rebuild(flat, f"{source.path}: {name}"))
-            verdicts = {d: _verdict_text(type_name, packer, d) for d in devices}
+            verdicts = {d: portability.verdict(type_name, packer, portability.parse_device(d).type) for d in devices}
             tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
                                       source.made_on[name], _portability(type_name), packer, None, verdicts,
                                       source.origins.get(name), portability.packer_candidates(type_name, packer),
@@ -374,13 +376,6 @@ def _portability(type_name: str) -> str:
 def _tp_split(type_name: str) -> str:
     """How tensor parallelism slices a type (registry `TensorType.tp`)."""
     return tensor_type_named(type_name, type_name).tp_text()
-
-
-def _verdict_text(type_name: str, packer: str | None, device: str) -> str:
-    """One word and a reason: will this tensor load and run on `device`."""
-    v = portability.verdict(type_name, packer, portability.parse_device(device).type)
-    word = "runs" if v.runs else "loads" if v.loads else "no"
-    return f"{word}: {v.reason}"
 
 
 @dataclass

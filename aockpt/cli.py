@@ -167,7 +167,7 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
     rows = [[errors.printable(c) for c in (
              t.name if not t.alias_of else f"{t.name} -> {t.alias_of}", t.type, "x".join(map(str, t.shape)),
              t.dtype, str(t.nbytes), t.device, t.portability + _packer_text(t), t.tp,
-             *(t.devices[d] for d in devices))] for t in info.tensors]
+             *(t.devices[d].text() for d in devices))] for t in info.tensors]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         _say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

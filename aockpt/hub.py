@@ -66,8 +66,9 @@ def _card_section(info: Any, repo_id: str) -> str:
     lines += ["", f"Total: {info.total_bytes:,} bytes of tensor data ({info.bf16_bytes:,} as bf16).", "",
               "| device | tensors that run | load only (no kernel) | cannot load |", "|---|---:|---:|---:|"]
     for device in CARD_DEVICES:
-        words = [t.devices[device].split(":", 1)[0] for t in info.tensors if t.alias_of is None]
-        lines.append(f"| {device} | {words.count('runs')} | {words.count('loads')} | {words.count('no')} |")
+        fates = [t.devices[device] for t in info.tensors if t.alias_of is None]
+        runs, loads = sum(v.runs for v in fates), sum(v.loads and not v.runs for v in fates)
+        lines.append(f"| {device} | {runs} | {loads} | {sum(not v.loads for v in fates)} |")
     lines += ["", "Load with stock transformers (needs torchao installed):", "", "```python",
               "from transformers import AutoModelForCausalLM", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", "",

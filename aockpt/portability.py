@@ -105,6 +105,10 @@ class Verdict:
     runs: bool
     reason: str
 
+    def text(self) -> str:
+        """One word and the reason, as `inspect` prints it (CLI table and --json)."""
+        return f"{'runs' if self.runs else 'loads' if self.loads else 'no'}: {self.reason}"
+
 
 def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
     """Decide one tensor's fate on one device type."""

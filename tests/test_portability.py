@@ -90,7 +90,7 @@ def test_cuda_dynamic_float8_runs_bare_f_linear_on_cpu(name, shape, dtype):
 def test_inspect_answers_will_it_run(tmp_path):
     info = aockpt.inspect(CUDA / "linear_int4_tile_g32.pt", devices=["cpu", "cuda"])
     weight = next(t for t in info.tensors if t.name == "0.weight")
-    assert weight.devices["cpu"].startswith("no:") and weight.devices["cuda"].startswith("runs:")
+    assert not weight.devices["cpu"].loads and weight.devices["cuda"].runs
 
 
 def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
@@ -234,7 +234,8 @@ def test_native_names_this_machines_packer(tmp_path):
 def test_inspect_lists_the_candidate_packers_per_tensor():
     info = {t.name: t for t in aockpt.inspect(LEGACY_INT4, devices=["cpu"]).tensors}
     assert info["0.weight"].packer is None and info["0.weight"].packer_candidates == ["cpu-avx512", "cpu-avx2", "cpu-default"]
-    assert info["0.weight"].devices["cpu"].startswith("no: CPU packer unknown")
+    assert not info["0.weight"].devices["cpu"].loads
+    assert info["0.weight"].devices["cpu"].reason.startswith("CPU packer unknown")
     assert info["0.bias"].packer_candidates == []
     stated = {t.name: t for t in aockpt.inspect(LEGACY_INT4, devices=["cpu"], cpu_packer="cpu-avx2").tensors}
     assert stated["0.weight"].packer == "cpu-avx2" and stated["0.weight"].packer_candidates == []
