@@ -40,20 +40,13 @@ from torchao.prototype.mx_formats.nvfp4_tensor import (  # noqa: E402
 )
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
 from torchao.quantization import (  # noqa: E402
-    Float8DynamicActivationFloat8WeightConfig,
     Float8Tensor,
-    Float8WeightOnlyConfig,
     Int4PlainInt32Tensor,
     Int4PreshuffledTensor,
     Int4Tensor,
     Int4TilePackedTo4dTensor,
-    Int4WeightOnlyConfig,
-    Int8DynamicActivationInt8WeightConfig,
-    Int8DynamicActivationIntxWeightConfig,
     Int8Tensor,
-    Int8WeightOnlyConfig,
     IntxUnpackedToInt8Tensor,
-    IntxWeightOnlyConfig,
     MappingType,
 )
 from torchao.quantization import granularity as _g  # noqa: E402
@@ -71,6 +64,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: E
     SubclassTensorArgs,
 )
 
+from . import quant_configs  # noqa: E402
 from . import relayout as relayout_converters  # noqa: E402  (registry-free at import; its lookups read this table)
 from .relayout import cpu as cpu_layout  # noqa: E402
 from .relayout import tinygemm  # noqa: E402
@@ -201,35 +195,6 @@ def _t(name, cls, family, portability, packed_for, kernels, stock, note, *, dtyp
                       part_dtypes={part: frozenset(allowed) for part, allowed in (dtypes or {}).items()}, **facts)
 
 
-def _int8_config(t: Any) -> Any:
-    """Int8Tensor: weight-only, or with int8 dynamic activations."""
-    return Int8WeightOnlyConfig() if t.act_quant_kwargs is None else Int8DynamicActivationInt8WeightConfig()
-
-
-def _float8_config(t: Any) -> Any:
-    """Float8Tensor: weight-only, or with float8 dynamic activations of the same granularity."""
-    if t.act_quant_kwargs is None:
-        return Float8WeightOnlyConfig()
-    return Float8DynamicActivationFloat8WeightConfig(granularity=t.act_quant_kwargs.granularity)
-
-
-def _intx_config(t: Any) -> Any:
-    """IntxUnpackedToInt8Tensor: its bit width and group, weight-only or with int8 dynamic activations."""
-    group = t.block_size[-1]
-    granularity = _g.PerAxis(0) if group == t.shape[-1] else _g.PerGroup(group)
-    if t.activation_quantization is None:
-        return IntxWeightOnlyConfig(weight_dtype=t.target_dtype, granularity=granularity)
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=t.target_dtype, weight_granularity=granularity)
-
-
-def _int4_config(packing: str) -> Callable[[Any], Any]:
-    """An int4 tensor of one packing format: Int4WeightOnlyConfig with its group size."""
-    def make(t: Any) -> Any:
-        return Int4WeightOnlyConfig(group_size=t.block_size[-1], int4_packing_format=packing)
-
-    return make
-
-
 def _cuda_int4_packer() -> str:
     """The packer this process's CUDA int4 kernels use: tinygemm, which ROCm builds pack differently."""
     return "rocm-tinygemm" if torch.version.hip else tinygemm.PACKER
@@ -271,19 +236,19 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("Int8Tensor", Int8Tensor, Family.INT8, _P, None, {"cpu", "cuda"}, True,
            "int8 per-row weight, optional int8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
            dtypes=dict(qdata=("int8",), scale=_F, zero_point=("int8",), act_quant_scale=_F, act_pre_scale=_F),
-           config=_int8_config, part_rules=_BYTES),
+           config=quant_configs.int8, part_rules=_BYTES),
         _t("Float8Tensor", Float8Tensor, Family.FLOAT8, _P, None, {"cpu", "cuda"}, True,
            "float8 weight, optional float8 dynamic activation", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           dtypes=dict(qdata=_FP8, scale=_F), config=_float8_config, part_rules=_BYTES),
+           dtypes=dict(qdata=_FP8, scale=_F), config=quant_configs.float8, part_rules=_BYTES),
         _t("IntxUnpackedToInt8Tensor", IntxUnpackedToInt8Tensor, Family.INTX, _P, None, {"cpu", "cuda"}, True,
            "int1..int8 values held unpacked in int8", tp=_DIRECT, tp_axes=_ROW_MAJOR,
-           dtypes=dict(qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)), config=_intx_config,
+           dtypes=dict(qdata=("int8",), scale=_F, zero_point=("int8", "int32", *_F)), config=quant_configs.intx,
            part_rules=_BYTES),
         _t("Int4TilePackedTo4dTensor", Int4TilePackedTo4dTensor, Family.INT4, _X, _CUDA, {"cuda"}, True,
            "int4 in CUDA tinygemm tile packing",
            tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS,
            dtypes=dict(qdata=("int32",), scale_and_zero=_F, act_pre_scale=_F),
-           config=_int4_config("tile_packed_to_4d"), part_rules=_INT4, geometry=part_sizes.INT4_TILES,
+           config=quant_configs.int4("tile_packed_to_4d"), part_rules=_INT4, geometry=part_sizes.INT4_TILES,
            relayout=relayout_converters.TILE_PACKED, packer_here=_cuda_int4_packer, assumed_packer=tinygemm.PACKER),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, Family.INT4, _X, _CPU, {"cpu"}, False,
            "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT,
@@ -295,7 +260,7 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("Int4Tensor", Int4Tensor, Family.INT4, _P, None, {"cuda"}, True,
            "int4 plain nibble packing (mslk kernels)", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
            dtypes=dict(qdata=("int8", "uint8"), scale=_F, zero_point=_F, act_pre_scale=_F),
-           config=_int4_config("plain"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN),
+           config=quant_configs.int4("plain"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN),
         _t("Int4PreshuffledTensor", Int4PreshuffledTensor, Family.INT4, _X, _CUDA, {"cuda"}, False,
            "int4 preshuffled for mslk CUDA kernels",
            dtypes=dict(qdata=("int8", "uint8"), group_scale=_F, group_zero=_F, row_scale=_F),
@@ -304,7 +269,7 @@ TENSOR_TYPES: dict[str, TensorType] = {
         _t("Int4PlainInt32Tensor", Int4PlainInt32Tensor, Family.INT4, _X, _XPU, {"xpu", "npu"}, True,
            "int4 packed in int32 for XPU/NPU kernels", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
            dtypes=dict(qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F),
-           config=_int4_config("plain_int32"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN_INT32,
+           config=quant_configs.int4("plain_int32"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN_INT32,
            relayout=relayout_converters.PLAIN_INT32, packer_here=lambda: xpu_layout.PACKER,
            assumed_packer=xpu_layout.PACKER),
         _t("MXTensor", MXTensor, Family.MX, _P, None, {"cpu", "cuda"}, True,

@@ -1,0 +1,48 @@
+"""Each torchao type's config factory: the torchao 0.18 config that makes a given tensor (for config.json).
+
+Registry rows name these (`TensorType.config`); `hf_config` calls them through the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torchao.quantization import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8DynamicActivationIntxWeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+)
+from torchao.quantization import granularity as _g
+
+
+def int8(t: Any) -> Any:
+    """Int8Tensor: weight-only, or with int8 dynamic activations."""
+    return Int8WeightOnlyConfig() if t.act_quant_kwargs is None else Int8DynamicActivationInt8WeightConfig()
+
+
+def float8(t: Any) -> Any:
+    """Float8Tensor: weight-only, or with float8 dynamic activations of the same granularity."""
+    if t.act_quant_kwargs is None:
+        return Float8WeightOnlyConfig()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=t.act_quant_kwargs.granularity)
+
+
+def intx(t: Any) -> Any:
+    """IntxUnpackedToInt8Tensor: its bit width and group, weight-only or with int8 dynamic activations."""
+    group = t.block_size[-1]
+    granularity = _g.PerAxis(0) if group == t.shape[-1] else _g.PerGroup(group)
+    if t.activation_quantization is None:
+        return IntxWeightOnlyConfig(weight_dtype=t.target_dtype, granularity=granularity)
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=t.target_dtype, weight_granularity=granularity)
+
+
+def int4(packing: str) -> Callable[[Any], Any]:
+    """An int4 tensor of one packing format: Int4WeightOnlyConfig with its group size."""
+    def make(t: Any) -> Any:
+        return Int4WeightOnlyConfig(group_size=t.block_size[-1], int4_packing_format=packing)
+
+    return make
