@@ -85,7 +85,7 @@ def state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
         kind = source.types[source.aliases.get(name, name)]
         tensor = state_dict[name]
         items.append(SourceTensor(name, tensor, tensor.device.type,
-                                  portability.packer_here(kind.type, tensor.device) or kind.packer))
+                                  portability.packer_here(kind.type) or kind.packer))
     return items
 
 

@@ -110,7 +110,7 @@ def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None)
         chunks[keys[inner]] = _Chunk(part, tuple(offsets), tuple(size))
     shape = info.full_shape if info else tuple(flat.shape)
     attrs = info.full_attrs if info else flat.attrs
-    packer = portability.packer_here(flat.type_name, local.device) or portability.assumed_packer(flat.type_name)
+    packer = portability.packer_here(flat.type_name) or portability.assumed_packer(flat.type_name)
     return _Record(flat.type_name, shape, flat.dtype, attrs, keys, local.device.type, packer), chunks
 
 

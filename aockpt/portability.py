@@ -34,8 +34,8 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def packer_here(type_name: str, device: torch.device) -> str | None:
-    """The packer that produced a pinned tensor quantized in this process on `device`."""
+def packer_here(type_name: str) -> str | None:
+    """The packer this process's kernel for a pinned type writes and reads (None for a portable type)."""
     entry = known_type(type_name)
     return entry.packer_here() if entry is not None and entry.packer_here is not None else None
 
@@ -121,7 +121,7 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
         return Verdict(False, False, f"CPU packer unknown ({' | '.join(cpu.PACKINGS)}): state it with "
                                      "cpu_packer= (CLI: --cpu-packer)")
     if entry.packed_for == device_type:
-        expected = packer_here(type_name, torch.device(device_type))
+        expected = packer_here(type_name)
         if packer != expected:
             return Verdict(False, False, f"{entry.note}, packed by {packer} but this machine's {device_type} "
                                          f"kernel reads the {expected} packing")
