@@ -3,6 +3,7 @@ what stock transformers' ``from_pretrained`` will do with the folder."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,6 @@ from .errors import CorruptCheckpointError
 from .registry import TENSOR_TYPES, known_type, tensor_type_of
 
 CONFIG_NAME = "config.json"
-_CONTAINERS = frozenset({"FqnToConfig", "ModuleFqnToConfig", "AOPerModuleConfig"})
 # The `_type` of a torchao config record that no torchao module defines: stock transformers refuses the
 # folder with "Failed to find class ...", instead of loading the weights it cannot read as random ones.
 AOCKPT_ONLY = "LoadWithAockptLoadPretrained"
@@ -31,19 +31,41 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def is_legacy_config(quantization_config: Any) -> bool:
-    """Whether a quantization_config holds configs or layouts that torchao 0.18 refuses (version 1)."""
+    """Whether a quantization_config holds a layout or a config version that torchao 0.18 refuses.
+
+    A config or layout record is legacy when torchao 0.18 has no class of that name (deleted layouts and
+    configs) or its ``_version`` differs from the one that class declares (helper records such as
+    ``Float8MMConfig`` stay at version 1 and are current).
+    """
+    versions = _current_versions()
     stack = [quantization_config]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             kind = item.get("_type")
-            if isinstance(kind, str) and (kind.endswith("Layout") or (
-                    kind.endswith("Config") and kind not in _CONTAINERS and item.get("_version") == 1)):
+            if isinstance(kind, str) and kind != AOCKPT_ONLY and kind.endswith(("Layout", "Config")) and (
+                    kind not in versions or item.get("_version", 1) != versions[kind]):
                 return True
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+@functools.cache
+def _current_versions() -> dict[str, int]:
+    """Config class name -> the version torchao's deserializer expects, from torchao's own allowed modules."""
+    import importlib
+
+    from torchao.core.config import ALLOWED_AO_MODULES
+
+    versions = {}
+    for module in ALLOWED_AO_MODULES:
+        for name, obj in vars(importlib.import_module(module)).items():
+            version = getattr(obj, "version", 1) if isinstance(obj, type) else None
+            if name.endswith("Config") and version is not None:
+                versions.setdefault(name, version if type(version) is int else 1)
+    return versions
 
 
 def model_class(config: Any) -> type | None:
