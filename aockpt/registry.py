@@ -353,7 +353,7 @@ VALUE_TYPES: dict[str, type] = {
     "SubclassTensorArgs": SubclassTensorArgs,
 }
 # Dotted names torchao 0.13-0.17 pickled value classes under (tensor types keep theirs in `former_names`).
-VALUE_FORMER_NAMES: dict[str, tuple[str, ...]] = {
+FORMER_VALUE_NAMES: dict[str, tuple[str, ...]] = {
     "SubclassTensorArgs": ("torchao.dtypes.nf4tensor.SubclassTensorArgs",),
 }
 

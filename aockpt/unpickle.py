@@ -76,7 +76,7 @@ def _dotted(cls: type) -> str:
 def allowlist() -> list[tuple[object, str]]:
     """Every (object, exact dotted name) a checkpoint may name beyond torch's own rebuild functions."""
     classes = [*((t.cls, t.former_names) for t in registry.TENSOR_TYPES.values()),
-               *((cls, registry.VALUE_FORMER_NAMES.get(n, ())) for n, cls in registry.VALUE_TYPES.items())]
+               *((cls, registry.FORMER_VALUE_NAMES.get(n, ())) for n, cls in registry.VALUE_TYPES.items())]
     by_name: dict[str, object] = {}
     for cls, former in classes:
         for name in (_dotted(cls), *former):
