@@ -1,8 +1,10 @@
-"""The one table of tensor types (torchao subclasses and the plain tensor) and attribute value types that aockpt knows.
+"""The one table of tensor types (torchao subclasses, and the plain tensor) and attribute value types.
 
-Everything that depends on a tensor's type (flatten/rebuild, the unpickling allowlist, portability
-checks, ``inspect``, the docs and the parametrized tests) reads ``TENSOR_TYPES``; a new torchao type is
-one entry here. On-disk names are stable strings chosen by us (equal to torchao's own ``_type`` names
+Everything that depends on a tensor's type (flatten/rebuild, part sizes, the unpickling allowlist,
+portability and re-layout, tensor-parallel slicing, ``inspect``, config.json, the README table and the
+parametrized tests) reads a ``TensorType`` row; a new torchao type is one entry in ``TENSOR_TYPES``.
+The rows name functions in leaf modules (``part_sizes``, ``quant_configs``, ``relayout``) that never
+import this one at import time. On-disk names are stable strings chosen by us (equal to torchao's own ``_type`` names
 so that stock torchao/transformers can read the files), never ``cls.__name__`` read at run time.
 """
 
