@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..errors import PortabilityError, UnsupportedTensorError
 from . import cpu, tinygemm, xpu
 from .canonical import Int4Canonical, dequantize
 from .cpu import cpu_packer
+
+if TYPE_CHECKING:
+    from ..registry import TensorType
 
 __all__ = ["Int4Canonical", "dequantize", "cpu_packer", "to_canonical", "from_canonical", "relayout", "target"]
 
@@ -75,13 +79,18 @@ OPAQUE = Converter(_cpu_to, _cpu_from)
 PLAIN_INT32 = Converter(_xpu_to, _xpu_from)
 
 
-def _converter(type_name: str) -> Converter:
-    from ..registry import relayout_types  # the registry's rows name the converters above
+def _rows() -> dict[str, TensorType]:
+    """The registry rows that carry a converter, by type name (imported on call: those rows name the
+    converters above, so the registry imports this package, never the other way round at import time)."""
+    from ..registry import relayout_types
 
-    found = relayout_types().get(type_name)
+    return relayout_types()
+
+
+def _converter(type_name: str) -> Converter:
+    found = _rows().get(type_name)
     if found is None:
-        raise UnsupportedTensorError(f"{type_name!r} has no int4 re-layout; re-layout handles "
-                                     f"{', '.join(relayout_types())}")
+        raise UnsupportedTensorError(f"{type_name!r} has no int4 re-layout; re-layout handles {', '.join(_rows())}")
     return found.relayout
 
 
@@ -107,9 +116,7 @@ def from_canonical(
 
 def target(device_type: str) -> str | None:
     """The int4 type whose kernel runs on `device_type` and that re-layout can pack, or None."""
-    from ..registry import relayout_types
-
-    return next((name for name, t in relayout_types().items() if t.packed_for == device_type), None)
+    return next((name for name, t in _rows().items() if t.packed_for == device_type), None)
 
 
 def relayout(
@@ -127,12 +134,10 @@ def relayout(
     The new parts are built on `build_on` (default: the target itself), e.g. the CPU when packing a
     checkpoint for a device this machine lacks.
     """
-    from ..registry import relayout_types
-
     device = torch.device(target_device)
     new_type = target(device.type)
     if new_type is None:
-        targets = ", ".join(t.packed_for.value for t in relayout_types().values())
+        targets = ", ".join(t.packed_for.value for t in _rows().values())
         raise PortabilityError(f"no int4 kernel layout is known for device {device.type!r}; targets: {targets}")
     canon = to_canonical(type_name, parts, attrs, packer=packer, allow_inexact=allow_inexact)
     new_parts, new_attrs, new_packer = from_canonical(canon, new_type, device if build_on is None else build_on,
