@@ -89,11 +89,14 @@ def test_portability_verdicts_read_its_row(toy):
 
 def test_inspect_and_a_packed_round_trip_list_it(toy, tmp_path):
     aockpt.save({"w": toy}, tmp_path / "p")
-    info = aockpt.inspect(tmp_path / "p")
+    info = aockpt.inspect(tmp_path / "p", devices=["cpu", "cuda"])
     (t,) = info.tensors
     assert (t.type, t.portability, t.tp, t.shape, t.dtype) == ("ToyInt8Tensor", "portable", "direct", [4, 8],
                                                                "bfloat16")
     assert info.not_stock_loadable == ["ToyInt8Tensor"]
+    assert t.devices["cpu"].runs and t.devices["cuda"].loads and not t.devices["cuda"].runs
+    assert info.to_dict()["tensors"][0]["devices"] == {  # verdicts become text only at the edge (--json)
+        "cpu": "runs: portable", "cuda": "loads: portable; no cuda kernel in torchao 0.18 (data only)"}
     _assert_same(aockpt.load_quantized(tmp_path / "p")["w"], toy)
 
 
