@@ -7,11 +7,15 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
-from . import api, errors
+from . import errors
 from .cli_hub import CPU_PACKER, hook, push
+
+if TYPE_CHECKING:
+    from . import api
 
 class Terminated(BaseException):
     """SIGTERM, raised wherever the process is, so staged outputs are removed exactly as for Ctrl-C."""
@@ -120,6 +124,8 @@ def pack(src: str, dst: str, force: bool, max_shard_size: str | None, device: st
     Example: aockpt pack cuda-int4/ cpu-int4/ --device cpu
     Example: aockpt pack old-int4cpu.pt packed/ --cpu-packer cpu-avx2
     """
+    from . import api  # here, not at the top: `aockpt --help` need not import torch
+
     api.pack(src, dst, force=force, max_shard_size=max_shard_size, device=device, workers=workers,
              cpu_packer=cpu_packer)
     info = api.inspect(dst)
@@ -142,6 +148,8 @@ def unpack(src: str, dst: str, force: bool, cpu_packer: str | None) -> None:
     Example: aockpt unpack llama-int8/ llama-int8.pt
     Example: aockpt unpack llama-int8/ llama-int8-pickle/
     """
+    from . import api
+
     api.unpack(src, dst, force=force, cpu_packer=cpu_packer)
     click.echo(f"unpacked {src} into {dst}")
 
@@ -158,6 +166,8 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str 
     \b
     Example: aockpt inspect llama-int4/ --device cpu
     """
+    from . import api
+
     info = api.inspect(path, devices=devices, cpu_packer=cpu_packer)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
@@ -207,6 +217,8 @@ def verify(path: str) -> None:
     \b
     Example: aockpt verify llama-int8/
     """
+    from . import api
+
     report = api.verify(path)
     click.echo(f"ok: {report.tensors} tensors, {_mb(report.bytes)} verified in {path}")
 

@@ -206,3 +206,16 @@ def test_a_signal_mid_pack_leaves_nothing_and_says_one_line(tmp_path, sig, worke
     assert proc.returncode == code
     assert err.decode().strip().splitlines() == [f"Error: {word}; nothing was left at the destination"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
+
+
+def test_help_does_not_import_torch():
+    """`aockpt --help` and `aockpt pack --help` answer at once: the library is imported when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aockpt.cli import main\n"
+            "for args in (['--help'], ['pack', '--help'], ['push', '--help']):\n"
+            "    main(args, standalone_mode=False)\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
