@@ -113,11 +113,11 @@ def check_names(flat: FlatTensor, where: str) -> None:
 
 @functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
-    """Annotated field types of an allowlisted value class (kwargs dataclasses, granularities)."""
-    try:
-        return typing.get_type_hints(cls, localns=dict(VALUE_TYPES))
-    except Exception:
-        return {}
+    """Annotated field types of an allowlisted value class (kwargs dataclasses, granularities).
+
+    A hint that does not resolve is a bug in the value table, raised here, never a silently skipped check.
+    """
+    return typing.get_type_hints(cls, localns=dict(VALUE_TYPES))
 
 
 def _check_fields(value: Any, name: str, where: str) -> None:

@@ -23,6 +23,12 @@ def test_every_registry_constructor_hint_resolves(type_name):
     assert set(annotated) <= set(hints)
 
 
+@pytest.mark.parametrize("value_type", sorted(registry.VALUE_TYPES))
+def test_every_value_type_field_hint_resolves(value_type):
+    """Field checks of attribute objects read these hints: an unresolvable one must fail here, not skip checks."""
+    codec._field_hints(registry.VALUE_TYPES[value_type])
+
+
 def test_flatten_rebuild_is_exact(case):
     _, type_name, tensor = case
     flat = codec.flatten("layer.weight", tensor)
