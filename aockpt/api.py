@@ -209,23 +209,30 @@ def stored_bytes(path: PathLike, cpu_packer: str | None = None) -> dict[str, int
 def _build(source: Source, names: list[str], device_of: Callable[[str], torch.device],
            converters: dict[str, portability.Converter]) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
     """The one rebuild loop: the named tensors each on `device_of(name)`, re-laying out those with a
-    converter; parts bound for an accelerator are read straight onto it; aliases share. Also returns each
-    stored tensor's packer (the converter's where it re-packed)."""
+    converter; parts bound for an accelerator are read straight onto it while the wrappers are built
+    (constructors touch no bytes: tests/test_codec.py checks every registered type); aliases share. Also
+    returns each stored tensor's packer (the converter's where it re-packed)."""
     built, packers = {}, {}
     real = source.real_names(names)
     place = {n: device_of(n) for n in real}
-    direct = _read_direct(source, {n: d for n, d in place.items() if n not in converters})
-    for name in track(real, "loading", len(real)):
-        target = place[name]
-        if name in direct:
-            flat = read_flat(source.checkpoint, name, target, direct[name].__getitem__)
-        else:
-            flat = source.flat(name, target)
-        codec.check_record(flat, f"{source.path}: {name}")
-        packers[name] = source.types[name].packer
-        if name in converters:
-            flat, packers[name] = converters[name](flat, target)
-        built[name] = codec.rebuild(flat, f"{source.path}: {name}", target)
+    direct = {n: d for n, d in place.items() if n not in converters and d.type != "cpu" and source.checkpoint is not None}
+    loading = _read_direct(source, direct)
+    try:
+        for name in track(real, "loading", len(real)):
+            target, where = place[name], f"{source.path}: {name}"
+            flat = read_flat(source.checkpoint, name, target, loading.parts.__getitem__) if name in direct \
+                else source.flat(name, target)
+            packers[name] = source.types[name].packer
+            if name in converters:
+                codec.check_record(flat, where)
+                flat, packers[name] = converters[name](flat, target)
+            built[name] = codec.rebuild(flat, where, target)
+    except BaseException:
+        if loading:
+            loading.cancel()
+        raise
+    if loading:
+        loading.wait()
     return {n: built[source.aliases.get(n, n)] for n in names}, packers
 
 
@@ -236,15 +243,13 @@ def _concrete(device: torch.device) -> torch.device:
     return device
 
 
-def _read_direct(source: Source, place: dict[str, torch.device]) -> dict[str, dict[str, torch.Tensor]]:
-    """name -> part key -> stored tensor, for safetensors tensors bound for an accelerator (device_load)."""
+def _read_direct(source: Source, place: dict[str, torch.device]) -> device_load.Loading | None:
+    """Start reading the parts of safetensors tensors bound for accelerators straight onto them (device_load)."""
+    if not place:
+        return None
     ckpt = source.checkpoint
-    wanted = {n: d for n, d in place.items() if d.type != "cpu"}
-    if ckpt is None or not wanted:
-        return {}
-    keys = {n: [p.key for p in ckpt.entries[n].parts.values()] for n in wanted}
-    parts = device_load.load_parts(ckpt.shards, {k: (ckpt.key_to_shard[k], wanted[n]) for n in keys for k in keys[n]})
-    return {n: {k: parts[k] for k in keys[n]} for n in keys}
+    return device_load.start_loading(ckpt.shards, {p.key: (ckpt.key_to_shard[p.key], device) for n, device in place.items()
+                                                   for p in ckpt.entries[n].parts.values()})
 
 
 def _verify_digests(source: Source, names: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ CPU "device" (plain buffers, synchronous copies), which is how tests check it wi
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .safetensors_io import SafetensorsFile, pread_into
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
 CHUNK_BYTES = 16 << 20
-THREADS = 8
+THREADS = min(16, os.cpu_count() or 1)  # measured on a 32-core H200 host: 16 x 16 MB beat 8, 12 and 24 threads
 
 
 @dataclass(frozen=True)
@@ -115,28 +116,67 @@ def _runs(shard: SafetensorsFile, keys: list[str]) -> Iterator[list[str]]:
 
 def _chunks(shard_name: str, shard: SafetensorsFile, keys: list[str], blocks: list[Block],
             where: dict[str, int], chunk_bytes: int) -> Iterator[Chunk]:
-    """Each run of back-to-back parts cut into reads of at most `chunk_bytes`, a part split where needed."""
+    """Each run of back-to-back parts cut into reads of at most `chunk_bytes`, a part split where needed.
+
+    One pass over the run's keys (not one per chunk): a checkpoint has thousands of chunks and parts."""
     for run in _runs(shard, keys):
-        start, end = shard.slots[run[0]].begin, shard.slots[run[-1]].end
-        for offset in range(start, end, chunk_bytes):
-            stop = min(offset + chunk_bytes, end)
+        slots = [shard.slots[key] for key in run]
+        first = 0  # the first part not wholly before the current chunk
+        for offset in range(slots[0].begin, slots[-1].end, chunk_bytes):
+            stop = min(offset + chunk_bytes, slots[-1].end)
+            while slots[first].end <= offset:
+                first += 1
             pieces = []
-            for key in run:
-                slot = shard.slots[key]
+            for key, slot in zip(run[first:], slots[first:]):
+                if slot.begin >= stop:
+                    break
                 lo, hi = max(slot.begin, offset), min(slot.end, stop)
-                if lo < hi:
-                    dst = blocks[where[key]].parts[key] + lo - slot.begin
-                    pieces.append(Piece(where[key], lo - offset, dst, hi - lo))
+                pieces.append(Piece(where[key], lo - offset, blocks[where[key]].parts[key] + lo - slot.begin, hi - lo))
             yield Chunk(shard_name, shard.data_start + offset, stop - offset, tuple(pieces))
+
+
+@dataclass
+class Loading:
+    """Parts being read by worker threads: the views exist at once, their bytes are valid once `wait` returns.
+
+    Building tensor wrappers around the views overlaps the reads; nothing may read the bytes before `wait`."""
+
+    parts: dict[str, torch.Tensor]
+    workers: list[threading.Thread]
+    errors: list[BaseException]
+    stop: threading.Event
+
+    def wait(self) -> None:
+        """Block until every read and copy is done; raise the first worker's error."""
+        try:
+            for w in self.workers:
+                w.join()
+        except BaseException:  # Ctrl-C while waiting: the workers stop after their current 16 MB
+            self.cancel()
+            raise
+        if self.errors:
+            raise self.errors[0]
+
+    def cancel(self) -> None:
+        """Stop handing out reads and wait for the workers, ignoring their errors (the caller is raising its own)."""
+        self.stop.set()
+        for w in self.workers:
+            w.join()
 
 
 def load_parts(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]], *,
                threads: int = THREADS, chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """The stored tensors under `placement`'s keys, each on its device, as views of one block per shard and device."""
+    loading = start_loading(shards, placement, threads=threads, chunk_bytes=chunk_bytes)
+    loading.wait()
+    return loading.parts
+
+
+def start_loading(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]], *,
+                  threads: int = THREADS, chunk_bytes: int = CHUNK_BYTES) -> Loading:
+    """`load_parts` that returns as soon as the reads have started, so the caller can build while they run."""
     plan = plan_reads(shards, placement, chunk_bytes)
     blocks = [torch.empty(b.nbytes, dtype=torch.uint8, device=b.device) for b in plan.blocks]
-    if plan.chunks:
-        _run(shards, plan, blocks, min(threads, len(plan.chunks)), chunk_bytes)
     out = {}
     for key, (shard_name, device) in placement.items():
         slot = shards[shard_name].slots[key]
@@ -146,26 +186,28 @@ def load_parts(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[st
         block = plan.blocks[plan.where[key]]
         raw = blocks[plan.where[key]][block.parts[key]:block.parts[key] + slot.end - slot.begin]
         out[key] = raw.view(slot.dtype).reshape(slot.shape)
-    return out
+    loading = Loading(out, [], [], threading.Event())
+    if plan.chunks:
+        _start(shards, plan, blocks, min(threads, len(plan.chunks)), chunk_bytes, loading)
+    return loading
 
 
-def _run(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Tensor], threads: int,
-         chunk_bytes: int) -> None:
-    """Read and copy every chunk with `threads` workers, each alternating between two staging buffers."""
+def _start(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Tensor], threads: int,
+           chunk_bytes: int, loading: Loading) -> None:
+    """Start `threads` workers reading and copying every chunk, each alternating between two staging buffers."""
     pinned = any(b.device.type == "cuda" for b in plan.blocks)
-    staging = torch.empty(threads * 2 * chunk_bytes, dtype=torch.uint8, pin_memory=pinned)
     chunks = iter(plan.chunks)
     lock = threading.Lock()
-    errors: list[BaseException] = []
     fds = {name: shard.fileno() for name, shard in shards.items()}
 
     def next_chunk() -> Chunk | None:
         with lock:
-            return None if errors else next(chunks, None)
+            return None if loading.errors or loading.stop.is_set() else next(chunks, None)
 
-    def work(i: int) -> None:
-        try:
-            buffers = [staging[(2 * i + j) * chunk_bytes:(2 * i + j + 1) * chunk_bytes] for j in (0, 1)]
+    def work() -> None:
+        try:  # each thread pins its own buffers, so the first reads start before the last buffer is pinned
+            staging = torch.empty(2 * chunk_bytes, dtype=torch.uint8, pin_memory=pinned)
+            buffers = [staging[:chunk_bytes], staging[chunk_bytes:]]
             copier = _Copier(blocks)
             turn = 0
             while (chunk := next_chunk()) is not None:
@@ -176,17 +218,13 @@ def _run(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Tens
                 copier.copy(turn, buf, chunk.pieces)
                 turn ^= 1
             copier.finish()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by Loading.wait
             with lock:
-                errors.append(e)
+                loading.errors.append(e)
 
-    workers = [threading.Thread(target=work, args=(i,), name=f"aockpt-load-{i}") for i in range(threads)]
-    for w in workers:
+    loading.workers.extend(threading.Thread(target=work, name=f"aockpt-load-{i}") for i in range(threads))
+    for w in loading.workers:
         w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
 
 
 class _Copier:

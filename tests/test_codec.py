@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aockpt import codec, registry
 from aockpt.errors import CorruptCheckpointError, UnsupportedTensorError
@@ -35,6 +36,37 @@ def test_flatten_rebuild_is_exact(case):
     assert flat.type_name == type_name
     assert all(type(p) is torch.Tensor for p in flat.parts.values())
     assert_same_tensor(codec.rebuild(flat, "layer.weight"), tensor)
+
+
+class _Ops(TorchDispatchMode):
+    """Every aten op run while active (a kernel or a metadata op alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rebuild_runs_no_op_on_the_parts(case, device):
+    """Device loads build wrappers while the parts' bytes are still being copied (api._build): no registered
+    type's rebuild may run any op on them, or it could read bytes that have not arrived."""
+    _, _, tensor = case
+    flat = codec.flatten("w", tensor)
+    flat = codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, {k: v.to(device) for k, v in flat.parts.items()},
+                            flat.attrs)
+    with _Ops() as seen:
+        codec.rebuild(flat, "w", torch.device(device))
+    assert seen.ops == []
+    with _Ops() as seen:  # the recorder sees ops on the parts
+        next(iter(flat.parts.values())).clone()
+    assert seen.ops == ["aten.clone.default"]
 
 
 def test_flatten_does_not_copy(case):

@@ -83,6 +83,17 @@ def test_rebuilt_tensors_equal_what_was_saved(packed):
         assert_same_tensor(codec.rebuild(flat, name, CPU), expected[name])
 
 
+def test_views_exist_at_once_and_cancel_stops_every_worker(packed):
+    ckpt = open_checkpoint(packed)
+    loading = device_load.start_loading(ckpt.shards, _everything(ckpt), threads=3, chunk_bytes=64)
+    assert set(loading.parts) == set(ckpt.key_to_shard)  # wrappers can be built while the bytes arrive
+    loading.cancel()
+    assert not any(w.is_alive() for w in loading.workers)
+    loading = device_load.start_loading(ckpt.shards, _everything(ckpt), threads=3, chunk_bytes=64)
+    loading.wait()
+    assert all(torch.equal(_bytes(loading.parts[k]), _bytes(ckpt.part(k))) for k in ckpt.key_to_shard)
+
+
 def test_file_truncated_after_opening_is_one_clear_error(tmp_path):
     aockpt.save({"a": torch.arange(5000.0)}, tmp_path / "p")
     ckpt = open_checkpoint(tmp_path / "p")
