@@ -1,4 +1,8 @@
-"""Race aockpt's CUDA loads against the hardware floor, safetensors, fastsafetensors and the Run:ai streamer.
+"""Race aockpt's CUDA loads against the floors, safetensors, fastsafetensors and the Run:ai streamer.
+
+Two floors: ``floor`` is the bus (a pinned buffer copied to the GPU until the checkpoint's size has moved);
+``pipeline-N`` is issue 15's prototype, N threads ``preadv`` into pinned 16 MB double buffers copied on
+side streams, no headers parsed and nothing built (gpu_read_paths.pread_copy).
 
 Builds (once, on the GPU) an 8B-shaped Llama with random bf16 weights, quantizes every linear with
 torchao's ``Int8WeightOnlyConfig`` and writes it with ``aockpt.save_pretrained`` (two shards, ~8.5 GB),
