@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from . import progress
 from .safetensors_io import SafetensorsFile, pread_into
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
@@ -142,15 +143,20 @@ class Loading:
     Building tensor wrappers around the views overlaps the reads; nothing may read the bytes before `wait`."""
 
     parts: dict[str, torch.Tensor]
-    workers: list[threading.Thread]
-    errors: list[BaseException]
-    stop: threading.Event
+    nbytes: int
+    workers: list[threading.Thread] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    read: int = 0  # bytes read so far, for the progress bar
 
     def wait(self) -> None:
-        """Block until every read and copy is done; raise the first worker's error."""
+        """Block until every read and copy is done (a bar of bytes read on a terminal); raise the first error."""
         try:
-            for w in self.workers:
-                w.join()
+            with progress.bar("reading", self.nbytes) as show:
+                for w in self.workers:
+                    while w.is_alive():
+                        w.join(0.2)
+                        show(self.read)
         except BaseException:  # Ctrl-C while waiting: the workers stop after their current 16 MB
             self.cancel()
             raise
@@ -186,7 +192,7 @@ def start_loading(shards: dict[str, SafetensorsFile], placement: dict[str, tuple
         block = plan.blocks[plan.where[key]]
         raw = blocks[plan.where[key]][block.parts[key]:block.parts[key] + slot.end - slot.begin]
         out[key] = raw.view(slot.dtype).reshape(slot.shape)
-    loading = Loading(out, [], [], threading.Event())
+    loading = Loading(out, plan.nbytes)
     if plan.chunks:
         _start(shards, plan, blocks, min(threads, len(plan.chunks)), chunk_bytes, loading)
     return loading
@@ -215,6 +221,8 @@ def _start(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Te
                 copier.wait(turn)
                 view = memoryview((ctypes.c_char * chunk.nbytes).from_address(buf.data_ptr())).cast("B")
                 pread_into(fds[chunk.shard], view, chunk.offset, shards[chunk.shard].path)
+                with lock:
+                    loading.read += chunk.nbytes
                 copier.copy(turn, buf, chunk.pieces)
                 turn ^= 1
             copier.finish()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import click
 
@@ -23,3 +24,13 @@ def track(items: Iterable[T], label: str, length: int | None = None) -> Iterator
         return
     with click.progressbar(items, length=length, label=label, file=sys.stderr) as bar:
         yield from bar
+
+
+@contextmanager
+def bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar moved to a position (bytes done, say) by work the caller waits on; a no-op when nobody watches."""
+    if not enabled():
+        yield lambda _: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as b:
+        yield lambda done: b.update(done - b.pos)

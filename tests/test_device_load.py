@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aockpt
-from aockpt import codec, device_load
+from aockpt import codec, device_load, progress
 from aockpt.errors import CorruptCheckpointError
 from aockpt.reader import open_checkpoint, read_flat
 from conftest import CASES, assert_same_tensor
@@ -92,6 +92,13 @@ def test_views_exist_at_once_and_cancel_stops_every_worker(packed):
     loading = device_load.start_loading(ckpt.shards, _everything(ckpt), threads=3, chunk_bytes=64)
     loading.wait()
     assert all(torch.equal(_bytes(loading.parts[k]), _bytes(ckpt.part(k))) for k in ckpt.key_to_shard)
+
+
+def test_a_person_watching_sees_the_bytes_being_read(packed, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "enabled", lambda: True)
+    ckpt = open_checkpoint(packed)
+    device_load.load_parts(ckpt.shards, _everything(ckpt), threads=2, chunk_bytes=1024)
+    assert "reading" in capsys.readouterr().err  # click prints the label alone when stderr is not a terminal
 
 
 def test_file_truncated_after_opening_is_one_clear_error(tmp_path):
