@@ -18,8 +18,10 @@ Example (every rank)::
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from .reader import open_checkpoint
 from .registry import PLAIN, tensor_type_named
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
-from .writer import SourceTensor, write_packed
+from .writer import SourceTensor, page_releaser, write_packed
 
 _RECORDS = "aockpt_records"  # planner_data key carrying the tensors' records to the coordinator
 _STAGING = ".aockpt-dcp-staging"
@@ -176,22 +178,65 @@ class AockptStorageWriter(HuggingFaceStorageWriter):
             records = metadata.planner_data[_RECORDS]
             items = _source_items(records, parts)
             with staged(self.destination, force=self.force) as tmp:
-                write_packed(items, tmp, max_shard_size=self.max_shard_size)
+                write_packed(items, tmp, max_shard_size=self.max_shard_size, release_pages=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
 def _assemble(staging: Path, metadata: Metadata) -> dict[str, torch.Tensor]:
-    """Every part in full, from the chunks the ranks wrote with their offsets."""
-    full = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in metadata.state_dict_metadata.items()}
-    for path in sorted(staging.glob("*.safetensors")):
-        with SafetensorsFile(path) as f:
+    """Every part in full, from the chunks the ranks wrote with their offsets, as views of one staging file.
+
+    Parts are put together one at a time and written out, and the chunk files are deleted, so the
+    coordinator holds the largest part, never the checkpoint; the writer releases the views' pages as it
+    writes them (`write_packed(release_pages=True)`), as `pack` does with its sources."""
+    stored = metadata.state_dict_metadata
+    at, end = {}, 0
+    for key, md in stored.items():
+        at[key] = end
+        end = _aligned(end + _nbytes(md))
+    chunk_files = sorted(staging.glob("*.safetensors"))
+    assembled = staging / "assembled.bin"
+    with ExitStack() as stack, assembled.open("wb") as out:
+        chunks_of: dict[str, list[tuple[SafetensorsFile, list[int]]]] = {key: [] for key in stored}
+        for path in chunk_files:
+            f = stack.enter_context(SafetensorsFile(path))
             offsets = loads_strict(f.metadata[CUSTOM_METADATA_KEY], str(path))
             for key in f.keys():
+                chunks_of[key].append((f, offsets[key][SAVED_OFFSETS_KEY]))
+        release = page_releaser()
+        for key, md in stored.items():
+            full = torch.empty(md.size, dtype=md.properties.dtype)
+            for f, offsets in chunks_of[key]:
                 chunk = f.tensor(key)
-                where = tuple(slice(o, o + n) for o, n in zip(offsets[key][SAVED_OFFSETS_KEY], chunk.shape))
-                full[key][where] = chunk
-    return full
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, chunk.shape))] = chunk
+                release(chunk)
+            out.seek(at[key])
+            out.write(full.reshape(-1).view(torch.uint8).numpy())
+        out.truncate(end)
+    for path in chunk_files:
+        path.unlink()
+    return _views(assembled, stored, at)
+
+
+def _nbytes(md: TensorStorageMetadata) -> int:
+    """Bytes of one full stored part."""
+    return md.size.numel() * md.properties.dtype.itemsize
+
+
+def _aligned(n: int) -> int:
+    """`n` rounded up to 64 bytes, so every part's view is aligned for its dtype."""
+    return -(-n // 64) * 64
+
+
+def _views(path: Path, stored: dict[str, TensorStorageMetadata], at: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Each part as a view of a private read-only-in-practice mapping of `path` (pages the writer can drop)."""
+    mapping = None
+    if path.stat().st_size:
+        with path.open("rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return {key: torch.frombuffer(mapping, dtype=torch.uint8, count=_nbytes(md), offset=at[key])
+            .view(md.properties.dtype).reshape(md.size) if _nbytes(md) else torch.empty(md.size, dtype=md.properties.dtype)
+            for key, md in stored.items()}
 
 
 def _source_items(records: dict[str, _Record], parts: dict[str, torch.Tensor]) -> list[SourceTensor]:

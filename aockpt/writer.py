@@ -153,7 +153,7 @@ def _write_shard(job: _ShardJob, *, made_by: dict, torchao_records: dict[str, st
                         for a, t in job.aliases.items()})
         return fmt.shard_metadata(fmt.Record(fmt.FORMAT_VERSION, made_by, tensors), torchao_records)
 
-    release = _page_releaser() if release_pages else None
+    release = page_releaser() if release_pages else None
     write_file(job.path, parts, metadata, release)
 
 
@@ -203,7 +203,7 @@ def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: A
         sys.exit(1)
 
 
-def _page_releaser() -> Callable[[torch.Tensor], None]:
+def page_releaser() -> Callable[[torch.Tensor], None]:
     """release_mapped for one tensor at a time, reading /proc/self/maps once (so per-tensor work stays constant)."""
     mapped: list[tuple[int, int]] = []
 

@@ -3,6 +3,10 @@ runs are in tests/test_distributed.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -48,3 +52,37 @@ def test_a_torchao_written_file_loads_too(tmp_path):
     template["m.weight"].qdata.zero_()
     dcp.load(template, storage_reader=adcp.AockptStorageReader(tmp_path), planner=adcp.AockptLoadPlanner())
     assert_same_tensor(template["m.weight"], state["m.weight"])
+
+
+_COORDINATOR_PEAK = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from aockpt import dcp as adcp
+
+    def mb(field):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) // 1024
+
+    finish = adcp.AockptStorageWriter.finish
+    def measured(self, metadata, results):  # the real finish, with the peak it adds recorded
+        Path("/proc/self/clear_refs").write_text("5")
+        start = mb("VmRSS")
+        finish(self, metadata, results)
+        print("PEAK", mb("VmHWM") - start)
+    adcp.AockptStorageWriter.finish = measured
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(16)]).to(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig())
+    dcp.save(model.state_dict(), storage_writer=adcp.AockptStorageWriter(sys.argv[1]), planner=adcp.AockptSavePlanner())
+""")
+
+
+def test_the_coordinator_holds_one_part_at_a_time_not_the_checkpoint(tmp_path):
+    """64 MB of 4 MB parts: the coordinator's assembly and write add well under the checkpoint (it was all of it)."""
+    run = subprocess.run([sys.executable, "-c", _COORDINATOR_PEAK, str(tmp_path / "saved")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = int(next(line for line in run.stdout.splitlines() if line.startswith("PEAK")).split()[1])
+    assert peak < 16, f"finish added {peak} MB for a 64 MB checkpoint"
+    assert aockpt.verify(tmp_path / "saved") is not None
