@@ -145,12 +145,12 @@ def quantization_config(state: dict[str, torch.Tensor], skel: Skeleton | None) -
     quantized = {n: (e, t) for n, (e, t) in typed.items() if e.quantized}
     if not quantized:
         return None
-    unreadable = sorted({e.name for e, _ in quantized.values() if e.config is None or not e.stock_loadable})
+    per_module = {_module(n): e.config(t) if e.config and e.stock_loadable else None for n, (e, t) in quantized.items()}
+    unreadable = sorted({e.name for n, (e, _) in quantized.items() if per_module[_module(n)] is None})
     if unreadable:
         return {"quant_method": "torchao", "quant_type": {"default": {
             "_type": AOCKPT_ONLY, "_version": 1,
             "_data": {"tensor_types": unreadable, "reason": "stock torchao 0.18 cannot read these tensors"}}}}
-    per_module = {_module(n): e.config(t) for n, (e, t) in quantized.items()}
     records = [config_to_dict(c) for c in per_module.values()]
     quant = next(iter(per_module.values())) if all(r == records[0] for r in records) else FqnToConfig(per_module)
     plain_linear = [_module(n) for n, t in state.items() if n not in quantized and n.endswith(".weight")

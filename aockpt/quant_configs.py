@@ -1,6 +1,7 @@
 """Each torchao type's config factory: the torchao 0.18 config that makes a given tensor (for config.json).
 
-Registry rows name these (`TensorType.config`); `hf_config` calls them through the rows.
+Registry rows name these (`TensorType.config`); `hf_config` calls them through the rows. A factory returns
+None for a tensor no torchao config makes (stock transformers is then told to refuse the folder).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from torchao.quantization import (
     IntxWeightOnlyConfig,
 )
 from torchao.quantization import granularity as _g
+from torchao.prototype.mx_formats import (
+    MXDynamicActivationMXWeightConfig,
+    NVFP4DynamicActivationNVFP4WeightConfig,
+    NVFP4WeightOnlyConfig,
+)
 
 
 def int8(t: Any) -> Any:
@@ -46,3 +52,24 @@ def int4(packing: str) -> Callable[[Any], Any]:
         return Int4WeightOnlyConfig(group_size=t.block_size[-1], int4_packing_format=packing)
 
     return make
+
+
+def mx(t: Any) -> Any | None:
+    """MXTensor: torchao 0.18's one MX config quantizes activations too; a weight-only MXTensor has no config."""
+    act = t.act_quant_kwargs
+    if act is None:
+        return None
+    return MXDynamicActivationMXWeightConfig(block_size=t.block_size, activation_dtype=act.elem_dtype,
+                                             weight_dtype=t.elem_dtype, kernel_preference=t.kernel_preference,
+                                             scaling_mode=act.scaling_mode)
+
+
+def nvfp4(t: Any) -> Any | None:
+    """NVFP4Tensor: weight-only, or with dynamic NVFP4 activations; a statically calibrated one has no config."""
+    if t.act_quant_kwargs is None:
+        return NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=t.per_tensor_scale is not None)
+    if t.act_per_tensor_scale is not None:
+        return None
+    return NVFP4DynamicActivationNVFP4WeightConfig(
+        use_triton_kernel=t.use_triton_kernel,
+        use_dynamic_per_tensor_scale=t.act_quant_kwargs.use_dynamic_per_tensor_scale)

@@ -19,6 +19,7 @@ import aockpt
 from aockpt.errors import AockptError, UnsupportedTensorError
 from aockpt.hf_config import model_class, transformers_config
 from conftest import tiny_config
+from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig, NVFP4WeightOnlyConfig
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 from torchao.quantization import (
     Float8WeightOnlyConfig,
@@ -30,6 +31,7 @@ from torchao.quantization import (
     quantize_,
 )
 from torchao.quantization.granularity import PerAxis, PerGroup
+from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 
 ROOT = Path(__file__).parent.parent
 LEGACY = ROOT / "fixtures" / "legacy"
@@ -59,8 +61,13 @@ KINDS = {
     "8da-intx": lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                               weight_granularity=PerGroup(32)),
     "cpu int4": lambda: PrototypeInt4WeightOnlyConfig(group_size=32),
+    "mxfp8 dynamic (emulated)": lambda: MXDynamicActivationMXWeightConfig(kernel_preference=KernelPreference.EMULATED),
+    "nvfp4 weight-only": NVFP4WeightOnlyConfig,
     "mix (skip + embeddings)": _mix,
 }
+# MX/NVFP4 kinds: torch.load(weights_only=True) cannot read them after `import torchao`, and torchao 0.18's
+# CPU linear for them has no aten.expand, so they run one sequence at a time and lm_head stays bf16.
+MICROSCALED = ("mxfp8", "nvfp4")
 LEGACY_FOLDERS = {  # fixture folder -> what it holds
     "ao0.13/hf_llama_int8wo": "int8 weight-only", "ao0.13/hf_llama_int8dyn": "int8 dynamic",
     "ao0.13/hf_llama_fqn_mix": "int8 mix, one module skipped", "ao0.13/hf_llama_int4cpu": "cpu int4",
@@ -95,13 +102,14 @@ def _cases() -> list[tuple[str, str, str]]:
 
 
 def _refuses(producer: str, arch: str, kind: str, consumer: str) -> bool:
-    """Which cells are refusals: stock cannot read CPU int4; torch.load(weights_only) has no Int4OpaqueTensor;
-    transformers' own folder of a tied quantized embedding fails transformers' tie check (aten.equal)."""
+    """Which cells are refusals: stock cannot read CPU int4; torch.load(weights_only) has no Int4OpaqueTensor,
+    MXTensor or NVFP4Tensor; transformers' own folder of a tied quantized embedding fails transformers' tie
+    check (aten.equal)."""
     int4 = "cpu int4" in kind or "int4cpu" in kind
     stock_tie = PRODUCERS[producer] == "stock" and arch == "qwen3" and kind.startswith("mix")
     if consumer == "stock from_pretrained":
         return int4 or stock_tie
-    return int4 and consumer == "unpack + torch.load"
+    return (int4 or kind.startswith(MICROSCALED)) and consumer == "unpack + torch.load"
 
 
 def _model(arch: str):
@@ -115,8 +123,9 @@ def _quantized_in_memory(arch: str, kind: str):
     """quantize_ as torchao's README teaches; tied heads re-tied so the tie reaches a quantized embedding."""
     model = _model(arch)
     config = KINDS[kind]()
+    head = not kind.startswith(MICROSCALED)
     quantize_(model, config, filter_fn=None if isinstance(config, FqnToConfig) else
-              (lambda m, fqn: isinstance(m, torch.nn.Linear)))
+              (lambda m, fqn: isinstance(m, torch.nn.Linear) and (head or fqn != "lm_head")))
     if model.config.tie_word_embeddings:
         model.tie_weights()
     return model
@@ -139,9 +148,9 @@ def _outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, tokens
 
 
-def _ids() -> torch.Tensor:
+def _ids(kind: str = "") -> torch.Tensor:
     torch.manual_seed(1)
-    return torch.randint(0, 128, (2, 8))
+    return torch.randint(0, 128, (1 if kind.startswith(MICROSCALED) else 2, 8))
 
 
 def _close_to_recorded(logits, recorded, ulps=4):
@@ -159,7 +168,7 @@ def _cpu_packer(folder: Path) -> str | None:
 
 def _make(producer: str, arch: str, kind: str, out: Path) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The folder a producer writes, the ids, and the producer's own logits and greedy tokens."""
-    key, ids = PRODUCERS[producer], _ids()
+    key, ids = PRODUCERS[producer], _ids(kind)
     if key.endswith("/"):
         src = LEGACY / kind
         expected = load_file(src / "expected.safetensors")

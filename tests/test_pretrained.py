@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import tiny_config, tiny_model
+from conftest import assert_same_tensor, tiny_config, tiny_model
 
 import aockpt
 from aockpt.errors import KeyMismatchError
@@ -139,3 +139,26 @@ def test_current_torchao_configs_are_not_called_legacy(make):
 
     assert not is_legacy_config(TorchAoConfig(make(q)).to_dict())
     assert is_legacy_config({"quant_type": {"default": {"_type": "Int8WeightOnlyConfig", "_version": 1, "_data": {}}}})
+
+
+def test_a_tensor_no_torchao_config_makes_is_refused_by_stock_and_loaded_by_aockpt(tmp_path):
+    """An MXTensor without MX activations: torchao 0.18 has no config for it (nor a kernel), so config.json
+    tells stock transformers to refuse the folder, and aockpt loads it byte for byte."""
+    from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
+    model = tiny_model(layers=1)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            weight = MXTensor.to_mx(module.weight.detach(), torch.float8_e4m3fn, block_size=32,
+                                    kernel_preference=KernelPreference.EMULATED)
+            module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    aockpt.save_pretrained(model, tmp_path / "mx")
+    record = json.loads((tmp_path / "mx" / "config.json").read_text())["quantization_config"]["quant_type"]
+    assert record["default"]["_type"] == "LoadWithAockptLoadPretrained"
+    assert aockpt.inspect(tmp_path / "mx").stock.verdict == "refuses"
+    with pytest.raises(ValueError, match="LoadWithAockptLoadPretrained"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "mx")
+    loaded = aockpt.load_pretrained(tmp_path / "mx").state_dict()  # torchao cannot run weight-only MX: compare bytes
+    for name, tensor in model.state_dict().items():
+        assert_same_tensor(loaded[name], tensor)
