@@ -215,12 +215,12 @@ def _build(source: Source, names: list[str], device_of: Callable[[str], torch.de
     built, packers = {}, {}
     real = source.real_names(names)
     place = {n: device_of(n) for n in real}
-    direct = {n: d for n, d in place.items() if n not in converters and d.type != "cpu" and source.checkpoint is not None}
+    direct = {n: d for n, d in place.items() if n not in converters and d.type != "cpu"}
     loading = _read_direct(source, direct)
     try:
         for name in track(real, "loading", len(real)):
             target, where = place[name], f"{source.path}: {name}"
-            flat = read_flat(source.checkpoint, name, target, loading.parts.__getitem__) if name in direct \
+            flat = read_flat(source.checkpoint, name, target, loading.parts.__getitem__) if loading and name in direct \
                 else source.flat(name, target)
             packers[name] = source.types[name].packer
             if name in converters:
@@ -245,11 +245,11 @@ def _concrete(device: torch.device) -> torch.device:
 
 def _read_direct(source: Source, place: dict[str, torch.device]) -> device_load.Loading | None:
     """Start reading the parts of safetensors tensors bound for accelerators straight onto them (device_load)."""
-    if not place:
-        return None
     ckpt = source.checkpoint
-    return device_load.start_loading(ckpt.shards, {p.key: (ckpt.key_to_shard[p.key], device) for n, device in place.items()
-                                                   for p in ckpt.entries[n].parts.values()})
+    if ckpt is None or not place:
+        return None
+    keys = {p.key: device for n, device in place.items() for p in ckpt.entries[n].parts.values()}
+    return device_load.start_loading(ckpt.shards, {k: (ckpt.key_to_shard[k], d) for k, d in keys.items()})
 
 
 def _verify_digests(source: Source, names: list[str]) -> list[str]:

@@ -229,14 +229,14 @@ def _aligned(n: int) -> int:
 
 
 def _views(path: Path, stored: dict[str, TensorStorageMetadata], at: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Each part as a view of a private read-only-in-practice mapping of `path` (pages the writer can drop)."""
+    """Each part as a view of a private mapping of `path`, never written to, so the writer can drop its pages."""
     mapping = None
     if path.stat().st_size:
         with path.open("rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     return {key: torch.frombuffer(mapping, dtype=torch.uint8, count=_nbytes(md), offset=at[key])
-            .view(md.properties.dtype).reshape(md.size) if _nbytes(md) else torch.empty(md.size, dtype=md.properties.dtype)
-            for key, md in stored.items()}
+            .view(md.properties.dtype).reshape(md.size) if _nbytes(md)
+            else torch.empty(md.size, dtype=md.properties.dtype) for key, md in stored.items()}
 
 
 def _source_items(records: dict[str, _Record], parts: dict[str, torch.Tensor]) -> list[SourceTensor]:

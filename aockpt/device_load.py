@@ -23,7 +23,7 @@ from .safetensors_io import SafetensorsFile, pread_into
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
 CHUNK_BYTES = 16 << 20
-THREADS = min(8, os.cpu_count() or 1)  # fresh processes on a 32-core H200 host: 8 x 16 MB beat 16 (pinning 512 MB costs)
+THREADS = min(8, os.cpu_count() or 1)  # fresh processes, 32-core H200 host: 8 x 16 MB beat 16 (pinning costs)
 
 
 @dataclass(frozen=True)

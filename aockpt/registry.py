@@ -157,7 +157,7 @@ class TensorType:
     # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
     # parts not listed are unchecked
     part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
-    config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it (config.json)
+    config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it, None if none does
     weights_only: bool = True  # torch.load(weights_only=True) rebuilds it after a plain `import torchao`
     part_rules: part_sizes.Rules = field(default_factory=dict, hash=False, compare=False)  # part sizes vs shape
     geometry: part_sizes.Int4Geometry | None = None  # int4: shape, block size and exact part shapes
