@@ -19,7 +19,7 @@ from .progress import track
 from .registry import DTYPE_NAMES, tensor_type_named
 from .safetensors_io import sha256_hex
 from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
-from .sources import Source, from_state_dict, open_source
+from .sources import Source, from_state_dict, merge_stored_ties, open_source
 from .writer import SourceTensor, write_packed
 
 PathLike = str | os.PathLike
@@ -61,6 +61,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
     """
     layout_for = portability.parse_device(device) if device else None
     with open_source(src, cpu_packer) as source, staged(dst, force=force, source=src) as tmp:
+        merge_stored_ties(source)
         items = _source_tensors(source, layout_for)
         write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
         _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})

@@ -227,3 +227,31 @@ def _restore_ties(source: Source, folder: Path) -> None:
                 "to a stored tensor; the checkpoint is incomplete: re-download or re-save it"
             )
         source.aliases[name] = source.aliases.get(partner, partner)
+
+
+def merge_stored_ties(source: Source) -> None:
+    """Store once what the model ties but the input stored twice with identical bytes (torchao 0.14 folders
+    do): the tie is kept, and the copy's bytes are not written again. Anything less than equal stays apart."""
+    from .hf_config import folder_skeleton
+    from .writer import release_mapped
+
+    skel = folder_skeleton(source.path if source.path.is_dir() else source.path.parent)
+    for tied, target in (skel.ties.items() if skel else ()):
+        if tied not in source.types or target not in source.types:
+            continue
+        a, b = source.flat(tied, None), source.flat(target, None)
+        same = _same_stored(a, b)
+        release_mapped([*a.parts.values(), *b.parts.values()])
+        if same:
+            del source.types[tied]
+            source.aliases.update({n: target for n, t in source.aliases.items() if t == tied})
+            source.aliases[tied] = target
+
+
+def _same_stored(a: codec.FlatTensor, b: codec.FlatTensor) -> bool:
+    """Same type, outer shape and dtype, attributes, and every part byte for byte."""
+    if (a.type_name, a.shape, a.dtype, a.attrs, list(a.parts)) != (b.type_name, b.shape, b.dtype, b.attrs, list(b.parts)):
+        return False
+    return all(p.dtype == b.parts[k].dtype and p.shape == b.parts[k].shape and
+               torch.equal(p.reshape(-1).view(torch.uint8), b.parts[k].reshape(-1).view(torch.uint8))
+               for k, p in a.parts.items())

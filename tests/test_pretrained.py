@@ -162,3 +162,25 @@ def test_a_tensor_no_torchao_config_makes_is_refused_by_stock_and_loaded_by_aock
     loaded = aockpt.load_pretrained(tmp_path / "mx").state_dict()  # torchao cannot run weight-only MX: compare bytes
     for name, tensor in model.state_dict().items():
         assert_same_tensor(loaded[name], tensor)
+
+
+@pytest.mark.parametrize("differ", [False, True], ids=["equal copies", "one element differs"])
+def test_a_tie_stored_twice_is_stored_once_only_when_the_bytes_agree(tmp_path, differ):
+    """torchao 0.14 folders store a tied embedding under both names; pack keeps the tie and one copy."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("qwen3", layers=1, tie=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if differ:
+        state["lm_head.weight"][0, 0] += 1
+    (tmp_path / "src").mkdir()
+    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(tmp_path / "src")
+    aockpt.pack(tmp_path / "src", tmp_path / "packed")
+    stored = {t.name for t in aockpt.inspect(tmp_path / "packed").tensors if t.alias_of is None}
+    assert ({"lm_head.weight", "model.embed_tokens.weight"} <= stored) is differ
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["tie_word_embeddings"] is not differ
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is not differ
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
