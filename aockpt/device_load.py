@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from . import progress
+from .errors import DeviceMemoryError
 from .safetensors_io import SafetensorsFile, pread_into
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
@@ -51,6 +52,7 @@ class Block:
     """One allocation on one device, holding some of a shard's parts back to back (each ALIGN-aligned)."""
 
     device: torch.device
+    shard: str
     nbytes: int = 0
     parts: dict[str, int] = field(default_factory=dict)  # key -> offset inside the block
 
@@ -88,7 +90,7 @@ def plan_reads(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[st
             device = placement[key][1]
             b = index.setdefault((shard_name, device), len(blocks))
             if b == len(blocks):
-                blocks.append(Block(device))
+                blocks.append(Block(device, shard_name))
             block = blocks[b]
             block.parts[key] = _align(block.nbytes)
             block.nbytes = block.parts[key] + _size(shard, key)
@@ -182,7 +184,7 @@ def start_loading(shards: dict[str, SafetensorsFile], placement: dict[str, tuple
                   threads: int = THREADS, chunk_bytes: int = CHUNK_BYTES) -> Loading:
     """`load_parts` that returns as soon as the reads have started, so the caller can build while they run."""
     plan = plan_reads(shards, placement, chunk_bytes)
-    blocks = [torch.empty(b.nbytes, dtype=torch.uint8, device=b.device) for b in plan.blocks]
+    blocks = [_allocate(b) for b in plan.blocks]
     out = {}
     for key, (shard_name, device) in placement.items():
         slot = shards[shard_name].slots[key]
@@ -196,6 +198,18 @@ def start_loading(shards: dict[str, SafetensorsFile], placement: dict[str, tuple
     if plan.chunks:
         _start(shards, plan, blocks, min(threads, len(plan.chunks)), chunk_bytes, loading)
     return loading
+
+
+def _allocate(block: Block) -> torch.Tensor:
+    """The block's one allocation; a device that cannot hold it is one clear error, before anything is read."""
+    try:
+        return torch.empty(block.nbytes, dtype=torch.uint8, device=block.device)
+    except torch.OutOfMemoryError as e:
+        raise DeviceMemoryError(
+            f"{block.device} has no room for the {len(block.parts)} tensors of {block.shard} "
+            f"({block.nbytes / 2**30:.2f} GiB in one allocation): {str(e).splitlines()[0][:160]}; free memory on "
+            "it, load fewer names with keys=, or spread the model with load_pretrained(device_map=\"auto\")"
+        ) from e
 
 
 def _start(shards: dict[str, SafetensorsFile], plan: Plan, blocks: list[torch.Tensor], threads: int,

@@ -61,6 +61,10 @@ class PortabilityError(AockptError):
     """One or more tensors cannot live or run on the requested device."""
 
 
+class DeviceMemoryError(PortabilityError):
+    """The tensors bound for a device do not fit in its free memory; nothing was read."""
+
+
 class KeyMismatchError(AockptError, KeyError):
     """Missing or unexpected tensor names; the message lists every one."""
 

@@ -119,3 +119,16 @@ def test_cuda_load_equals_what_was_saved_byte_for_byte(packed):
     for name in names:
         assert on_gpu[name].device.type == "cuda"
         assert_same_tensor(on_gpu[name].cpu(), expected[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_load_the_gpu_has_no_room_for_is_one_clear_error(tmp_path):
+    aockpt.save({"big": torch.zeros(128 << 20, dtype=torch.uint8)}, tmp_path / "p")
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda")  # leave 64 MB: the GPU really is full
+    try:
+        with pytest.raises(aockpt.DeviceMemoryError, match=r"cuda:0 has no room for the 1 tensors of model.safetensors"):
+            aockpt.load_quantized(tmp_path / "p", "cuda")
+    finally:
+        del hog
+        torch.cuda.empty_cache()
