@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner_helpers import TensorWriteData, create
 from torch.distributed.tensor import DTensor
 
 from . import codec, format as fmt, portability, tp
+from .device_load import back_to_back
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
 from .reader import open_checkpoint
@@ -190,10 +191,7 @@ def _assemble(staging: Path, metadata: Metadata) -> dict[str, torch.Tensor]:
     coordinator holds the largest part, never the checkpoint; the writer releases the views' pages as it
     writes them (`write_packed(release_pages=True)`), as `pack` does with its sources."""
     stored = metadata.state_dict_metadata
-    at, end = {}, 0
-    for key, md in stored.items():
-        at[key] = end
-        end = _aligned(end + _nbytes(md))
+    at, end = back_to_back((key, _nbytes(md)) for key, md in stored.items())
     chunk_files = sorted(staging.glob("*.safetensors"))
     assembled = staging / "assembled.bin"
     with ExitStack() as stack, assembled.open("wb") as out:
@@ -221,11 +219,6 @@ def _assemble(staging: Path, metadata: Metadata) -> dict[str, torch.Tensor]:
 def _nbytes(md: TensorStorageMetadata) -> int:
     """Bytes of one full stored part."""
     return md.size.numel() * md.properties.dtype.itemsize
-
-
-def _aligned(n: int) -> int:
-    """`n` rounded up to 64 bytes, so every part's view is aligned for its dtype."""
-    return -(-n // 64) * 64
 
 
 def _views(path: Path, stored: dict[str, TensorStorageMetadata], at: dict[str, int]) -> dict[str, torch.Tensor]:

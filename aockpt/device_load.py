@@ -14,7 +14,7 @@ import os
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -71,30 +71,29 @@ class Plan:
         return sum(c.nbytes for c in self.chunks)
 
 
-def _align(n: int) -> int:
-    """`n` rounded up to ALIGN."""
-    return -(-n // ALIGN) * ALIGN
+def back_to_back(sizes: Iterable[tuple[str, int]]) -> tuple[dict[str, int], int]:
+    """Offsets of parts laid one after another in one buffer, each ALIGN-aligned, and the buffer's size."""
+    offsets, end = {}, 0
+    for key, nbytes in sizes:
+        offsets[key] = -(-end // ALIGN) * ALIGN
+        end = offsets[key] + nbytes
+    return offsets, end
 
 
 def plan_reads(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]],
                chunk_bytes: int = CHUNK_BYTES) -> Plan:
     """Blocks and chunked reads for `placement` (key -> (shard, device)); contiguous parts are read together."""
     blocks: list[Block] = []
-    index: dict[tuple[str, torch.device], int] = {}
     where: dict[str, int] = {}
     chunks: list[Chunk] = []
     for shard_name, shard in shards.items():
         keys = sorted((k for k, (s, _) in placement.items() if s == shard_name and _size(shard, k)),
                       key=lambda k: shard.slots[k].begin)
-        for key in keys:
-            device = placement[key][1]
-            b = index.setdefault((shard_name, device), len(blocks))
-            if b == len(blocks):
-                blocks.append(Block(device, shard_name))
-            block = blocks[b]
-            block.parts[key] = _align(block.nbytes)
-            block.nbytes = block.parts[key] + _size(shard, key)
-            where[key] = b
+        for device in dict.fromkeys(placement[k][1] for k in keys):
+            block = Block(device, shard_name)
+            block.parts, block.nbytes = back_to_back((k, _size(shard, k)) for k in keys if placement[k][1] == device)
+            where.update(dict.fromkeys(block.parts, len(blocks)))
+            blocks.append(block)
         chunks.extend(_chunks(shard_name, shard, keys, blocks, where, chunk_bytes))
     return Plan(blocks, chunks, where)
 
