@@ -8,6 +8,7 @@ Convention: every payload, if it ran, would create ``dir / CANARY`` or delete ``
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
 import tarfile
@@ -380,3 +381,30 @@ def junk_calls(name: str) -> list[tuple[str, bytes]]:
         ("newobj", program(newobj(cls, s("junk"), i(-1)) + d((s("junk"), i(1))) + b"b")),
         ("newobj-noargs", program(newobj(cls) + t(b"N", d((s("__class__"), cls))) + b"b")),
     ]
+
+
+# ---- safetensors files: raw headers and header edits ----
+
+def raw_file(path: Path, header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A safetensors file from a header (dict or raw bytes) and data, optionally lying about the length."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+    return path
+
+
+def rewrite_header(path: Path, mutate: Callable[[dict], None]) -> None:
+    """Rewrite a safetensors file's header JSON through `mutate`, keeping its data bytes."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    mutate(header)
+    raw_file(path, json.dumps(header).encode(), raw[8 + length:])
+
+
+def mutate_record(mutate: Callable[[dict], None], key: str = "aockpt") -> Callable[[dict], None]:
+    """A header mutation applied to one JSON value of the metadata (by default the aockpt record)."""
+    def apply(header: dict) -> None:
+        record = json.loads(header["__metadata__"][key])
+        mutate(record)
+        header["__metadata__"][key] = json.dumps(record)
+    return apply

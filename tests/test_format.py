@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from safetensors.torch import load_file
 
 import aockpt
 from aockpt import format as fmt
-from aockpt.errors import CorruptCheckpointError
-from conftest import CASES
+from aockpt.errors import CorruptCheckpointError, UnsupportedTensorError
+from conftest import CASES, K, N, weight
+from hostile import mutate_record, rewrite_header
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "format"
 
@@ -114,3 +116,133 @@ def test_sharded_checkpoint_in_the_hugging_face_cache_layout_loads(tmp_path):
 def test_format_1_0_0_file_passes_verify():
     """Old file, new verify: digests, structure and torchao records of a committed 1.0.0 file."""
     assert aockpt.verify(FIXTURES / "v1.0.0").tensors == 5
+
+
+# ---- one source of truth: the record's part keys are exactly torchao's key convention ----
+
+def _int8(seed: int) -> torch.Tensor:
+    """A real Int8Tensor weight (same type and attributes for every seed, different bytes)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    layer.weight.data = weight(seed)
+    quantize_(layer, Int8WeightOnlyConfig())
+    return layer.weight.detach()
+
+
+def _two_of_each(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A packed file with two quantized tensors and two plain ones whose torchao records are identical."""
+    state = {"a.weight": _int8(1), "b.weight": _int8(2), "a.bias": torch.ones(N), "b.bias": torch.full((N,), 2.0)}
+    aockpt.save(state, tmp_path / "p")
+    return tmp_path / "p" / fmt.WEIGHTS_NAME, state
+
+
+def _swap(first: str, second: str) -> Callable[[dict], None]:
+    """Swap two tensors' parts maps (keys and digests) in the aockpt record."""
+    def edit(record: dict) -> None:
+        tensors = record["tensors"]
+        tensors[first]["parts"], tensors[second]["parts"] = tensors[second]["parts"], tensors[first]["parts"]
+    return edit
+
+
+def _rename(old: str, new: str) -> Callable[[dict], None]:
+    """Rename one tensor in the aockpt record only (its stored keys and torchao records stay)."""
+    return lambda record: record["tensors"].update({new: record["tensors"].pop(old)})
+
+
+def _rename_everywhere_but_keys(header: dict) -> None:
+    """Rename a.weight in the aockpt record, torchao's records and tensor_names, leaving the stored keys."""
+    meta = header["__metadata__"]
+    meta["c.weight"] = meta.pop("a.weight")
+    meta["tensor_names"] = json.dumps(sorted(n.replace("a.weight", "c.weight") for n in json.loads(meta["tensor_names"])))
+    mutate_record(_rename("a.weight", "c.weight"))(header)
+
+
+KEY_EDITS: dict[str, tuple[Callable[[dict], None], str]] = {
+    "swap-quantized-parts-and-digests": (mutate_record(_swap("a.weight", "b.weight")), "a.weight"),
+    "swap-plain-tensors": (mutate_record(_swap("a.bias", "b.bias")), "a.bias"),
+    "rename-quantized-in-record": (mutate_record(_rename("a.weight", "c.weight")), "c.weight"),
+    "rename-plain-in-record": (mutate_record(_rename("a.bias", "c.bias")), "c.bias"),
+    "rename-everywhere-but-keys": (_rename_everywhere_but_keys, "c.weight"),
+    "one-part-to-another-tensor": (
+        mutate_record(lambda r: r["tensors"]["a.weight"]["parts"]["scale"].update(
+            r["tensors"]["b.weight"]["parts"]["scale"])), "a.weight"),
+}
+
+
+def _stock_torchao(path: Path) -> dict[str, torch.Tensor]:
+    """What stock torchao reads: safetensors' load_file, then torchao's own unflatten over the header metadata."""
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    built, _ = unflatten_tensor_state_dict(load_file(path), metadata)
+    return built
+
+
+@pytest.mark.parametrize("edit", sorted(KEY_EDITS))
+def test_a_record_that_stock_readers_read_differently_is_refused(tmp_path, edit):
+    """Edits that keep every digest right but make aockpt and stock torchao read different tensors."""
+    mutate, tensor = KEY_EDITS[edit]
+    path, state = _two_of_each(tmp_path)
+    rewrite_header(path, mutate)
+    stock = _stock_torchao(path)  # stock follows the key convention, not aockpt's record
+    for name in set(stock) & set(state):
+        assert torch.equal(stock[name].dequantize() if hasattr(stock[name], "qdata") else stock[name],
+                           state[name].dequantize() if hasattr(state[name], "qdata") else state[name])
+    for operation in (aockpt.verify, aockpt.load_quantized, aockpt.inspect):
+        with pytest.raises(CorruptCheckpointError) as info:
+            operation(path.parent)
+        message = str(info.value)
+        assert tensor in message and str(path) in message and "\n" not in message
+
+
+def test_swapping_both_records_and_their_keys_consistently_is_read_alike(tmp_path):
+    """Swapping the stored keys too gives a file every reader reads the same way: verify passes, loads agree."""
+    path, state = _two_of_each(tmp_path)
+
+    def swap_stored(header: dict) -> None:
+        for inner in ("qdata", "scale"):
+            a, b = f"a._weight_{inner}", f"b._weight_{inner}"
+            header[a], header[b] = header[b], header[a]
+        mutate_record(_swap("a.weight", "b.weight"))(header)
+        mutate_record(lambda r: [p.update(key=p["key"].replace("b.", "@").replace("a.", "b.").replace("@", "a."))
+                                 for n in ("a.weight", "b.weight") for p in r["tensors"][n]["parts"].values()])(header)
+
+    rewrite_header(path, swap_stored)
+    aockpt.verify(path.parent)
+    ours, stock = aockpt.load_quantized(path.parent), _stock_torchao(path)
+    for name in ("a.weight", "b.weight"):
+        assert torch.equal(ours[name].qdata, stock[name].qdata)
+    assert torch.equal(ours["a.weight"].qdata, state["b.weight"].qdata)
+
+
+def test_a_key_under_another_tensors_prefix_is_refused_on_write_and_read(tmp_path):
+    """Stock torchao collects `m._w_*` as m.w's parts: a second tensor there makes it skip m.w silently."""
+    with pytest.raises(UnsupportedTensorError, match="m._w_"):
+        aockpt.save({"m.w": _int8(1), "m.w_x": _int8(2)}, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    aockpt.save({"m.w": _int8(1), "m.y": torch.ones(3)}, tmp_path / "p")
+    path = tmp_path / "p" / fmt.WEIGHTS_NAME
+
+    def rename_plain(header: dict) -> None:
+        header["m._w_x"] = header.pop("m.y")
+        meta = header["__metadata__"]
+        meta["m._w_x"] = meta.pop("m.y")
+        meta["tensor_names"] = json.dumps(["m._w_x", "m.w"])
+        mutate_record(lambda r: r["tensors"].update({"m._w_x": r["tensors"].pop("m.y")}))(header)
+        mutate_record(lambda r: r["tensors"]["m._w_x"]["parts"]["data"].update(key="m._w_x"))(header)
+
+    rewrite_header(path, rename_plain)
+    assert "m.w" not in _stock_torchao(path)  # stock drops it without a word
+    for operation in (aockpt.verify, aockpt.load_quantized):
+        with pytest.raises(CorruptCheckpointError, match=r"'m._w_x' starts with the prefix of tensor 'm.w'"):
+            operation(path.parent)
+
+
+def test_every_part_of_every_registry_type_is_stored_under_the_convention_key(tmp_path):
+    """The writer's keys pass the reader's check for every conftest case (one rule, both sides)."""
+    state = {f"layer{i}.weight": make() for i, (_, make) in enumerate(CASES.values())}
+    aockpt.save(state, tmp_path / "p")
+    assert aockpt.verify(tmp_path / "p").tensors == len(state)
