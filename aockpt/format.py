@@ -20,7 +20,7 @@ from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, Portability, tensor_type_named
 from .typed_json import dumps, fits_int64, load_file, loads_strict
 
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
 DIGEST = "sha256"
 WEIGHTS_NAME = "model.safetensors"
