@@ -1,16 +1,19 @@
 """On-disk layout rules: keys, records, index names, determinism, and old files read by this reader."""
 
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import aockpt
 from aockpt import format as fmt
-from aockpt.errors import CorruptCheckpointError, UnsupportedTensorError
+from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
 from conftest import CASES, K, N, weight
 from hostile import mutate_record, rewrite_header
 
@@ -246,3 +249,79 @@ def test_every_part_of_every_registry_type_is_stored_under_the_convention_key(tm
     state = {f"layer{i}.weight": make() for i, (_, make) in enumerate(CASES.values())}
     aockpt.save(state, tmp_path / "p")
     assert aockpt.verify(tmp_path / "p").tensors == len(state)
+
+
+# ---- property: whatever is edited, verify passes only if stock torchao reads what aockpt reads ----
+
+def _pick_two(rng: random.Random, names: list[str]) -> tuple[str, str]:
+    first, second = rng.sample(sorted(names), 2)
+    return first, second
+
+
+def _record_of(header: dict) -> dict:
+    return json.loads(header["__metadata__"][fmt.RECORD_KEY])
+
+
+def _edit(header: dict, rng: random.Random) -> None:
+    """One hostile edit of a shard header: the record, torchao's records, or the stored entries."""
+    record, meta = _record_of(header), header["__metadata__"]
+    tensors = record["tensors"]
+    stored = [k for k in header if k != "__metadata__"]
+    parts = [(n, i) for n, e in tensors.items() for i in e["parts"]]
+    kind = rng.randrange(7)
+    if kind == 0:  # swap two tensors' parts maps (keys and digests move together)
+        a, b = _pick_two(rng, list(tensors))
+        tensors[a]["parts"], tensors[b]["parts"] = tensors[b]["parts"], tensors[a]["parts"]
+    elif kind == 1:  # swap two parts' digests
+        (a, i), (b, j) = rng.sample(parts, 2)
+        pa, pb = tensors[a]["parts"][i], tensors[b]["parts"][j]
+        pa["digest"], pb["digest"] = pb["digest"], pa["digest"]
+    elif kind == 2:  # rename a tensor in the record, maybe onto another's name
+        old = rng.choice(sorted(tensors))
+        tensors[rng.choice(["c.weight", "c.bias", *sorted(tensors)])] = tensors.pop(old)
+    elif kind == 3:  # swap two stored entries (same bytes layout where dtype and shape agree)
+        a, b = _pick_two(rng, stored)
+        header[a], header[b] = header[b], header[a]
+    elif kind == 4:  # point one part at another stored key
+        n, i = rng.choice(parts)
+        tensors[n]["parts"][i]["key"] = rng.choice(stored)
+    elif kind == 5:  # swap two tensors' torchao records
+        a, b = _pick_two(rng, [n for n in json.loads(meta["tensor_names"]) if n in meta])
+        meta[a], meta[b] = meta[b], meta[a]
+    else:  # rename a stored key, and maybe the record's part that names it
+        old = rng.choice(stored)
+        new = old.replace("a.", "c.", 1) if rng.random() < 0.5 else old + "_x"
+        header[new] = header.pop(old)
+        for entry in tensors.values():
+            for part in entry["parts"].values():
+                if part["key"] == old and rng.random() < 0.5:
+                    part["key"] = new
+    meta[fmt.RECORD_KEY] = json.dumps(record)
+
+
+def _same(ours: torch.Tensor, stock: torch.Tensor) -> bool:
+    """Same type and, part by part, the same bytes."""
+    if type(ours) is not type(stock):
+        return False
+    if type(ours) is torch.Tensor:
+        return ours.dtype == stock.dtype and torch.equal(ours, stock)
+    names, _ = ours.__tensor_flatten__()
+    return all(torch.equal(getattr(ours, n), getattr(stock, n)) for n in names)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=150)
+@given(seed=st.integers(0, 2**32 - 1), edits=st.integers(1, 3))
+def test_verify_passes_only_when_stock_torchao_reads_the_same_tensors(tmp_path_factory, seed, edits):
+    folder = tmp_path_factory.mktemp("edit")
+    path, _ = _two_of_each(folder)
+    rng = random.Random(seed)
+    for _ in range(edits):
+        rewrite_header(path, lambda header: _edit(header, rng))
+    try:
+        aockpt.verify(path.parent)
+    except AockptError as e:
+        assert "\n" not in str(e)
+        return
+    ours, stock = aockpt.load_quantized(path.parent), _stock_torchao(path)
+    assert sorted(ours) == sorted(stock)
+    assert all(_same(ours[name], stock[name]) for name in ours)
