@@ -251,6 +251,28 @@ def test_every_part_of_every_registry_type_is_stored_under_the_convention_key(tm
     assert aockpt.verify(tmp_path / "p").tensors == len(state)
 
 
+def test_stock_from_pretrained_reads_each_tensor_by_its_own_keys_where_aockpt_refuses(tmp_path):
+    """transformers finds a tensor's parts by the key convention: with two layers' parts maps swapped in the
+    record it loads each layer's own bytes, so aockpt refusing the file is what keeps the two readers one."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_model
+
+    model = tiny_model(layers=2)
+    quantize_(model, Int8WeightOnlyConfig())
+    aockpt.save_pretrained(model, tmp_path / "p")
+    first, second = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    path = tmp_path / "p" / fmt.WEIGHTS_NAME
+    rewrite_header(path, mutate_record(_swap(first, second)))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "p", dtype=torch.bfloat16).state_dict()
+    original = model.state_dict()
+    assert all(torch.equal(stock[n].qdata, original[n].qdata) for n in (first, second))
+    for operation in (aockpt.verify, aockpt.load_quantized, aockpt.load_pretrained):
+        with pytest.raises(CorruptCheckpointError, match=f"{first}.*{path}|{path}.*{first}"):
+            operation(tmp_path / "p")
+
+
 # ---- property: whatever is edited, verify passes only if stock torchao reads what aockpt reads ----
 
 def _pick_two(rng: random.Random, names: list[str]) -> tuple[str, str]:
