@@ -14,7 +14,7 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, Portability, tensor_type_named
@@ -79,11 +79,11 @@ def stored_key(type_name: str, name: str, inner: str) -> str:
     return name if tensor_type_named(type_name, name).own_key else part_key(name, inner)
 
 
-def check_record_keys(record: Record, keys: Iterable[str], where: str) -> None:
+def check_record_keys(record: Record, keys: list[str], where: str) -> None:
     """Refuse a record that stock readers would read differently: a part not under its convention key
     (swapped, renamed or edited parts maps), or another key stock torchao's prefix scan would take.
 
-    `keys` are what stock torchao scans: every stored key of the checkpoint and this shard's metadata keys.
+    `keys` are what stock torchao scans, sorted and each once: every stored key and metadata key.
     """
     for name, entry in record.tensors.items():
         for inner, part in ({} if entry.alias_of is not None else entry.parts).items():
@@ -102,10 +102,10 @@ def check_record_keys(record: Record, keys: Iterable[str], where: str) -> None:
         )
 
 
-def prefix_clash(tensors: dict[str, TensorEntry], keys: Iterable[str]) -> tuple[str, str] | None:
+def prefix_clash(tensors: dict[str, TensorEntry], ordered: list[str]) -> tuple[str, str] | None:
     """A (tensor, key) pair where stock torchao, which collects a subclass's parts as every key starting with
-    ``<module>._<param>_``, would take a key that is not one of that tensor's parts; None if there is none."""
-    ordered = sorted(set(keys))
+    ``<module>._<param>_``, would take a key that is not one of that tensor's parts; None if there is none.
+    `ordered` holds every key stock torchao sees, sorted and each once."""
     for name, entry in tensors.items():
         if entry.alias_of is not None or not tensor_type_named(entry.type, name).quantized:
             continue

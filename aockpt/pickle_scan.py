@@ -32,6 +32,7 @@ _MAX_PICKLE_BYTES = 128 * 1024 * 1024  # a zip's data.pkl is read whole to be sc
 # Globals torch's own weights-only set admits that allocate as much memory as an argument says
 # (bytearray(2**31)); a state dict of tensors never needs them.
 _SIZED_GLOBALS = frozenset({"builtins.bytearray", "__builtin__.bytearray"})
+_MAX_LINE = 1 << 20  # protocol-0 opcodes (GLOBAL module/name lines) are short; no newline within it is junk
 _LEGACY_PICKLES = 5  # magic number, protocol, sys_info, the object itself, then its storage keys
 _MARK = object()
 
@@ -59,6 +60,10 @@ class _BoundedReader(io.BufferedReader):
         if n is not None and n > left:
             raise ValueError(f"an opcode argument claims {n:,} bytes where {left:,} remain")
         return super().read(n)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A text opcode's line, at most _MAX_LINE bytes (a legacy file holds gigabytes after its pickles)."""
+        return super().readline(_MAX_LINE if size is None or size < 0 else min(size, _MAX_LINE))
 
 
 def _pop_to_mark(stack: list[Any]) -> list[Any]:

@@ -283,8 +283,8 @@ def _slot(key: str, entry: object, path: Path) -> TensorSlot:
         raise CorruptCheckpointError(f"{path}: tensor {key!r} declares {code} {str(shape)[:80]} but spans {span} "
                                      f"bytes{hint}")
     torch_shape = _torch_shape(code, shape, key, path)
-    if span == 0:
-        try:
+    if span == 0 and _large(torch_shape):
+        try:  # torch's own stride and size checks, for the empty shapes large enough to overflow them
             _empty(dtype, torch_shape)
         except (RuntimeError, TypeError, ValueError, OverflowError) as e:
             raise CorruptCheckpointError(f"{path}: tensor {key!r} has shape {str(shape)[:80]}, which torch cannot "
@@ -303,6 +303,17 @@ def _nbytes(shape: list[int], bits: int) -> int | None:
             return None
     total = count * bits
     return None if total >= _U64 or total % 8 else total // 8
+
+
+def _large(shape: tuple[int, ...]) -> bool:
+    """Whether an empty shape's nonzero dimensions multiply to 2**31 or more (stopping there), so torch's
+    stride arithmetic could overflow; smaller ones need no torch call (a header may hold millions)."""
+    size = 1
+    for dim in shape:
+        size *= dim or 1
+        if size >= 2**31:
+            return True
+    return False
 
 
 def _torch_shape(code: str, shape: list[int], key: str, path: Path) -> tuple[int, ...]:

@@ -82,7 +82,7 @@ def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str
                 )
             owner[part.key] = item.name
         planned[item.name] = _Planned(flat, entry, {k: encode(v, tuples=False) for k, v in flat.attrs.items()})
-    clash = fmt.prefix_clash({n: p.entry for n, p in planned.items()}, [*owner, *planned, *fmt.RESERVED_NAMES])
+    clash = fmt.prefix_clash({n: p.entry for n, p in planned.items()}, sorted({*owner, *planned, *fmt.RESERVED_NAMES}))
     if clash is not None:
         raise UnsupportedTensorError(
             f"{clash[1]!r} starts with {fmt.part_key(clash[0], '')!r}, where stock torchao collects the parts of "

@@ -309,7 +309,7 @@ def _shape_attr(shape: list[int]) -> Callable[[dict], None]:
 def test_int4_shape_attribute_larger_than_its_parts_is_refused(tmp_path, mutate, operation):
     folder = packed(tmp_path, "int4-tile-packed")
     rewrite_header(folder / fmt.WEIGHTS_NAME, mutate)
-    with bounded(), pytest.raises(CorruptCheckpointError, match="holds"):
+    with bounded(), pytest.raises(CorruptCheckpointError, match="holds|not tinygemm tiles"):
         operation(folder)
 
 
