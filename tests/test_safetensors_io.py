@@ -19,7 +19,7 @@ import torch
 import aockpt
 from aockpt import format as fmt
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
-from aockpt.registry import TENSOR_TYPES, Portability
+from aockpt.registry import STORAGE_CODES, TENSOR_TYPES, Portability
 from aockpt.safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
 from aockpt.typed_json import MAX_FILE_BYTES
 from conftest import CASES
@@ -481,3 +481,17 @@ def test_f4_written_by_the_reference_reads_in_aockpt_and_the_reverse(tmp_path):
         SafetensorsFile(old)
     with pytest.raises(UnsupportedTensorError, match="0-dim"):
         aockpt.save({"s": torch.zeros((), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, tmp_path / "scalar")
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE_CODES, key=str), ids=str)
+def test_every_storable_dtype_round_trips_with_the_reference_both_ways(tmp_path, dtype):
+    """Written by safetensors.torch and read by aockpt, and written by aockpt and read by safetensors: same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    raw = torch.arange(48, dtype=torch.uint8).reshape(3, 16)
+    tensor = raw.view(dtype)  # every dtype's bytes, whatever its element size
+    save_file({"m.x": tensor}, tmp_path / "ref.safetensors")
+    with SafetensorsFile(tmp_path / "ref.safetensors") as f:
+        assert _fingerprint(f.tensor("m.x")) == _fingerprint(tensor)
+    aockpt.save({"m.x": tensor}, tmp_path / "p")
+    assert _fingerprint(load_file(tmp_path / "p" / fmt.WEIGHTS_NAME)["m.x"]) == _fingerprint(tensor)
