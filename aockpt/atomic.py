@@ -288,13 +288,19 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
         raise
 
 
+def move_no_replace(src: Path, dst: Path) -> None:
+    """Rename a file or link `src` to `dst`, failing with EEXIST, atomically, if anything is at `dst`."""
+    if not rename_flags(src, dst, RENAME_NOREPLACE):
+        os.link(src, dst, follow_symlinks=False)  # the fallback: link(2) never replaces either
+        os.unlink(src)
+
+
 def _place(tmp: Path, dst: Path) -> None:
     """Rename `tmp` onto `dst` only if `dst` is missing or an empty folder (`tmp` being a folder)."""
-    if tmp.is_dir():
+    if tmp.is_dir() and not tmp.is_symlink():
         os.rename(tmp, dst)  # rename(2) replaces an empty folder only: ENOTEMPTY, EEXIST or ENOTDIR else
-    elif not rename_flags(tmp, dst, RENAME_NOREPLACE):
-        os.link(tmp, dst)  # fails with EEXIST if anything is there
-        os.unlink(tmp)
+    else:
+        move_no_replace(tmp, dst)
 
 
 def _commit(tmp: Path, dst: Path, force: bool) -> None:
