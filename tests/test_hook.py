@@ -18,8 +18,8 @@ from aockpt.cli import main  # noqa: E402
 from test_hub import _git  # noqa: E402
 
 # A user's own hook: logs its arguments and stdin beside itself, and says no when told to.
-USER_HOOK = '#!/bin/sh\necho "args: $*" >> "$(dirname "$0")/../user-hook.log"\ncat >> "$(dirname "$0")/../user-hook.log"\n' \
-            '[ ! -e "$(dirname "$0")/../user-says-no" ]\n'
+USER_HOOK = ('#!/bin/sh\necho "args: $*" >> "$(dirname "$0")/../user-hook.log"\n'
+             'cat >> "$(dirname "$0")/../user-hook.log"\n[ ! -e "$(dirname "$0")/../user-says-no" ]\n')
 
 
 @pytest.fixture
@@ -79,7 +79,8 @@ def test_a_users_hook_is_moved_as_it_is_and_never_followed(work, tmp_path, kind)
     code, output = install(work, "--force")
     assert code == 0, output
     chained = hooks(work) / hook.CHAINED
-    assert chained.lstat().st_ino == before.st_ino and stat.S_IFMT(chained.lstat().st_mode) == stat.S_IFMT(before.st_mode)
+    moved = chained.lstat()
+    assert moved.st_ino == before.st_ino and stat.S_IFMT(moved.st_mode) == stat.S_IFMT(before.st_mode)
     assert hook.HOOK_MARKER in entry.read_text() and not entry.is_symlink() and os.access(entry, os.X_OK)
     assert sorted(p.name for p in outside.parent.iterdir()) == (["hook"] if kind == "link" else [])
     if kind == "link":
