@@ -237,9 +237,12 @@ def _refuse_occupied(dst: Path, folder: bool) -> None:
     """Refuse a destination that holds something; an empty folder holds nothing and may receive a folder."""
     if not os.path.lexists(dst):
         return
-    if folder and dst.is_dir() and not dst.is_symlink() and next(os.scandir(dst), None) is None:
-        return
-    raise UsageError(f"{dst} already exists{' and is not empty' if dst.is_dir() else ''}; pass --force "
+    a_folder = folder and dst.is_dir() and not dst.is_symlink()
+    if a_folder:
+        with os.scandir(dst) as entries:
+            if next(entries, None) is None:
+                return
+    raise UsageError(f"{dst} already exists{' and is not empty' if a_folder else ''}; pass --force "
                      "(force=True) to replace it")
 
 
@@ -264,7 +267,7 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
     try:
         created = _make_parents(dst.parent)
         with _locked(dst):
-            remove_stale(dst)
+            remove_stale(dst)  # first: it may put an interrupted replacement's old entry back at dst
             if not force:
                 _refuse_occupied(dst, folder)
             tmp = _make_temp(dst, folder)
