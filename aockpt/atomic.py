@@ -1,6 +1,7 @@
 """Crash-safe outputs: everything is written beside the destination and moved into place when complete.
 
-Nothing a run did not create is ever deleted or replaced, whatever runs beside it or kills it:
+Nothing a run did not create is deleted or replaced, except what `force` asks it to replace, whatever
+runs beside it or kills it:
 
 - Entries beside ``dst`` are named ``.<dst name>.aockpt-tmp-<pid>-<random>`` (staging),
   ``.<dst name>.aockpt-old-<pid>-<inode>`` (a replaced destination moved aside, where the file system
