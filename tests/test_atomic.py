@@ -458,3 +458,18 @@ def test_the_cli_refuses_a_folder_made_during_the_pack_in_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and "appeared while" in err, err
     assert [p.name for p in dst.iterdir()] == ["notes.md"] and beside(dst) == []
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "aside"])
+def test_a_writer_waits_while_another_holds_the_destinations_lock(racer, tmp_path, fallback):
+    """A writer stopped mid-replacement (the old entry aside, on the fallback path) holds the lock: a second
+    writer waits for it instead of recovering or committing around it."""
+    dst = aockpt.save(OLD, tmp_path / "ckpt")
+    first = racer.start(dst, force=True, fallback=fallback, fault=f"{'aside' if fallback else 'placed'}:SIGSTOP")
+    wait_stopped(first)
+    second = racer.start(dst, op="save")
+    time.sleep(2)
+    assert Path(f"/proc/{second}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"  # asleep in flock
+    os.kill(first, signal.SIGCONT)
+    assert racer.wait(first) == 0 and racer.wait(second) == 2  # the second then finds the new checkpoint there
+    assert holds(dst) == "new" and beside(dst) == []
