@@ -473,3 +473,23 @@ def test_a_writer_waits_while_another_holds_the_destinations_lock(racer, tmp_pat
     os.kill(first, signal.SIGCONT)
     assert racer.wait(first) == 0 and racer.wait(second) == 2  # the second then finds the new checkpoint there
     assert holds(dst) == "new" and beside(dst) == []
+
+
+def test_entries_beside_the_destination_are_never_followed(tmp_path):
+    """A link named like a dead writer's staging entry is removed as a link; a link at the lock's name is refused."""
+    from aockpt.errors import OutputError
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mine.txt").write_text("mine")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f".ckpt{TEMP_MARK}{dead}-abcd1234").symlink_to(outside)
+    aockpt.save(OLD, tmp_path / "out" / "ckpt")
+    assert beside(tmp_path / "out" / "ckpt") == [] and (outside / "mine.txt").read_text() == "mine"
+
+    (tmp_path / "out" / ".other.aockpt-lock").symlink_to(outside / "lockfile")
+    with pytest.raises(OutputError, match="could not write"):
+        aockpt.save(OLD, tmp_path / "out" / "other")
+    assert sorted(p.name for p in outside.iterdir()) == ["mine.txt"] and not (tmp_path / "out" / "other").exists()
