@@ -126,12 +126,12 @@ def test_sigkill_leaves_destination_absent_or_complete(server, tmp_path, op):
     assert killed_mid_write >= 1  # the delays do land inside the write
 
 
-def test_sigint_leaves_nothing(server, tmp_path):
-    duration = timed(server, "save", tmp_path / "reference")
-    dst = tmp_path / "out"
-    _, status = server.write("save", dst, sig=signal.SIGINT, after=duration / 3)
-    assert os.waitstatus_to_exitcode(status) == 3  # KeyboardInterrupt reached the writer's except
-    assert not dst.exists() and leftovers(dst) == []
+@pytest.mark.parametrize("point", ["staged", "written"])
+def test_sigint_leaves_nothing(racer, tmp_path, point):
+    """Ctrl-C at the start of the write or once all is written (mid-write: tests/test_cli.py's signal test)."""
+    dst = tmp_path / "new" / "out"
+    assert racer.wait(racer.start(dst, op="save", fault=f"{point}:SIGINT")) == 3  # KeyboardInterrupt reached it
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_next_write_removes_only_dead_writers_temp_files(tmp_path):
