@@ -47,7 +47,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
 
     Args:
         src: a torch pickle state dict (.pt/.bin), a model folder, or a packed/torchao safetensors checkpoint.
-        dst: the folder to create; it must not exist unless `force`.
+        dst: the folder to create; it must be missing or an empty folder unless `force`.
         max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
         workers: processes writing shards in parallel; the output is byte-identical for any value.
         device: re-lay out device-pinned int4 exactly for this device's kernel ("cpu", "cuda", "xpu").
