@@ -75,12 +75,21 @@ _KNOWN: dict[str, Method] = {
     "higgs": Method(reader="transformers + flute-kernel", leaves=frozenset({"tables", "tables2"})),
     "bitnet": Method(reader="transformers (BitNet quantizer)", leaves=frozenset({"weight_scale"})),
     "fp_quant": Method(reader="transformers + fp_quant", leaves=frozenset({"qweight", "dqweight", "scales"})),
+    "quanto": Method(reader="transformers + optimum-quanto", needs=("optimum.quanto",),
+                     leaves=frozenset({"_data", "_scale"})),
+    # Outside transformers' list, read by inference engines:
+    "exl2": Method(reader="exllamav2 (or TabbyAPI)",
+                   leaves=frozenset({"q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm"})),
+    "modelopt": Method(reader="vLLM, SGLang or TensorRT-LLM (NVIDIA ModelOpt)", format_keys=("quant_algo",),
+                       leaves=frozenset({"weight_scale", "weight_scale_2", "input_scale"})),
 }
+_ALL_LEAVES = frozenset().union(*(r.leaves for r in _KNOWN.values()))
 
 
 @functools.cache
 def methods() -> dict[str, Method]:
-    """Every quantization method transformers knows except torchao, with its row (a default one if unknown)."""
+    """Every quantization method transformers knows except torchao, with its row (a default one if `_KNOWN` has
+    none), and the rows of methods only inference engines read."""
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
     names = [n for n in AUTO_QUANTIZATION_CONFIG_MAPPING if n != _OURS]
@@ -100,7 +109,7 @@ class Foreign:
         """What it is, e.g. "compressed-tensors checkpoint (format pack-quantized, a, b, c, ... (9 in all))"."""
         shown = ", ".join(self.tensors[:3]) + (f", ... ({len(self.tensors)} in all)" if len(self.tensors) > 3 else "")
         inner = ", ".join(p for p in (f"format {self.format}" if self.format else "", shown) if p)
-        how = "" if self.in_config else " (named so; config.json names no quantization method)"
+        how = "" if self.in_config else " (by its tensor names; config.json does not name that method)"
         return f"{self.method} checkpoint{how}" + (f" ({inner})" if inner else "")
 
 
@@ -131,7 +140,7 @@ def _belongs(names: Iterable[str], leaves: frozenset[str]) -> list[str]:
 
 
 def detect(config: dict[str, Any] | None, names: Iterable[str], *, torchao: bool) -> Foreign | None:
-    """The foreign method that config.json (or, if it names none, the tensor names) shows; None for torchao or plain.
+    """The foreign method that config.json (or, if it names torchao or none, the tensor names) shows; else None.
 
     Tensor names only another method's writers use are foreign whatever the config says. A config naming
     another method (or none) is foreign unless the tensors are torchao's own types (`torchao`: then it only
@@ -141,19 +150,16 @@ def detect(config: dict[str, Any] | None, names: Iterable[str], *, torchao: bool
     qc = next((config[k] for k in _CONFIG_KEYS if config and config.get(k) is not None), None)
     method = None if qc is None else "compressed-tensors" if qc is config.get("compression_config") \
         else _method_name(qc)
-    if method == _OURS:
-        return None
-    rows = methods()
-    found = {n.rpartition(".")[2] for n in names} & set().union(*(r.leaves for r in rows.values()))
-    if method is not None and (found or not torchao):
-        row = rows.get(method, Method(reader=""))
+    found = {n.rpartition(".")[2] for n in names} & _ALL_LEAVES
+    if method not in (None, _OURS) and (found or not torchao):
+        row = methods().get(method, Method(reader=""))
         if row.converts is not None and row.converts(qc):
             return None
         return Foreign(method, _format(qc, row) if isinstance(qc, dict) else None, _belongs(names, row.leaves), True)
     if not found:
         return None
-    best = max(len(found & r.leaves) for r in rows.values())
-    candidates = [m for m, r in rows.items() if len(found & r.leaves) == best]
+    best = max(len(found & r.leaves) for r in _KNOWN.values())
+    candidates = [m for m, r in _KNOWN.items() if len(found & r.leaves) == best]
     return Foreign(" or ".join(candidates), None, _belongs(names, frozenset(found)), False)
 
 
@@ -213,19 +219,27 @@ def of_model(model: Any) -> Foreign | None:
                   torchao=any(tensor_type_of(t, n).quantized for n, t in state.items()))
 
 
+def _installed(module: str) -> bool:
+    """Whether a module (dotted names too) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def stock_outcome(found: Foreign) -> tuple[bool, str, str]:
     """What stock from_pretrained does with a foreign folder: (loads exactly, verdict, reason) for StockVerdict."""
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     if not found.in_config:
         return (False, "loads wrong weights", f"tensors are named as {found.method} writes them but config.json "
-                "names no quantization method, so transformers reports them unexpected and keeps random weights")
+                "does not name that method, so transformers reports them unexpected and keeps random weights")
     quantizer = AUTO_QUANTIZER_MAPPING.get(found.method)
     if quantizer is None:
         return (False, "refuses", f"transformers has no quantizer for quant_method {found.method!r}" if found.method
                 else "its quantization_config names no quant_method, which transformers refuses")
     row = methods()[found.method]
-    missing = [m for m in row.needs if importlib.util.find_spec(m) is None]
+    missing = [m for m in row.needs if not _installed(m)]
     needs = f"; it needs {', '.join(row.needs)}: " + (f"{', '.join(missing)} not installed here" if missing
                                                         else "installed here") if row.needs else ""
     return (False, f"reads it through {found.method}",

@@ -103,13 +103,15 @@ def test_without_config_the_tensor_names_are_refused(folders, name, tmp_path):
     assert not info.foreign.in_config and info.foreign.tensors and info.stock is None
 
 
-def test_stock_verdict_without_a_quantization_config_is_wrong_weights(folders, tmp_path):
+@pytest.mark.parametrize("qc", [None, {"quant_method": "torchao", "quant_type": {}}])
+def test_foreign_tensor_names_under_no_or_a_torchao_config_are_refused(folders, qc, tmp_path):
     src = tmp_path / "stripped"
     shutil.copytree(folders["ct-W4A16"], src)
-    config = _config(src)
-    del config["quantization_config"]
+    config = {**_config(src), "quantization_config": qc}
     (src / "config.json").write_text(json.dumps(config))
     assert aockpt.inspect(src).stock.verdict == "loads wrong weights"
+    assert "named as compressed-tensors" in _refused_by_cli("pack", src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
 
 
 def _row_folder(method: str, row: foreign.Method, dst: Path, *, config: bool = True) -> Path:
@@ -134,7 +136,10 @@ def test_every_method_in_the_table_is_refused(method, tmp_path):
         aockpt.pack(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
     assert aockpt.inspect(src).foreign.method == method
-    assert aockpt.inspect(src).stock.verdict == f"reads it through {method}"
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    stock = f"reads it through {method}" if method in AUTO_QUANTIZER_MAPPING else "refuses"
+    assert aockpt.inspect(src).stock.verdict == stock
     if row.leaves:
         bare = _row_folder(method, row, tmp_path / "bare", config=False)
         with pytest.raises(ForeignCheckpointError, match="are named as"):
@@ -142,10 +147,10 @@ def test_every_method_in_the_table_is_refused(method, tmp_path):
         assert method in aockpt.inspect(bare).foreign.method.split(" or ")
 
 
-def test_table_is_transformers_list_less_torchao():
+def test_table_is_transformers_list_less_torchao_and_the_engines_formats():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
-    assert set(foreign.methods()) == set(AUTO_QUANTIZATION_CONFIG_MAPPING) - {"torchao"}
+    assert set(foreign.methods()) - {"exl2", "modelopt"} == set(AUTO_QUANTIZATION_CONFIG_MAPPING) - {"torchao"}
 
 
 @pytest.mark.parametrize("qc", [{"quant_method": "exllamav9"}, {"bits": 4}, "gptq"])
