@@ -179,12 +179,13 @@ def error(found: Foreign, where: str | Path) -> ForeignCheckpointError:
         what = f"config.json's quantization_config names {named}: aockpt does not convert it"
     elif found.in_config:
         fmt = f" (format {found.format})" if found.format else ""
-        what = f"{found.method} folder{fmt}: aockpt does not convert {found.method} checkpoints"
+        kind = f"this format of {found.method}" if row.converts is not None else found.method
+        what = f"{found.method} folder{fmt}: aockpt does not convert {kind} checkpoints"
     else:
         what = (f"tensors such as {found.tensors[0]} are named as {found.method} write them: aockpt does not "
                 "convert such checkpoints")
         reader = f"the library that wrote it ({reader})"
-    yet = " yet" if row is not None and row.planned else ""
+    yet = " yet" if row is not None and row.planned and row.converts is None else ""
     return ForeignCheckpointError(
         f"{where}: {what}{yet} (stored as plain tensors they would load as random weights); load it with {reader} "
         "(or quantize the original model with torchao and pack that); nothing was written")

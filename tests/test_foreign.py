@@ -213,10 +213,12 @@ def test_save_pretrained_refuses_a_model_another_library_loaded(folders, tmp_pat
     assert not (tmp_path / "dst").exists()
 
 
-def test_an_importer_row_lets_its_formats_through(folders, monkeypatch):
+def test_an_importer_row_lets_its_formats_through(folders, monkeypatch, tmp_path):
     """The seam for a converter: a row's `converts` predicate passes the configs it imports, and only those."""
     row = foreign.methods()["compressed-tensors"]
     monkeypatch.setitem(foreign.methods(), "compressed-tensors",
                         dataclasses.replace(row, converts=lambda qc: qc.get("format") == "pack-quantized"))
     assert foreign.detect(_config(folders["ct-W4A16"]), [], torchao=False) is None
     assert foreign.detect(_config(folders["ct-FP8"]), [], torchao=False).format == "float-quantized"
+    with pytest.raises(ForeignCheckpointError, match="does not convert this format of compressed-tensors checkpoints"):
+        aockpt.pack(folders["ct-FP8"], tmp_path / "dst")
