@@ -18,9 +18,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("load_pretrained", "save_pretrained"), "pretrained"),
     "safe_load": "unpickle",
     "TPShard": "tp",
-    **dict.fromkeys(("AockptError", "CorruptCheckpointError", "DeviceMemoryError", "HubError", "KeyMismatchError",
-                     "OutputError", "PortabilityError", "UnsafeCheckpointError", "UnsupportedTensorError",
-                     "UsageError"), "errors"),
+    **dict.fromkeys(("AockptError", "CorruptCheckpointError", "DeviceMemoryError", "ForeignCheckpointError",
+                     "HubError", "KeyMismatchError", "OutputError", "PortabilityError", "UnsafeCheckpointError",
+                     "UnsupportedTensorError", "UsageError"), "errors"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

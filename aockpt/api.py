@@ -13,6 +13,7 @@ import torch
 from . import codec, device_load, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, UnsupportedTensorError, UsageError
+from .foreign import Foreign
 from .hf_config import CONFIG_NAME, StockVerdict, read_config, rewritten_config, stock_verdict
 from .reader import check_torchao_records, read_flat
 from .progress import track
@@ -47,7 +48,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
 
     Args:
         src: a torch pickle state dict (.pt/.bin), a model folder, or a packed/torchao safetensors checkpoint.
-        dst: the folder to create; it must not exist unless `force`.
+        dst: the folder to create; it must be missing or an empty folder unless `force`.
         max_shard_size: largest shard, as bytes or "5GB"-style text (huggingface_hub's rule).
         workers: processes writing shards in parallel; the output is byte-identical for any value.
         device: re-lay out device-pinned int4 exactly for this device's kernel ("cpu", "cuda", "xpu").
@@ -299,6 +300,7 @@ class CheckpointInfo:
     producer: dict[str, str]
     tensors: list[TensorInfo]
     stock: StockVerdict | None = None  # what stock from_pretrained does with a model folder
+    foreign: Foreign | None = None  # quantized by another library: method, format, its tensors (aockpt.foreign)
 
     @property
     def total_bytes(self) -> int:
@@ -343,7 +345,7 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
 
     A CPU int4 tensor whose packer neither the file nor `cpu_packer` states lists its `packer_candidates`.
     """
-    with open_source(path, cpu_packer) as source:
+    with open_source(path, cpu_packer, foreign_ok=True) as source:
         ckpt = source.checkpoint
         tensors = []
         for name, (type_name, packer) in source.types.items():
@@ -362,7 +364,7 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
                                       target, t.devices, None, t.packer_candidates, t.tp))
         producer = ckpt.producer if ckpt else {}
         return CheckpointInfo(str(path), source.kind, ckpt.format_version if ckpt else None, producer, tensors,
-                              _stock(source))
+                              _stock(source), source.foreign)
 
 
 def _stock(source: Source) -> StockVerdict | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     errors.AockptError: (1, "any other error aockpt raises on purpose"),
     KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
     Terminated: (143, "terminated (SIGTERM); nothing was left at the destination"),
+    BrokenPipeError: (141, "stdout closed early (e.g. piped into `head -1`): output stops quietly"),
     Exception: (70, "internal error: a bug in aockpt (AOCKPT_DEBUG=1 shows the traceback)"),
 }
 
@@ -71,11 +73,24 @@ class _Group(click.Group):
             word = "terminated" if isinstance(e, Terminated) else "interrupted"
             raise _Failure(f"{word}; nothing was left at the destination", _exit_code(e)) from None
         except Exception as e:
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet too
+                raise click.exceptions.Exit(_exit_code(e)) from None
             if os.environ.get("AOCKPT_DEBUG"):
                 raise
             raise _Failure(errors.printable(f"internal error {type(e).__name__}: {errors.reason(e, 300)} (set "
                                             "AOCKPT_DEBUG=1 for the traceback and please report it)"),
                            _exit_code(e)) from e
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (a broken pipe from elsewhere is a real error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _say(text: str) -> None:

@@ -52,7 +52,8 @@ def hook() -> None:
 
 @hook.command("install")
 @click.argument("repo_dir", default=".", type=click.Path(exists=True, file_okay=False))
-@click.option("--force", is_flag=True, help="Replace a pre-push hook aockpt did not write (kept as a backup).")
+@click.option("--force", is_flag=True, help="Install over a pre-push hook aockpt did not write, or edited by "
+              "hand: it is kept as pre-push.aockpt-chained and still runs first.")
 def install(repo_dir: str, force: bool) -> None:
     """Install a pre-push hook in the git clone REPO_DIR (default: here).
 

@@ -57,6 +57,10 @@ class UnsupportedTensorError(AockptError, TypeError):
     """A tensor type or legacy layout that aockpt has no codec or migration for."""
 
 
+class ForeignCheckpointError(UnsupportedTensorError):
+    """A checkpoint quantized by another library (compressed-tensors, GPTQ, AWQ, bitsandbytes, ...); nothing written."""
+
+
 class PortabilityError(AockptError):
     """One or more tensors cannot live or run on the requested device."""
 

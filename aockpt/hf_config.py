@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import foreign
 from .errors import CorruptCheckpointError
 from .registry import TENSOR_TYPES, known_type, tensor_type_of
 
@@ -168,6 +169,8 @@ def truthful_config(config: dict[str, Any], state: dict[str, torch.Tensor], alia
         state: every tensor written, by name (aliases included).
         aliases: name -> the name whose storage it shares.
     """
+    torchao = any(tensor_type_of(t, n).quantized for n, t in state.items())
+    foreign.refuse_if(foreign.detect(config, state, torchao=torchao), CONFIG_NAME)  # never replace another's config
     skel = skeleton(config)
     out = dict(config)
     derived = quantization_config(state, skel)
@@ -196,8 +199,9 @@ def rewritten_config(config_path: Path, state: dict[str, torch.Tensor], aliases:
 class StockVerdict:
     """What stock ``AutoModelForCausalLM.from_pretrained(folder)`` does with a model folder."""
 
-    loads: bool  # True: it loads exactly these tensors; False: it refuses or would load wrong weights
-    verdict: str  # "loads exactly" | "refuses" | "loads wrong weights"
+    loads: bool  # True: it loads exactly these tensors; False: it refuses, would load wrong weights, or
+    # reads them through another library's quantizer (aockpt.foreign)
+    verdict: str  # "loads exactly" | "refuses" | "loads wrong weights" | "reads it through <method>"
     reason: str
 
 
@@ -215,6 +219,9 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
     """
     quantized = sorted({t for t in types.values() if not _is_plain(t)})
+    found = foreign.detect(config, types, torchao=bool(quantized))
+    if found is not None:
+        return StockVerdict(*foreign.stock_outcome(found))
     qc = config.get("quantization_config")
     if legacy:
         return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "

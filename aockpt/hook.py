@@ -9,45 +9,101 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .publish_rules import CHECKPOINT_SUFFIXES, Problem, find_problems
 
 PathLike = str | os.PathLike
 HOOK_MARKER = "# installed by `aockpt hook install`"
+CHAINED = "pre-push.aockpt-chained"
 _ZERO_SHA = re.compile(r"^0+$")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+_HEAD = f"#!/bin/sh\n{HOOK_MARKER}: refuses pushes carrying torch pickles or safetensors that fail\n"
+_RUN = 'PYTHONPATH=@PATH@${PYTHONPATH:+:$PYTHONPATH} exec @PYTHON@ -m aockpt.@MODULE@ pre-push "$@"\n'
+# The hook text, newest first, then every text an earlier release wrote (@…@ are filled in at install).
+TEMPLATES = (
+    _HEAD + "# `aockpt verify`. Bypass once with `git push --no-verify`. The pre-push hook it replaced, if any, is\n"
+    f"# kept as {CHAINED} and runs first; to uninstall, delete this file (and move that one back).\n"
+    "input=$(cat; echo .) && input=${input%.}\n"
+    f'chained="$(dirname "$0")/{CHAINED}"\n'
+    """if [ -x "$chained" ]; then printf '%s' "$input" | "$chained" "$@" || exit; fi\n"""
+    "printf '%s' \"$input\" | " + _RUN,
+    _HEAD + "# `aockpt verify`. Bypass once with `git push --no-verify`; delete this file to uninstall.\n" + _RUN,
+)
+_QUOTED = r"""(?:[\w@%+=:,./-]+|'(?:[^'\n]|'"'"')*')"""  # a word as shlex.quote writes it
+_WRITTEN_BY_AOCKPT = [re.compile(re.escape(t).replace("@PATH@", _QUOTED).replace("@PYTHON@", _QUOTED)
+                                 .replace("@MODULE@", "(?:hook|hub)")) for t in TEMPLATES]
 
 
 def install_hook(repo_dir: PathLike = ".", *, force: bool = False) -> Path:
-    """Write `.git/hooks/pre-push` running this Python's aockpt; refuse to replace a foreign hook unless forced."""
+    """Write `.git/hooks/pre-push` running this Python's aockpt; a hook it did not write is kept and chained.
+
+    A pre-push hook that aockpt did not write (a file, a link, or aockpt's own edited by hand) is replaced
+    only with `force`: it is moved, never copied or followed, to ``pre-push.aockpt-chained``, which the new
+    hook runs first. Nothing is ever overwritten: with a chained hook already there, install is refused.
+    """
     import aockpt
 
+    from .atomic import move_no_replace
+
+    hook = _hooks_dir(Path(repo_dir)) / "pre-push"
     try:
-        hooks = Path(_git(Path(repo_dir), "rev-parse", "--git-path", "hooks").decode().strip())
-    except subprocess.CalledProcessError as e:
-        raise UsageError(f"{repo_dir} is not a git repository; run `git init` or pass a clone's folder") from e
-    hook = (hooks if hooks.is_absolute() else Path(repo_dir) / hooks) / "pre-push"
-    if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace") and not force:
-        raise UsageError(f"{hook} exists and was not written by aockpt; pass --force to replace it "
-                         "(the old hook is kept as pre-push.aockpt-backup)")
-    if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
-        hook.replace(hook.with_name("pre-push.aockpt-backup"))
-    package_parent = str(Path(aockpt.__file__).resolve().parent.parent)
-    hook.parent.mkdir(parents=True, exist_ok=True)
-    hook.write_text(
-        f"#!/bin/sh\n{HOOK_MARKER}: refuses pushes carrying torch pickles or safetensors that fail\n"
-        "# `aockpt verify`. Bypass once with `git push --no-verify`; delete this file to uninstall.\n"
-        f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}} "
-        f"exec {shlex.quote(sys.executable)} -m aockpt.hook pre-push \"$@\"\n"
-    )
-    hook.chmod(0o755)
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        keep = _keep_previous(hook, force)
+        text = (TEMPLATES[0].replace("@PATH@", shlex.quote(str(Path(aockpt.__file__).resolve().parent.parent)))
+                .replace("@PYTHON@", shlex.quote(sys.executable)).replace("@MODULE@", "hook"))
+        fd, tmp = tempfile.mkstemp(prefix=".pre-push.aockpt-tmp-", dir=hook.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755)
+            if keep:
+                move_no_replace(hook, hook.with_name(CHAINED))
+            os.replace(tmp, hook)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"could not install the hook at {hook} ({e.strerror or e}); the hook that was there "
+                          f"is unchanged or kept as {CHAINED}: check that the hooks folder is writable") from e
     return hook
+
+
+def _hooks_dir(repo: Path) -> Path:
+    """The repository's hooks folder (`core.hooksPath` or `.git/hooks`), refusing a folder that is not a clone."""
+    try:
+        hooks = Path(_git(repo, "rev-parse", "--git-path", "hooks").decode().strip())
+    except (subprocess.CalledProcessError, OSError) as e:
+        raise UsageError(f"{repo} is not a git repository; run `git init` or pass a clone's folder") from e
+    return hooks if hooks.is_absolute() else repo / hooks
+
+
+def _keep_previous(hook: Path, force: bool) -> bool:
+    """Whether the entry at `hook` must be kept as the chained hook (True) or may be overwritten (False)."""
+    if not os.path.lexists(hook):
+        return False
+    info = hook.lstat()
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{hook} is a folder, not a hook; move it away and rerun `aockpt hook install`")
+    text = hook.read_bytes().decode(errors="replace") if stat.S_ISREG(info.st_mode) and info.st_size < 65536 else ""
+    if any(t.fullmatch(text) for t in _WRITTEN_BY_AOCKPT):
+        return False
+    what = ("is a link" if stat.S_ISLNK(info.st_mode) else "is aockpt's hook edited by hand" if HOOK_MARKER in text
+            else "was not written by aockpt")
+    chained = hook.with_name(CHAINED)
+    if os.path.lexists(chained):
+        raise UsageError(f"{hook} {what} and {chained} already holds an earlier hook; combine the two into "
+                         f"{CHAINED} by hand (or remove one) and rerun; nothing was changed")
+    if not force:
+        raise UsageError(f"{hook} {what}; pass --force to install aockpt's hook and keep this one as {CHAINED}, "
+                         "which then runs first")
+    return True
 
 
 def check_push(updates: str, remote: str, repo: Path) -> list[str]:

@@ -26,12 +26,14 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
     model's config usually has none), and a tie the tensors no longer share is switched off.
     """
+    from . import foreign
     from .api import state_items
     from .atomic import staged
     from .codec import aliases
     from .hf_config import rewritten_config
     from .writer import write_packed
 
+    foreign.refuse_if(foreign.of_model(model), type(model).__name__)
     state = model.state_dict()
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state), tmp, max_shard_size=max_shard_size)

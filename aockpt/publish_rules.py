@@ -11,7 +11,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Iterable, NamedTuple
 
-from .errors import AockptError, CorruptCheckpointError, UnsafeCheckpointError
+from .errors import AockptError, CorruptCheckpointError, ForeignCheckpointError, UnsafeCheckpointError
 from .filenames import PICKLE_SUFFIXES
 from .paths import is_inside
 
@@ -72,6 +72,8 @@ def _checkpoint_problems(root: Path, folder: str) -> list[Problem]:
             return [Problem(f"{shown}: safetensors without aockpt's record; run `aockpt pack` on it first",
                             UnsafeCheckpointError)]
         verify(root / folder)
+    except ForeignCheckpointError as e:  # packed from another library's checkpoint by an older aockpt
+        return [Problem(f"{shown}: {e}", ForeignCheckpointError)]
     except AockptError as e:
         return [Problem(f"{shown}: fails verify: {e}", CorruptCheckpointError)]
     return []

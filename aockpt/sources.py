@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import codec, format as fmt, legacy
+from . import codec, foreign, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .paths import member
@@ -41,6 +41,7 @@ class Source:
     origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
+    foreign: foreign.Foreign | None = None  # what another library quantized (only `inspect` opens one)
 
     def close(self) -> None:
         """Release files held open."""
@@ -163,13 +164,15 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix == ".safetensors" or p.name in (fmt.INDEX_NAME, PICKLE_INDEX) or p.suffix in PICKLE_SUFFIXES
 
 
-def open_source(path: str | Path, cpu_packer: str | None = None) -> Source:
+def open_source(path: str | Path, cpu_packer: str | None = None, *, foreign_ok: bool = False) -> Source:
     """Open any supported input by what it is on disk, never by trusting its contents.
 
     `cpu_packer` names the packer of CPU int4 tensors whose file does not record one (see `settle_packers`).
+    A checkpoint quantized by another library is refused (ForeignCheckpointError) unless `foreign_ok`.
     """
     source = _open(Path(path))
     try:
+        source.foreign = foreign.checked(source, refuse=not foreign_ok)
         source.types = settle_packers(source.types, lambda name: _rows(source.flat(name, None)), cpu_packer,
                                       str(source.path))
     except BaseException:

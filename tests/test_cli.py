@@ -219,3 +219,13 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`aockpt inspect ... | head -1`: exit 141 like a tool killed by SIGPIPE, and nothing on stderr."""
+    folder = aockpt.save({f"t{i}": torch.zeros(1) for i in range(1500)}, tmp_path / "many")
+    proc = subprocess.Popen([sys.executable, "-m", "aockpt.cli", "inspect", folder], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(str(folder).encode())  # 1500 rows, more than a pipe holds, follow
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""

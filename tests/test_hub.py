@@ -367,7 +367,7 @@ def test_hook_install_rules(tmp_path, clone):
     result = CliRunner().invoke(main, ["hook", "install", str(clone)])
     assert result.exit_code != 0 and "--force" in result.output and len(result.output.strip().splitlines()) == 1
     assert CliRunner().invoke(main, ["hook", "install", str(clone), "--force"]).exit_code == 0
-    assert (clone / ".git" / "hooks" / "pre-push.aockpt-backup").read_text() == "#!/bin/sh\necho foreign\n"
+    assert (clone / ".git" / "hooks" / hook.CHAINED).read_text() == "#!/bin/sh\necho foreign\n"  # tests/test_hook.py
 
     (tmp_path / "plain").mkdir()
     with pytest.raises(UsageError, match="is not a git repository"):
