@@ -47,7 +47,7 @@ from .device_load import back_to_back
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
 from .reader import open_checkpoint
-from .registry import PLAIN, tensor_type_named
+from .registry import PLAIN
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
 from .writer import SourceTensor, page_releaser, write_packed
@@ -102,8 +102,7 @@ def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None)
             raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
                                          "save the whole tensor from one rank instead")
         offsets_of = info.parts
-    own_key = tensor_type_named(flat.type_name, name).own_key
-    keys = keys or {inner: name if own_key else fmt.part_key(name, inner) for inner in flat.parts}
+    keys = keys or {inner: fmt.stored_key(flat.type_name, name, inner) for inner in flat.parts}
     chunks = {}
     for inner, part in flat.parts.items():
         span = offsets_of.get(inner)

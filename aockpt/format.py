@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import DTYPES, Portability, tensor_type_named
 from .typed_json import dumps, fits_int64, load_file, loads_strict
 
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
 DIGEST = "sha256"
 WEIGHTS_NAME = "model.safetensors"
@@ -70,6 +71,51 @@ def part_key(name: str, inner: str) -> str:
     """The torchao/transformers key of a part: ``<module>._<param>_<inner>``."""
     module, _, param = name.rpartition(".")
     return f"{module}._{param}_{inner}" if module else f"_{param}_{inner}"
+
+
+def stored_key(type_name: str, name: str, inner: str) -> str:
+    """The one key a part is stored under, the key stock torchao and transformers read it from: a plain
+    tensor's own name, else ``part_key``."""
+    return name if tensor_type_named(type_name, name).own_key else part_key(name, inner)
+
+
+def check_record_keys(record: Record, keys: list[str], where: str) -> None:
+    """Refuse a record that stock readers would read differently: a part not under its convention key
+    (swapped, renamed or edited parts maps), or another key stock torchao's prefix scan would take.
+
+    `keys` are what stock torchao scans, sorted and each once: every stored key and metadata key.
+    """
+    for name, entry in record.tensors.items():
+        for inner, part in ({} if entry.alias_of is not None else entry.parts).items():
+            expected = stored_key(entry.type, name, inner)
+            if part.key != expected:
+                raise CorruptCheckpointError(
+                    f"{where}: the record maps tensor {name!r} part {inner!r} to key {part.key!r}, but stock torchao "
+                    f"and transformers read it from {expected!r}; the record was edited or damaged: re-pack the "
+                    "checkpoint from its source"
+                )
+    clash = prefix_clash(record.tensors, keys)
+    if clash is not None:
+        raise CorruptCheckpointError(
+            f"{where}: key {clash[1]!r} starts with the prefix of tensor {clash[0]!r}, so stock torchao would read "
+            "a different tensor than aockpt; rename one of them and re-pack"
+        )
+
+
+def prefix_clash(tensors: dict[str, TensorEntry], ordered: list[str]) -> tuple[str, str] | None:
+    """A (tensor, key) pair where stock torchao, which collects a subclass's parts as every key starting with
+    ``<module>._<param>_``, would take a key that is not one of that tensor's parts; None if there is none.
+    `ordered` holds every key stock torchao sees, sorted and each once."""
+    for name, entry in tensors.items():
+        if entry.alias_of is not None or not tensor_type_named(entry.type, name).quantized:
+            continue
+        own, prefix = {p.key for p in entry.parts.values()}, part_key(name, "")
+        at = bisect_left(ordered, prefix)
+        while at < len(ordered) and ordered[at].startswith(prefix):
+            if ordered[at] not in own:
+                return name, ordered[at]
+            at += 1
+    return None
 
 
 def check_not_reserved(names: list[str]) -> None:

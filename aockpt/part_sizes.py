@@ -129,7 +129,29 @@ class Int4Geometry:
                 )
 
 
-INT4_TILES = Int4Geometry()  # tinygemm tiles pad K and N: only the shape and block size are checked
+@dataclass(frozen=True)
+class Int4TileGeometry(Int4Geometry):
+    """tinygemm tiles: qdata is [N'/8, K'/(16 t), 32, t/2] for inner_k_tiles t in 2, 4, 8, with N padded to
+    N' (a multiple of 8, less than 8 more) and K to K' (less than 1024 more); scale_and_zero is
+    [groups, N', 2], groups from K/g (torchao 0.18) to K'/g (torchao <= 0.17 padded them too)."""
+
+    def check(self, type_name: str, parts: dict[str, torch.Tensor], attrs: dict[str, Any], where: str) -> None:
+        super().check(type_name, parts, attrs, where)
+        (n, k), group = attrs["shape"], attrs["block_size"][-1]
+        q, sz = parts.get("qdata"), parts.get("scale_and_zero")
+        fits = q is not None and q.dim() == 4 and q.shape[2] == 32 and q.shape[3] in (1, 2, 4)
+        n_pad, k_pad = (q.shape[0] * 8, q.shape[1] * q.shape[3] * 32) if fits else (0, 0)
+        fits = fits and n <= n_pad < n + 8 and k <= k_pad < k + 1024 and k_pad % group == 0
+        if not fits or sz is None or sz.dim() != 3 or not (
+                sz.shape[1] == n_pad and sz.shape[2] == 2 and k // group <= sz.shape[0] <= k_pad // group):
+            raise CorruptCheckpointError(
+                f"{where}: {type_name} parts qdata {list(getattr(q, 'shape', []))} and scale_and_zero "
+                f"{list(getattr(sz, 'shape', []))} are not tinygemm tiles of a {[n, k]} weight with group size "
+                f"{group}; the file is inconsistent: re-export it"
+            )
+
+
+INT4_TILES = Int4TileGeometry()  # tinygemm tiles pad K and N: shapes within the padding
 INT4_OPAQUE = Int4Geometry(part_shapes=lambda n, k, g: {"qdata": (n, k // 2), "scale_and_zero": (k // g, n, 2)})
 INT4_PLAIN = Int4Geometry((2, 3), lambda n, k, g: {"qdata": (n, k // 2), "scale": (k // g, n),
                                                    "zero_point": (k // g, n)})

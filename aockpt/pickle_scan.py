@@ -32,7 +32,8 @@ _MAX_PICKLE_BYTES = 128 * 1024 * 1024  # a zip's data.pkl is read whole to be sc
 # Globals torch's own weights-only set admits that allocate as much memory as an argument says
 # (bytearray(2**31)); a state dict of tensors never needs them.
 _SIZED_GLOBALS = frozenset({"builtins.bytearray", "__builtin__.bytearray"})
-_LEGACY_PICKLES = 4  # magic number, protocol, sys_info, then the object itself
+_MAX_LINE = 1 << 20  # protocol-0 opcodes (GLOBAL module/name lines) are short; no newline within it is junk
+_LEGACY_PICKLES = 5  # magic number, protocol, sys_info, the object itself, then its storage keys
 _MARK = object()
 
 
@@ -44,6 +45,25 @@ class PickleScan:
     globals: set[str] = dataclasses.field(default_factory=set)
     locations: set[str] = dataclasses.field(default_factory=set)  # device types storages were saved from
     storages: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (storage class, elements)
+
+
+class _BoundedReader(io.BufferedReader):
+    """A stream that refuses any read asking for more bytes than remain: a pickle's length fields come from
+    the file, and a buffered read allocates what it asks for before reading (4 GB for a BINUNICODE)."""
+
+    def __init__(self, raw: io.RawIOBase, size: int):
+        super().__init__(raw)
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = self._size - self.tell()
+        if n is not None and n > left:
+            raise ValueError(f"an opcode argument claims {n:,} bytes where {left:,} remain")
+        return super().read(n)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A text opcode's line, at most _MAX_LINE bytes (a legacy file holds gigabytes after its pickles)."""
+        return super().readline(_MAX_LINE if size is None or size < 0 else min(size, _MAX_LINE))
 
 
 def _pop_to_mark(stack: list[Any]) -> list[Any]:
@@ -147,7 +167,7 @@ def _itemsize(storage_class: str) -> int:
 @functools.lru_cache(maxsize=8)
 def _scan_cached(path: Path, _stamp: tuple[int, int, int]) -> PickleScan:
     """The scan of one file version (the stamp is its inode, size and mtime)."""
-    with open(path, "rb") as f:
+    with _BoundedReader(open(path, "rb", buffering=0), path.stat().st_size) as f:
         if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
             f.seek(0)
             return _scan_stream(f, _LEGACY_PICKLES, path, sizes=True)
@@ -158,7 +178,7 @@ def _scan_cached(path: Path, _stamp: tuple[int, int, int]) -> PickleScan:
     if len(data) > _MAX_PICKLE_BYTES:
         raise CorruptCheckpointError(f"{path}: its pickle is larger than {_MAX_PICKLE_BYTES:,} bytes, far more than "
                                      "a state dict of real tensors needs; refused before loading")
-    return _scan_stream(io.BufferedReader(io.BytesIO(data)), 1, path, sizes=False)
+    return _scan_stream(_BoundedReader(io.BytesIO(data), len(data)), 1, path, sizes=False)
 
 
 def scan_pickle(path: Path) -> PickleScan:

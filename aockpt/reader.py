@@ -176,8 +176,10 @@ def _read_packed(path: Path, shards: dict[str, SafetensorsFile]) -> tuple[dict, 
     """Entries from aockpt records, one per shard."""
     entries: dict[str, fmt.TensorEntry] = {}
     producer, version = {}, None
+    keys = sorted({key for shard in shards.values() for key in (*shard.keys(), *shard.metadata)})
     for name, shard in shards.items():
         record = fmt.record_from_json(shard.metadata[fmt.RECORD_KEY], f"{path}/{name}")
+        fmt.check_record_keys(record, keys, f"{path}/{name}")
         producer, version = record.producer, record.format_version
         for tensor_name, entry in record.tensors.items():
             if tensor_name in entries:

@@ -2,8 +2,11 @@
 
 Writing: the header is computed from shapes and dtypes alone, then each tensor's bytes are streamed
 to the file, so peak memory is one tensor, never the whole shard. Reading: every header rule of the
-safetensors spec is checked before any tensor is touched, then tensors are views into a private
-memory map (zero copy on CPU).
+reference reader (the ``safetensors`` package: its Rust ``Metadata::validate`` and its torch loader) is
+checked before any tensor is touched, then tensors are views into a private memory map (zero copy on CPU).
+aockpt is stricter in three places only: duplicate JSON keys, entry fields other than dtype/shape/
+data_offsets, and nesting or item budgets are refused (the reference takes the last duplicate and ignores
+extra fields). tests/test_safetensors_io.py holds the differential table.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .registry import STORAGE_CODES, STORAGE_DTYPES
 from .typed_json import dumps, loads_strict
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the reference's MAX_HEADER_SIZE
 _ALIGN = 8
 _CHUNK = 16 * 1024 * 1024
-_INT64_MAX = 2**63 - 1
+_U64 = 2**64  # the reference reads shapes and offsets as usize and multiplies them with overflow checks
+# dtypes whose elements are smaller than a byte: the header counts values, torch's dtype packs them
+# (Dtype::bitsize; the torch loader halves F4's last dimension, which must be even)
+_SUB_BYTE_BITS = {"F4": 4}
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,25 @@ def storage_code(tensor: torch.Tensor, key: str) -> str:
     return code
 
 
+def header_shape(tensor: torch.Tensor, code: str, key: str) -> list[int]:
+    """The shape the header records: torch's, except that sub-byte dtypes count values (F4: two a byte)."""
+    shape = list(tensor.shape)
+    if code in _SUB_BYTE_BITS:
+        if not shape:
+            raise UnsupportedTensorError(f"{key} is a 0-dim {tensor.dtype} tensor (two 4-bit values), which "
+                                         "safetensors cannot record; give it a dimension")
+        shape[-1] *= 8 // _SUB_BYTE_BITS[code]
+    return shape
+
+
 def build_header(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
     """Header bytes (length prefix + padded JSON) for tensors laid out in the given order."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, tensor in items:
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": storage_code(tensor, key), "shape": list(tensor.shape),
+        code = storage_code(tensor, key)
+        header[key] = {"dtype": code, "shape": header_shape(tensor, code, key),
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = dumps(header).encode("utf-8")
@@ -155,7 +173,7 @@ class SafetensorsFile:
         slot = self.slots[key]
         count = slot.end - slot.begin
         if count == 0:
-            return torch.empty(slot.shape, dtype=slot.dtype)
+            return _empty(slot.dtype, slot.shape)
         offset = self._data_start + slot.begin
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=count, offset=offset)
         if offset % torch.empty((), dtype=slot.dtype).element_size():
@@ -230,10 +248,11 @@ def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorS
         text = f.read(length).decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorruptCheckpointError(f"{path}: header is not UTF-8 ({e}); the file is damaged or not safetensors") from e
-    header = loads_strict(text, f"{path} header")
+    header = loads_strict(text, f"{path} header", _header_int)
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # the reference reads `null` as no metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings")
     slots = {key: _slot(key, entry, path) for key, entry in header.items()}
@@ -241,37 +260,77 @@ def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorS
     return slots, metadata, 8 + length
 
 
+def _header_int(text: str) -> int | float:
+    """An integer literal of the header; `-0` stays a float, as the reference's JSON parser reads it (refused)."""
+    return -0.0 if text == "-0" else int(text)
+
+
 def _slot(key: str, entry: object, path: Path) -> TensorSlot:
-    """One header entry, checked: known dtype, non-negative shape, offsets matching dtype x shape."""
+    """One header entry, checked as the reference checks it: known dtype, shape and offsets it can hold,
+    dtype x shape equal to the byte span; the slot keeps torch's shape (F4's last dimension halved)."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CorruptCheckpointError(f"{path}: header entry {key!r} must have exactly dtype, shape, data_offsets")
-    dtype = STORAGE_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-    shape, offsets = entry["shape"], entry["data_offsets"]
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    dtype = STORAGE_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise CorruptCheckpointError(f"{path}: tensor {key!r} has unknown dtype {entry['dtype']!r}")
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} has unknown dtype {code!r}")
     if not _ints(shape) or not (_ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise CorruptCheckpointError(f"{path}: tensor {key!r} has a malformed shape or data_offsets")
-    if not _spans(shape, dtype.itemsize, offsets[1] - offsets[0]):
-        raise CorruptCheckpointError(
-            f"{path}: tensor {key!r} declares {entry['dtype']} {shape} but spans {offsets[1] - offsets[0]} bytes"
-        )
-    return TensorSlot(dtype, tuple(shape), offsets[0], offsets[1])
+    span = offsets[1] - offsets[0]
+    if _nbytes(shape, _SUB_BYTE_BITS.get(code, dtype.itemsize * 8)) != span:
+        hint = (" (safetensors counts F4 in 4-bit values, two a byte; aockpt format 1.0.0 recorded torch's packed "
+                "shape: re-pack such a file from its source)") if code in _SUB_BYTE_BITS else ""
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} declares {code} {str(shape)[:80]} but spans {span} "
+                                     f"bytes{hint}")
+    torch_shape = _torch_shape(code, shape, key, path)
+    if span == 0 and _large(torch_shape):
+        try:  # torch's own stride and size checks, for the empty shapes large enough to overflow them
+            _empty(dtype, torch_shape)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} has shape {str(shape)[:80]}, which torch cannot "
+                                         f"make ({str(e)[:80]})") from e
+    return TensorSlot(dtype, torch_shape, offsets[0], offsets[1])
 
 
-def _spans(shape: list[int], itemsize: int, span: int) -> bool:
-    """Whether dtype x shape is exactly `span` bytes, stopping as soon as the product passes it.
+def _nbytes(shape: list[int], bits: int) -> int | None:
+    """Bytes of `shape` elements of `bits` bits as the reference computes them, or None where it refuses:
+    every dimension and running product must fit a u64 (checked as it goes, so a product of many huge
+    dimensions is never built), and the bits must end on a byte boundary."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if dim >= _U64 or count >= _U64:
+            return None
+    total = count * bits
+    return None if total >= _U64 or total % 8 else total // 8
 
-    Shapes come from the file, so a product of many huge dimensions must never be built in full; an
-    empty tensor's other dimensions must still fit the int64 sizes torch computes with.
-    """
-    empty = 0 in shape
-    limit = _INT64_MAX if empty else span
-    size = itemsize
+
+def _large(shape: tuple[int, ...]) -> bool:
+    """Whether an empty shape's nonzero dimensions multiply to 2**31 or more (stopping there), so torch's
+    stride arithmetic could overflow; smaller ones need no torch call (a header may hold millions)."""
+    size = 1
     for dim in shape:
         size *= dim or 1
-        if size > limit:
-            return False
-    return span == 0 if empty else size == span
+        if size >= 2**31:
+            return True
+    return False
+
+
+def _torch_shape(code: str, shape: list[int], key: str, path: Path) -> tuple[int, ...]:
+    """The shape torch's dtype gives the tensor: the header's, with sub-byte values packed into bytes."""
+    if code not in _SUB_BYTE_BITS:
+        return tuple(shape)
+    per_byte = 8 // _SUB_BYTE_BITS[code]
+    if not shape or shape[-1] % per_byte:
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} is {code} {shape}; torch packs {per_byte} values a "
+                                     "byte along the last dimension, which must be a multiple of that")
+    return (*shape[:-1], shape[-1] // per_byte)
+
+
+def _empty(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor of `shape`, made as the reference's torch loader makes it (a view of no bytes,
+    reshaped), so the same shapes are accepted; torch.empty refuses some it takes."""
+    return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def _ints(value: object) -> bool:

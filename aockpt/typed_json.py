@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -89,12 +89,13 @@ def _check_budget(text: str | bytes, where: str) -> None:
         )
 
 
-def loads_strict(text: str | bytes, where: str) -> Any:
+def loads_strict(text: str | bytes, where: str, parse_int: Callable[[str], Any] = int) -> Any:
     """Parse JSON from a file: bounded item count, no duplicate keys, no NaN/Infinity, no lone surrogates,
-    bounded nesting."""
+    bounded nesting; `parse_int` turns each integer literal into a value (safetensors headers refuse `-0`)."""
     _check_budget(text, where)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite,
+                           parse_int=parse_int)
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape cannot be written back
     except (ValueError, RecursionError, UnicodeError) as e:
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e

@@ -47,7 +47,7 @@ def _entry(item: SourceTensor, flat: codec.FlatTensor) -> fmt.TensorEntry:
     entry = tensor_type_named(flat.type_name, item.name)
     parts = {}
     for inner, part in flat.parts.items():
-        key = item.name if entry.own_key else fmt.part_key(item.name, inner)
+        key = fmt.stored_key(flat.type_name, item.name, inner)
         parts[inner] = fmt.PartEntry(key, DTYPE_NAMES[part.dtype], list(part.shape), "")
     attrs = {k: encode(v) for k, v in flat.attrs.items()}
     return fmt.TensorEntry(flat.type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], item.device,
@@ -82,6 +82,12 @@ def _plan(items: list[SourceTensor]) -> tuple[dict[str, _Planned], dict[str, str
                 )
             owner[part.key] = item.name
         planned[item.name] = _Planned(flat, entry, {k: encode(v, tuples=False) for k, v in flat.attrs.items()})
+    clash = fmt.prefix_clash({n: p.entry for n, p in planned.items()}, sorted({*owner, *planned, *fmt.RESERVED_NAMES}))
+    if clash is not None:
+        raise UnsupportedTensorError(
+            f"{clash[1]!r} starts with {fmt.part_key(clash[0], '')!r}, where stock torchao collects the parts of "
+            f"{clash[0]}, so it would read {clash[0]} wrongly; rename one of them"
+        )
     return planned, aliases
 
 

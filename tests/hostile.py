@@ -8,6 +8,7 @@ Convention: every payload, if it ran, would create ``dir / CANARY`` or delete ``
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
 import tarfile
@@ -208,10 +209,21 @@ _ZIP_STORAGE: dict[str, Callable[[Path], bytes]] = {
 }
 
 # Inputs that would make aockpt allocate gigabytes from a few bytes (each also in HOSTILE).
+def _huge_argument(opcode: bytes, length: bytes, proto: int = 2) -> Callable[[Path], bytes]:
+    """A pickle whose first opcode claims a string or bytes argument of `length` bytes, with 3 bytes following."""
+    return lambda p: program(opcode + length + b"abc", proto)
+
+
 _BUDGET: dict[str, Callable[[Path], bytes]] = {
     "bytearray_2gb": lambda p: state_dict(call(g("builtins", "bytearray"), i(2**31 - 1))),
+    "binunicode_4gb": _huge_argument(b"X", struct.pack("<I", 2**32 - 1)),
+    "binbytes_4gb": _huge_argument(b"B", struct.pack("<I", 2**32 - 1), 3),
+    "binunicode8_2**40": _huge_argument(b"\x8d", struct.pack("<Q", 2**40), 4),
+    "binbytes8_2**40": _huge_argument(b"\x8e", struct.pack("<Q", 2**40), 4),
+    "bytearray8_2**40": _huge_argument(b"\x96", struct.pack("<Q", 2**40), 5),
 }
-BOMBS = ["zip-stride0_view_8gb", "zip-bytearray_2gb", "legacy-bytearray_2gb", "legacy_storage_claims_8gb"]
+BOMBS = ["zip-stride0_view_8gb", "zip-bytearray_2gb", "legacy-bytearray_2gb", "legacy_storage_claims_8gb",
+         "zip-binunicode_4gb", "legacy-binunicode_4gb", "legacy_keys_binunicode_4gb", "zip-binunicode8_2**40"]
 
 
 def _int8_wrapper(state: bytes, *, size: tuple[int, int] = (4, 4), cls: bytes | None = None) -> bytes:
@@ -323,6 +335,9 @@ _CONTAINER_TRICKS: dict[str, Builder] = {
     "legacy_storage_header_mismatch": _legacy_storage(1000, 4, floats(1, 2, 3, 4)),
     "legacy_storage_truncated": _legacy_storage(4, 4, floats(1, 2)),
     "legacy_storage_claims_8gb": _legacy_storage(2**31 - 1, 4, floats(1, 2, 3, 4)),
+    # the pickle after the object (its storage keys), which torch also unpickles, claiming a 4 GB string
+    "legacy_keys_binunicode_4gb": lambda p: _write(p, "hostile.pt", legacy_bytes(state_dict(
+        tensor("0", 4, 4, legacy=True)))[:-len(pickle.dumps([], protocol=2))] + _BUDGET["binunicode_4gb"](p)),
 }
 
 HOSTILE: list[tuple[str, Builder]] = (
@@ -380,3 +395,30 @@ def junk_calls(name: str) -> list[tuple[str, bytes]]:
         ("newobj", program(newobj(cls, s("junk"), i(-1)) + d((s("junk"), i(1))) + b"b")),
         ("newobj-noargs", program(newobj(cls) + t(b"N", d((s("__class__"), cls))) + b"b")),
     ]
+
+
+# ---- safetensors files: raw headers and header edits ----
+
+def raw_file(path: Path, header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A safetensors file from a header (dict or raw bytes) and data, optionally lying about the length."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+    return path
+
+
+def rewrite_header(path: Path, mutate: Callable[[dict], None]) -> None:
+    """Rewrite a safetensors file's header JSON through `mutate`, keeping its data bytes."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    mutate(header)
+    raw_file(path, json.dumps(header).encode(), raw[8 + length:])
+
+
+def mutate_record(mutate: Callable[[dict], None], key: str = "aockpt") -> Callable[[dict], None]:
+    """A header mutation applied to one JSON value of the metadata (by default the aockpt record)."""
+    def apply(header: dict) -> None:
+        record = json.loads(header["__metadata__"][key])
+        mutate(record)
+        header["__metadata__"][key] = json.dumps(record)
+    return apply

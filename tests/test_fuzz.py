@@ -148,7 +148,7 @@ def _index_json(files: Files, rng: random.Random) -> None:
     files[fmt.INDEX_NAME] = json.dumps(_mutate_tree(json.loads(files[fmt.INDEX_NAME]), rng)).encode()
 
 
-def _number_overflow(files: Files, rng: random.Random) -> None:
+def _number_overflow(files: Files, rng: random.Random, literal: str = "1e999") -> None:
     """Write one number of a shard's header as 1e999, which plain json.loads reads as infinity."""
     name = rng.choice(_shards(files))
     data = files[name]
@@ -156,7 +156,7 @@ def _number_overflow(files: Files, rng: random.Random) -> None:
     text = data[8:8 + length].decode()
     numbers = [m.span() for m in re.finditer(r"(?<![\w.])\d+(?![\w.])", text)]
     start, end = rng.choice(numbers)
-    body = (text[:start] + "1e999" + text[end:]).encode()
+    body = (text[:start] + literal + text[end:]).encode()
     files[name] = struct.pack("<Q", len(body)) + body + data[8 + length:]
 
 
@@ -186,6 +186,8 @@ MUTATIONS: dict[str, Callable[[Files, random.Random], None]] = {
     "header-byte": _header_byte, "header-splice": _header_splice, "metadata-json": _metadata_json,
     "header-json": _header_json, "index-json": _index_json, "truncate": _truncate, "remove": _remove,
     "data-flip": _data_flip, "number-overflow": _number_overflow,
+    # third round: `-0`, which Python reads as 0 and the reference safetensors reader refuses
+    "minus-zero": lambda files, rng: _number_overflow(files, rng, "-0"),
 }
 OPERATIONS: dict[str, Callable[[Path], Any]] = {
     "inspect": aockpt.inspect, "load_quantized": aockpt.load_quantized, "verify": aockpt.verify,

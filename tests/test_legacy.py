@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 from torchao.quantization.quant_primitives import _dequantize_affine_tinygemm, _quantize_affine_tinygemm
 from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
-from aockpt import codec, legacy
+from aockpt import codec, legacy, sources
 from aockpt.codec import FlatTensor
 from aockpt.relayout import relayout
 from conftest import assert_close_in_bf16_ulps, dequantize
@@ -303,3 +304,55 @@ def test_a_record_whose_shape_its_bytes_cannot_hold_is_refused_before_allocating
     with pytest.raises(CorruptCheckpointError, match=r"cannot be held in the \d+ bytes its record stores"):
         legacy.migrate("0.weight", huge)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start < 100_000
+
+
+def _int4_impl(record: torch.Tensor) -> Any:
+    return record.legacy_state["tensor_impl"]
+
+
+# Junk a crafted legacy int4 record can hold: each refused (naming the tensor) when migrated, which is what
+# inspect, pack and load all do first, instead of passing as loadable and failing in the kernel.
+INT4_JUNK: dict[str, Callable[[torch.Tensor], None]] = {
+    "float-qdata": lambda r: _int4_impl(r).legacy_state.update(
+        packed_weight=_int4_impl(r).legacy_state["packed_weight"].view(torch.float16)),
+    "doubled-rows": lambda r: _int4_impl(r).legacy_state.update(
+        packed_weight=torch.cat([_int4_impl(r).legacy_state["packed_weight"]] * 2)),
+    "scale-and-zero-one-group": lambda r: _int4_impl(r).legacy_state.update(
+        scale_and_zero=_int4_impl(r).legacy_state["scale_and_zero"][:1]),
+    "scale-and-zero-2d": lambda r: _int4_impl(r).legacy_state.update(
+        scale_and_zero=_int4_impl(r).legacy_state["scale_and_zero"].reshape(-1, 2)),
+    "group-size-2**40": lambda r: r.legacy_state.update(block_size=(1, 2**40)),
+    "group-size-7": lambda r: r.legacy_state.update(block_size=(1, 7)),
+    "group-size-disagrees-with-scales": lambda r: r.legacy_state.update(block_size=(1, 64)),
+    "block-over-rows": lambda r: r.legacy_state.update(block_size=(2, 32)),
+}
+
+
+@pytest.mark.parametrize("junk", sorted(INT4_JUNK))
+@pytest.mark.parametrize("fixture", ["ao0.13/int4cpu.pt", "ao0.13-cuda/linear_int4_tc_tiled_g32.pt"])
+def test_junk_int4_records_are_refused_naming_the_tensor(fixture: str, junk: str) -> None:
+    state = safe_load(FIXTURES / fixture)
+    INT4_JUNK[junk](state["0.weight"])
+    with pytest.raises((CorruptCheckpointError, UnsupportedTensorError), match="0.weight"):
+        legacy.migrate("0.weight", state["0.weight"])
+    with pytest.raises((CorruptCheckpointError, UnsupportedTensorError), match="0.weight"):
+        sources.from_state_dict(state, FIXTURES / fixture, "torch pickle")  # what inspect reads
+
+
+def test_a_junk_int4_file_is_one_error_line_from_the_cli(tmp_path: Path) -> None:
+    """The real int4cpu fixture with its pickled group size edited to 7: inspect and pack refuse it, exit 4."""
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from aockpt.cli import main
+
+    source, path = FIXTURES / "ao0.13" / "int4cpu.pt", tmp_path / "junk.pt"
+    with zipfile.ZipFile(source) as z, zipfile.ZipFile(path, "w") as out:
+        for name in z.namelist():
+            data = z.read(name)
+            out.writestr(name, data.replace(b"K\x01K\x20\x86", b"K\x01K\x07\x86") if name.endswith("data.pkl") else data)
+    for args in (["inspect", path], ["pack", path, tmp_path / "out"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 4 and "block_size [1, 7]" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

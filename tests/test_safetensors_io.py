@@ -19,9 +19,11 @@ import torch
 import aockpt
 from aockpt import format as fmt
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
-from aockpt.registry import TENSOR_TYPES, Portability
+from aockpt.registry import STORAGE_CODES, TENSOR_TYPES, Portability
 from aockpt.safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
+from aockpt.typed_json import MAX_FILE_BYTES
 from conftest import CASES
+from hostile import mutate_record, raw_file, rewrite_header
 
 PEAK_BYTES = 16 << 20  # Python-side allocations while refusing a file
 SECONDS = 5.0
@@ -63,13 +65,6 @@ def refused(path: Path, message: str, error: type[AockptError] = CorruptCheckpoi
         assert "\n" not in str(info.value)
 
 
-def raw_file(path: Path, header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
-    """A safetensors file from a header (dict or raw bytes) and data, optionally lying about the length."""
-    text = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
-    return path
-
-
 HEADERS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "shorter-than-length-prefix": (lambda p: (p.write_bytes(b"\x01\x02"), p)[1], "too short"),
     "header-over-100MB": (lambda p: raw_file(p, {}, length=MAX_HEADER_BYTES + 1), "header claims"),
@@ -108,7 +103,6 @@ HEADERS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "tensor-named-__metadata__": (lambda p: raw_file(p, {"__metadata__": F32}, bytes(8)), "strings to strings"),
     "metadata-value-not-string": (lambda p: raw_file(p, {"__metadata__": {"format": 1}}), "strings to strings"),
     "metadata-is-a-list": (lambda p: raw_file(p, {"__metadata__": []}), "strings to strings"),
-    "metadata-is-null": (lambda p: raw_file(p, {"__metadata__": None}), "strings to strings"),
     "directory": (lambda p: (p.mkdir(), p)[1], "not a regular file"),
     "fifo": (lambda p: (os.mkfifo(p), p)[1], "not a regular file"),
 }
@@ -135,7 +129,7 @@ def test_huge_index_file_is_refused_before_reading(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     with open(folder / fmt.INDEX_NAME, "wb") as f:
-        f.truncate(MAX_HEADER_BYTES + 1)  # sparse: costs no disk
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: costs no disk
     refused(folder, "larger than")
 
 
@@ -183,24 +177,6 @@ def test_index_and_shards_must_agree(tmp_path, shards, weight_map, message):
 
 # ---- aockpt and torchao records that lie ----
 
-def rewrite_header(path: Path, mutate: Callable[[dict], None]) -> None:
-    """Rewrite a safetensors file's header JSON through `mutate`, keeping its data bytes."""
-    raw = path.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
-    mutate(header)
-    raw_file(path, json.dumps(header).encode(), raw[8 + length:])
-
-
-def mutate_record(mutate: Callable[[dict], None]) -> Callable[[dict], None]:
-    """A header mutation applied to the aockpt record."""
-    def apply(header: dict) -> None:
-        record = json.loads(header["__metadata__"][fmt.RECORD_KEY])
-        mutate(record)
-        header["__metadata__"][fmt.RECORD_KEY] = json.dumps(record)
-    return apply
-
-
 def as_torchao_file(mutate: Callable[[dict], None]) -> Callable[[dict], None]:
     """A header mutation that drops the aockpt record (leaving torchao's) and changes the record of `w`."""
     def apply(header: dict) -> None:
@@ -227,9 +203,9 @@ RECORD_LIES: dict[str, tuple[Callable[[dict], None], str, type[AockptError]]] = 
                    CorruptCheckpointError),
     "part-shape": (mutate_record(lambda r: _int8(r)["parts"]["qdata"].update(shape=[128, 64])), "is declared",
                    CorruptCheckpointError),
-    "part-key-missing": (mutate_record(lambda r: _int8(r)["parts"]["qdata"].update(key="nope")), "is missing",
+    "part-key-missing": (mutate_record(lambda r: _int8(r)["parts"]["qdata"].update(key="nope")), "read it from",
                          CorruptCheckpointError),
-    "two-tensors-one-key": (mutate_record(lambda r: r["tensors"].update(v=r["tensors"]["w"])), "claimed by",
+    "two-tensors-one-key": (mutate_record(lambda r: r["tensors"].update(v=r["tensors"]["w"])), "read it from",
                             CorruptCheckpointError),
     "stored-key-unclaimed": (mutate_record(lambda r: r["tensors"].pop("b")), "belong to no tensor",
                              CorruptCheckpointError),
@@ -239,7 +215,7 @@ RECORD_LIES: dict[str, tuple[Callable[[dict], None], str, type[AockptError]]] = 
     "unknown-type": (mutate_record(lambda r: _int8(r).update(type="os.system")), "allowlist",
                      UnsupportedTensorError),
     "unknown-part": (mutate_record(lambda r: _int8(r)["parts"].update(evil=_int8(r)["parts"].pop("qdata"))),
-                     "unexpected", CorruptCheckpointError),
+                     "read it from", CorruptCheckpointError),
     "attribute-wrong-type": (mutate_record(lambda r: _int8(r)["attrs"].update(block_size="1,128")), "not a valid",
                              CorruptCheckpointError),
     "attribute-wrong-item-type": (mutate_record(lambda r: _int8(r)["attrs"].update(block_size=[1.5, 128])),
@@ -268,7 +244,7 @@ RECORD_LIES: dict[str, tuple[Callable[[dict], None], str, type[AockptError]]] = 
 
 
 SEEN_ONLY_WHEN_REBUILT = {"attribute-missing", "attribute-wrong-item-type", "attribute-wrong-type",
-                          "block-size-zero", "outer-shape", "unknown-part"}
+                          "block-size-zero", "outer-shape"}
 
 
 @pytest.mark.parametrize("lie", sorted(RECORD_LIES))
@@ -296,6 +272,11 @@ INCONSISTENT: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor], str]]
                                             "'scale'"),
     "int4-tile-scale-and-zero-short": ("int4-tile-packed",
                                        lambda t: _with_parts(t, scale_and_zero=lambda s: s[:, :32]), "scale_and_zero"),
+    "int4-tile-qdata-doubled-rows": ("int4-tile-packed", lambda t: _with_parts(t, qdata=lambda q: torch.cat([q, q])),
+                                     "not tinygemm tiles"),
+    "int4-tile-scale-and-zero-2d": ("int4-tile-packed",
+                                    lambda t: _with_parts(t, scale_and_zero=lambda s: s.reshape(-1, 2)),
+                                    "not tinygemm tiles"),
     "int4-plain-qdata-half": ("int4-plain", lambda t: _with_parts(t, qdata=lambda q: q[:32]), "'qdata'"),
     "mx-scale-missing-rows": ("mxfp8", lambda t: _with_parts(t, scale=lambda s: s[:32]), "'scale'"),
     "nvfp4-scale-short": ("nvfp4", lambda t: _with_parts(t, scale=lambda s: s[:, :4]), "'scale'"),
@@ -328,7 +309,7 @@ def _shape_attr(shape: list[int]) -> Callable[[dict], None]:
 def test_int4_shape_attribute_larger_than_its_parts_is_refused(tmp_path, mutate, operation):
     folder = packed(tmp_path, "int4-tile-packed")
     rewrite_header(folder / fmt.WEIGHTS_NAME, mutate)
-    with bounded(), pytest.raises(CorruptCheckpointError, match="holds"):
+    with bounded(), pytest.raises(CorruptCheckpointError, match="holds|not tinygemm tiles"):
         operation(folder)
 
 
@@ -366,3 +347,151 @@ def test_read_slice_reads_exactly_the_slice(tmp_path, dim, start, stop):
         assert torch.equal(got, t.narrow(dim, start, stop - start))
         assert f.bytes_read == got.numel() * 2
         assert f.read_slice("s").item() == 2.5 and f.bytes_read == got.numel() * 2 + 4
+
+
+# ---- differential: aockpt's parser against the reference reader (the safetensors package) ----
+
+def _entry(dtype: str, shape: list, end: int, begin: int = 0) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def _text(header: str) -> bytes:
+    """A raw header written by hand, for literals json.dumps never writes (`-0`, duplicates)."""
+    return header.encode()
+
+
+# (header, data): each read by safetensors.safe_open (torch) and by aockpt's parser.
+DIFFERENTIAL: dict[str, tuple[dict | bytes, bytes]] = {
+    "f4-values-two-a-byte": ({"x": _entry("F4", [4, 16], 32)}, bytes(range(32))),
+    "f4-packed-shape-over-its-bytes": ({"x": _entry("F4", [4, 8], 32)}, bytes(32)),  # what aockpt 1.0 wrote
+    "f4-odd-last-dim": ({"x": _entry("F4", [2, 3], 3)}, bytes(3)),
+    "f4-odd-count": ({"x": _entry("F4", [3], 2)}, bytes(2)),
+    "f4-scalar": ({"x": _entry("F4", [], 1)}, bytes(1)),
+    "f4-empty": ({"x": _entry("F4", [0], 0)}, b""),
+    "f4-empty-odd-last-dim": ({"x": _entry("F4", [0, 3], 0)}, b""),
+    "f6-not-a-torch-dtype": ({"x": _entry("F6_E2M3", [4], 3)}, bytes(3)),
+    "minus-zero-dim": (_text('{"x":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}'), b""),
+    "minus-zero-offset": (_text('{"x":{"dtype":"F32","shape":[0],"data_offsets":[-0,0]}}'), b""),
+    "minus-zero-in-a-metadata-string": (_text('{"__metadata__":{"a":"-0"},"x":{"dtype":"U8","shape":[1],'
+                                              '"data_offsets":[0,1]}}'), b"\x07"),
+    "float-dim": (_text('{"x":{"dtype":"F32","shape":[1e0],"data_offsets":[0,4]}}'), bytes(4)),
+    "dim-2**64": ({"x": _entry("F32", [0, 2**64], 0)}, b""),
+    "dim-2**63": ({"x": _entry("F32", [0, 2**63], 0)}, b""),
+    "empty-with-dim-2**62": ({"x": _entry("F32", [0, 2**62], 0)}, b""),
+    "empty-torch-stride-overflow": ({"x": _entry("F32", [0, 2**62, 2], 0)}, b""),
+    "empty-u64-product-overflow": ({"x": _entry("F32", [2**62, 4, 0], 0)}, b""),
+    "empty-product-2**62": ({"x": _entry("F32", [2**31, 2**31, 0], 0)}, b""),
+    "sixty-five-dims": ({"x": _entry("U8", [1] * 65, 1)}, b"\x01"),
+    "metadata-null": ({"__metadata__": None}, b""),
+    "metadata-string": ({"__metadata__": "x"}, b""),
+    "metadata-value-null": ({"__metadata__": {"a": None}}, b""),
+    "no-tensors": ({}, b""),
+    "whitespace-around": (b"  {}  ", b""),
+    "nul-padding": (b"{}\x00\x00", b""),
+    "utf8-bom": (b"\xef\xbb\xbf{}", b""),
+    "empty-name": ({"": _entry("F32", [2], 8)}, bytes(8)),
+    "lower-case-dtype": ({"x": _entry("f32", [2], 8)}, bytes(8)),
+    "lone-surrogate-name": (_text('{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'), bytes(8)),
+    "offsets-as-object": (_text('{"x":{"dtype":"F32","shape":[2],"data_offsets":{"0":0,"1":8}}}'), bytes(8)),
+    "zero-size-before-a-tensor": ({"a": _entry("F32", [0], 0), "b": _entry("F32", [2], 8)}, bytes(8)),
+    "unsorted-spans": ({"b": _entry("F32", [1], 8, 4), "a": _entry("F32", [1], 4)}, bytes(range(8))),
+    "duplicate-metadata-slot": (_text('{"__metadata__":{"a":"1"},"__metadata__":{"b":"2"}}'), b""),
+    "duplicate-entry-field": (_text('{"x":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}'),
+                              bytes(4)),
+    "e8m0-and-c64": ({"a": _entry("F8_E8M0", [1], 1), "b": _entry("C64", [1], 9, 1)}, bytes(9)),
+    # aockpt is deliberately stricter here (STRICTER): the reference takes the last duplicate, ignores extras
+    "duplicate-tensor": (_text('{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+                               '"x":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}}'), b"\xff"),
+    "duplicate-metadata-key": (_text('{"__metadata__":{"a":"1","a":"2"}}'), b""),
+    "extra-entry-field": ({"x": {**_entry("F32", [2], 8), "byte_order": "big"}}, bytes(8)),
+}
+STRICTER = {"duplicate-tensor", "duplicate-metadata-key", "extra-entry-field"}
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
+    """dtype, shape and bytes of a tensor, for comparing two readers."""
+    return t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _reference_reads(path: Path) -> tuple[dict, dict] | None:
+    """Every tensor (dtype, shape, bytes) and the metadata the reference reader gives, or None if it refuses."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as refusing
+        return None
+    return {k: _fingerprint(t) for k, t in tensors.items()}, metadata
+
+
+def _aockpt_reads(path: Path) -> tuple[dict, dict] | None:
+    """The same from aockpt's parser, or None if it refuses (always as a CorruptCheckpointError naming the file)."""
+    try:
+        with SafetensorsFile(path) as f:
+            tensors = {k: f.tensor(k) for k in f.keys()}
+            metadata = f.metadata
+    except CorruptCheckpointError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return None
+    return {k: _fingerprint(t) for k, t in tensors.items()}, metadata
+
+
+@pytest.mark.parametrize("case", sorted(DIFFERENTIAL))
+def test_aockpt_and_the_reference_reader_accept_the_same_files_with_the_same_tensors(tmp_path, case):
+    header, data = DIFFERENTIAL[case]
+    path = raw_file(tmp_path / "x.safetensors", header, data)
+    reference, ours = _reference_reads(path), _aockpt_reads(path)
+    if case in STRICTER:
+        assert reference is not None and ours is None
+    else:
+        assert ours == reference
+
+
+def test_header_length_limit_is_the_references(tmp_path):
+    """100,000,000 header bytes are read by both; one more is refused by both, before any is read."""
+    path = tmp_path / "x.safetensors"
+    raw_file(path, b"{}" + b" " * (MAX_HEADER_BYTES - 2))
+    assert _reference_reads(path) == _aockpt_reads(path) == ({}, {})
+    raw_file(path, b"{}" + b" " * (MAX_HEADER_BYTES - 1))
+    assert _reference_reads(path) is None and _aockpt_reads(path) is None
+    path.unlink()
+
+
+def test_f4_written_by_the_reference_reads_in_aockpt_and_the_reverse(tmp_path):
+    """F4: the header counts 4-bit values (two a byte); torch's float4_e2m1fn_x2 packs them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    packed = torch.arange(32, dtype=torch.uint8).reshape(4, 8).view(torch.float4_e2m1fn_x2)
+    save_file({"x": packed}, tmp_path / "ref.safetensors")
+    with SafetensorsFile(tmp_path / "ref.safetensors") as f:
+        assert f.tensor("x").shape == (4, 8) and torch.equal(f.tensor("x").view(torch.uint8), packed.view(torch.uint8))
+    aockpt.save({"m.x": packed}, tmp_path / "p")
+    shard = tmp_path / "p" / fmt.WEIGHTS_NAME
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_slice("m.x").get_shape() == [4, 16]
+    stock = load_file(shard)["m.x"]
+    assert stock.dtype == torch.float4_e2m1fn_x2 and torch.equal(stock.view(torch.uint8), packed.view(torch.uint8))
+    assert torch.equal(aockpt.load_quantized(tmp_path / "p", verify=True)["m.x"].view(torch.uint8),
+                       packed.view(torch.uint8))
+    old = raw_file(tmp_path / "old.safetensors", {"x": _entry("F4", [4, 8], 32)}, bytes(32))  # format 1.0.0's F4
+    with pytest.raises(CorruptCheckpointError, match="two a byte.*re-pack"):
+        SafetensorsFile(old)
+    with pytest.raises(UnsupportedTensorError, match="0-dim"):
+        aockpt.save({"s": torch.zeros((), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, tmp_path / "scalar")
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE_CODES, key=str), ids=str)
+def test_every_storable_dtype_round_trips_with_the_reference_both_ways(tmp_path, dtype):
+    """Written by safetensors.torch and read by aockpt, and written by aockpt and read by safetensors: same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    raw = torch.arange(48, dtype=torch.uint8).reshape(3, 16)
+    tensor = raw.view(dtype)  # every dtype's bytes, whatever its element size
+    save_file({"m.x": tensor}, tmp_path / "ref.safetensors")
+    with SafetensorsFile(tmp_path / "ref.safetensors") as f:
+        assert _fingerprint(f.tensor("m.x")) == _fingerprint(tensor)
+    aockpt.save({"m.x": tensor}, tmp_path / "p")
+    assert _fingerprint(load_file(tmp_path / "p" / fmt.WEIGHTS_NAME)["m.x"]) == _fingerprint(tensor)

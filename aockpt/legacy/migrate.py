@@ -11,7 +11,7 @@ import torch
 from .. import registry, sparse24
 from ..errors import CorruptCheckpointError, UnsupportedTensorError
 from ..registry import TensorType
-from .record import Weight, plain_field, read_field
+from .record import Weight, checked, plain_field, read_field
 from .standins import LegacyFunction, LegacyObject, LegacyTensor, Role, role_of, short_name
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
 from torchao.quantization import (  # noqa: E402
@@ -351,7 +351,7 @@ def migrate(name: str, obj: Any) -> torch.Tensor:
         return obj.as_subclass(torch.Tensor).detach()
     w, migration = _plan(name, obj)
     try:
-        return migration.build(w)
+        return checked(migration.build(w), name)
     except (AssertionError, ValueError, RuntimeError, TypeError) as e:
         if isinstance(e, (UnsupportedTensorError, CorruptCheckpointError)):
             raise

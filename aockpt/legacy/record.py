@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .. import codec
 from ..errors import CorruptCheckpointError
 from .standins import ACTIVATION_CASTS, LegacyFunction, LegacyObject, LegacyTensor, Role, role_of
 
@@ -78,6 +79,13 @@ class Weight:
                 f"{self.where}: {key} has {t.numel()} values for {self.blocks()} blocks; the file is corrupt"
             )
         return t.reshape(self.blocks())
+
+
+def checked(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """A migrated tensor held to the rules of every record aockpt reads (part names and dtypes, int4 geometry,
+    part sizes against the outer shape): torchao's constructors store junk fields unchecked, and a kernel
+    would read past them only when the weight is used."""
+    return codec.rebuild(codec.flatten(where, tensor), where)
 
 
 def _numel(shape: list[int]) -> int:
