@@ -1,0 +1,94 @@
+"""Serving facts per registry row: what compressed-tensors export does with each torchao type, and what vLLM's
+torchao path does with it. One table keyed by the registry's own row objects; docs/serving.md's table is
+rendered from it (``python -m aockpt.ct_table``) and tests/test_serving.py checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import ct_codes
+from .registry import PLAIN, TENSOR_TYPES, TensorType
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """How one torchao type leaves for compressed-tensors, and how it fares in vLLM's torchao loader."""
+
+    target: str  # compressed-tensors format and scheme it becomes
+    exact: str  # "always", the condition under which it is exact, or "never"
+    read: Callable | None  # ct_codes reader (torchao tensor, packer) -> Codes, raising ct_codes.Refused
+    lossy: str | None = None  # what --lossy writes where the tensor has no exact counterpart; None: still refused
+    # vLLM's torchao path narrows and copy_s into a subclass it makes from the config: measured here with
+    # torchao 0.18 on CPU (tests/test_serving.py re-measures it); fused qkv/gate_up need row narrowing even at TP=1
+    slices: bool = False
+
+
+_INT4 = "pack-quantized, int4 group (W4A16; asymmetric where zero point != 0)"
+_INT4_EXACT = "zero / scale is an integer in [-8, 7] for every group (0: symmetric)"
+_REQUANT = "re-quantized symmetric per group with compressed-tensors' own rules (absmax scale), error stated"
+
+MAPPINGS: dict[TensorType, Mapping] = {
+    PLAIN: Mapping("dense (unquantized modules, norms, embeddings carry over)", "always", None, slices=True),
+    TENSOR_TYPES["Int8Tensor"]: Mapping(
+        "pack-quantized int8 channel (W8A16); int-quantized with dynamic token int8 activations (W8A8)",
+        "symmetric per-row weights (zero point 0), no static activation scale", ct_codes.READERS["Int8Tensor"],
+        "re-quantized symmetric per row, error stated", slices=True),
+    TENSOR_TYPES["Float8Tensor"]: Mapping(
+        "naive-quantized FP8 channel/tensor (weight-only); float-quantized FP8_DYNAMIC (token or tensor activations)",
+        "e4m3fn codes, per-row or per-tensor scale", ct_codes.READERS["Float8Tensor"],
+        "re-quantized to e4m3fn per row, error stated", slices=True),
+    TENSOR_TYPES["IntxUnpackedToInt8Tensor"]: Mapping(
+        "pack-quantized intN group/channel (WNA16); int-quantized with int8 asymmetric token activations",
+        "integer zero points in range (0: symmetric)", ct_codes.READERS["IntxUnpackedToInt8Tensor"], _REQUANT,
+        slices=True),
+    TENSOR_TYPES["Int4TilePackedTo4dTensor"]: Mapping(_INT4, _INT4_EXACT, ct_codes.READERS["Int4TilePackedTo4dTensor"],
+                                                       _REQUANT, slices=True),
+    TENSOR_TYPES["Int4OpaqueTensor"]: Mapping(_INT4, _INT4_EXACT, ct_codes.READERS["Int4OpaqueTensor"], _REQUANT),
+    TENSOR_TYPES["Int4Tensor"]: Mapping(_INT4, _INT4_EXACT, ct_codes.READERS["Int4Tensor"], _REQUANT, slices=True),
+    TENSOR_TYPES["Int4PreshuffledTensor"]: Mapping("none", "never (its shuffle is not known to aockpt)", None),
+    TENSOR_TYPES["Int4PlainInt32Tensor"]: Mapping(
+        _INT4, "integer zero points in [0, 15] (XPU); never for the NPU float zero point",
+        ct_codes.READERS["Int4PlainInt32Tensor"], _REQUANT),
+    TENSOR_TYPES["MXTensor"]: Mapping(
+        "mxfp4-pack-quantized (MXFP4A16)", "fp4 elements, blocks of 32, unswizzled, weight-only",
+        ct_codes.READERS["MXTensor"], None, slices=True),
+    TENSOR_TYPES["NVFP4Tensor"]: Mapping(
+        "nvfp4-pack-quantized (NVFP4A16)",
+        "weight-only, and a float32 global scale g exists with s / g == s * per_tensor_scale for every block scale s",
+        ct_codes.READERS["NVFP4Tensor"], "global scale 1 / per_tensor_scale, error stated", slices=True),
+    TENSOR_TYPES["NF4Tensor"]: Mapping("none", "never (compressed-tensors has no NF4 format)", None),
+}
+
+
+def mapping(row: TensorType) -> Mapping:
+    """The serving facts of a registry row."""
+    return MAPPINGS[row]
+
+
+def vllm_text(row: TensorType) -> str:
+    """What vLLM's torchao path (``quant_method: torchao``) does with a weight of this type, read from its source."""
+    if not row.quantized:
+        return "loads (unquantized)"
+    if not row.stock_loadable or row.config is None:
+        return "refuses: torchao's safetensors reader or config cannot make this type"
+    if not MAPPINGS[row].slices:
+        return "fails: no aten.slice/copy_ for the narrowing its weight loader does (fused qkv/gate_up, TP)"
+    return "loads on torchao's kernels; every rank reads whole shards"
+
+
+_HEADER = ("| torchao type | compressed-tensors format and scheme | exact when | --lossy | vLLM torchao path |\n"
+           "|---|---|---|---|---|")
+
+
+def markdown() -> str:
+    """The mapping table of docs/serving.md, one line per registry row (the plain tensor last)."""
+    rows = [*TENSOR_TYPES.values(), PLAIN]
+    lines = [f"| {r.name} | {MAPPINGS[r].target} | {MAPPINGS[r].exact} | {MAPPINGS[r].lossy or 'refused'} "
+             f"| {vllm_text(r)} |" for r in rows]
+    return "\n".join([_HEADER, *lines])
+
+
+if __name__ == "__main__":
+    print(markdown())
