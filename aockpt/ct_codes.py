@@ -304,31 +304,39 @@ READERS = {
 
 # codes -> torchao
 
+def target_type(weights: dict[str, Any], acts: dict[str, Any] | None, where: str) -> str:
+    """The torchao 0.18 type a compressed-tensors weight scheme becomes; refused where none is exact."""
+    w = weights
+    kind = (w.get("type"), w.get("num_bits"), w.get("strategy"))
+    if kind == ("int", 8, "channel") and w.get("symmetric") and acts in (None, INT8_TOKEN):
+        return "Int8Tensor"
+    if kind[0] == "int" and kind[2] in ("channel", "group") and acts in (None, INT8_TOKEN_ASYM):
+        return "IntxUnpackedToInt8Tensor"
+    if kind[:2] == ("float", 8) and kind[2] in ("channel", "tensor") and acts in (None, FP8_TOKEN, FP8_TENSOR_DYN):
+        return "Float8Tensor"
+    if kind == ("float", 4, "tensor_group") and w.get("group_size") == 16 and acts is None:
+        return "NVFP4Tensor"
+    if kind == ("float", 4, "group") and w.get("group_size") == 32 and acts is None:
+        return "MXTensor"
+    raise UnsupportedTensorError(
+        f"{where}: compressed-tensors scheme {kind[0]}{kind[1]} {kind[2]} (activations {acts}) has no torchao 0.18 "
+        "counterpart aockpt builds; load it with compressed-tensors instead")
+
+
 def to_torchao(c: Codes, where: str) -> torch.Tensor:
     """The torchao 0.18 tensor whose dequantize() equals compressed-tensors' decompression of `c`."""
-    w, n = c.weights, c.shape[0]
-    kind = (w["type"], w["num_bits"], w["strategy"])
-    if kind == ("int", 8, "channel") and w["symmetric"] and c.input_activations in (None, INT8_TOKEN):
-        return _make_int8(c)
-    if w["type"] == "int" and w["strategy"] in ("channel", "group"):
-        return _make_intx(c)
-    if kind[:2] == ("float", 8) and w["strategy"] in ("channel", "tensor"):
-        return _make_float8(c)
-    if kind == ("float", 4, "tensor_group") and w.get("group_size") == 16 and c.input_activations is None:
-        return _make_nvfp4(c, where)
-    if kind == ("float", 4, "group") and w.get("group_size") == 32 and c.input_activations is None:
-        cls = TENSOR_TYPES["MXTensor"].cls
-        from torchao.quantization.quantize_.common import KernelPreference
-
-        return cls(c.codes.view(torch.uint8), c.scale.view(torch.float8_e8m0fnu), torch.float4_e2m1fn_x2, 32, c.dtype,
-                   KernelPreference.EMULATED, None, False)
-    raise UnsupportedTensorError(
-        f"{where}: compressed-tensors scheme {w['type']}{w['num_bits']} {w['strategy']} "
-        f"(activations {c.input_activations}) has no torchao 0.18 counterpart aockpt builds; "
-        "load it with compressed-tensors instead")
+    return _BUILDERS[target_type(c.weights, c.input_activations, where)](c, where)
 
 
-def _make_int8(c: Codes) -> torch.Tensor:
+def _make_mx(c: Codes, where: str) -> torch.Tensor:
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    cls = TENSOR_TYPES["MXTensor"].cls
+    return cls(c.codes.view(torch.uint8), c.scale.view(torch.float8_e8m0fnu), torch.float4_e2m1fn_x2, 32, c.dtype,
+               KernelPreference.EMULATED, None, False)
+
+
+def _make_int8(c: Codes, where: str) -> torch.Tensor:
     from torchao.quantization import PerRow
     from torchao.quantization.quantize_.workflows import QuantizeTensorToInt8Kwargs
 
@@ -338,15 +346,12 @@ def _make_int8(c: Codes) -> torch.Tensor:
                zero_point=torch.zeros(c.shape[0], 1, dtype=torch.int8), act_quant_kwargs=acts)
 
 
-def _make_intx(c: Codes) -> torch.Tensor:
+def _make_intx(c: Codes, where: str) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8TensorActivationQuantization as Acts,
     )
 
     w = c.weights
-    if c.input_activations not in (None, INT8_TOKEN_ASYM):
-        raise UnsupportedTensorError(f"int{w['num_bits']} weights with activations {c.input_activations} have no "
-                                     "torchao 0.18 counterpart")
     group = w["group_size"] if w["strategy"] == "group" else c.shape[1]
     zp = c.zero_point if c.zero_point is not None else torch.zeros_like(c.scale, dtype=torch.int8)
     acts = Acts.INT8_ASYM_PER_TOKEN if c.input_activations else None
@@ -354,7 +359,7 @@ def _make_intx(c: Codes) -> torch.Tensor:
     return cls(c.codes, c.scale, zp.to(torch.int8), getattr(torch, f"int{w['num_bits']}"), (1, group), c.dtype, acts)
 
 
-def _make_float8(c: Codes) -> torch.Tensor:
+def _make_float8(c: Codes, where: str) -> torch.Tensor:
     from torchao.quantization import PerRow, PerTensor
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
 
@@ -378,6 +383,10 @@ def _make_nvfp4(c: Codes, where: str) -> torch.Tensor:
                                          f"{g.item():.9g} for every block scale; load it with compressed-tensors")
     cls = TENSOR_TYPES["NVFP4Tensor"].cls
     return cls(c.codes, c.scale, 16, c.dtype, per_tensor_scale=per_tensor)
+
+
+_BUILDERS = {"Int8Tensor": _make_int8, "IntxUnpackedToInt8Tensor": _make_intx, "Float8Tensor": _make_float8,
+             "NVFP4Tensor": _make_nvfp4, "MXTensor": _make_mx}
 
 
 def _multiplier_for(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:

@@ -82,10 +82,8 @@ def decompress(parts: dict[str, torch.Tensor], s: Any, fmt: str) -> torch.Tensor
     return BaseCompressor.get_value_from_registry(fmt).decompress(dict(parts), s)["weight"]
 
 
-def from_parts(parts: dict[str, torch.Tensor], s: Any, fmt: str, dtype: torch.dtype, where: str) -> Codes:
-    """A stored compressed-tensors weight as codes (the inverse of ``to_parts``)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
+def args_of(s: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A scheme's (weight args, input activation args) as the plain dicts ``Codes`` holds."""
     w = s.weights.model_dump(mode="json", exclude_none=True)
     weights = {k: w[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "scale_dtype")
                if k in w}
@@ -93,6 +91,15 @@ def from_parts(parts: dict[str, torch.Tensor], s: Any, fmt: str, dtype: torch.dt
     if s.input_activations is not None:
         a = s.input_activations.model_dump(mode="json", exclude_none=True)
         acts = {k: a[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic") if k in a}
+    return weights, acts
+
+
+def from_parts(parts: dict[str, torch.Tensor], s: Any, fmt: str, dtype: torch.dtype, where: str) -> Codes:
+    """A stored compressed-tensors weight as codes (the inverse of ``to_parts``)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    weights, acts = args_of(s)
+    w = weights
     scale, zp, glob = parts["weight_scale"], parts.get("weight_zero_point"), parts.get("weight_global_scale")
     if PACKED not in parts:
         codes = parts["weight"]
