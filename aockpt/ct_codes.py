@@ -54,6 +54,7 @@ FP8_TOKEN = dict(num_bits=8, type="float", symmetric=True, strategy="token", dyn
 FP8_TENSOR_DYN = dict(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=True)
 NVFP4_WEIGHTS = dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group", dynamic=False,
                      group_size=16, scale_dtype="float8_e4m3fn")
+NVFP4_FORMAT = "nvfp4-pack-quantized"
 MXFP4_WEIGHTS = dict(num_bits=4, type="float", symmetric=True, strategy="group", dynamic=False, group_size=32,
                      scale_dtype="uint8")
 
@@ -195,20 +196,28 @@ def _nvfp4(t: torch.Tensor, packer: str | None) -> Codes:
         from torchao.prototype.mx_formats.utils import from_blocked
 
         scale = from_blocked(scale, t.shape[0], t.shape[1] // 16).view(t.shape[0], -1)
-    global_scale = torch.ones(1, dtype=torch.float32)
+    c = Codes(NVFP4_WEIGHTS, None, t.qdata, scale.contiguous(), global_scale=torch.ones(1, dtype=torch.float32),
+              shape=tuple(t.shape), dtype=t.dtype)
     if t.per_tensor_scale is not None:
-        global_scale = _divisor_for(t.per_tensor_scale.float().reshape(()), scale)
-    return Codes(NVFP4_WEIGHTS, None, t.qdata, scale.contiguous(), global_scale=global_scale, shape=tuple(t.shape),
-                 dtype=t.dtype)
+        c.global_scale = _divisor_for(t.per_tensor_scale.float().reshape(()), c, t.dequantize())
+    return c
 
 
-def _divisor_for(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A float32 g with fp32(s / g) == fp32(p * s) for every block scale s present (torchao multiplies by its
-    per-tensor scale p, compressed-tensors divides by a global scale g); refused where no nearby g does."""
-    s = torch.unique(scale.float().reshape(-1))
-    g = _nearby(1.0 / p, lambda g: torch.equal(s / g, p * s))
+def _divisor_for(p: torch.Tensor, c: Codes, want: torch.Tensor) -> torch.Tensor:
+    """A float32 global scale g (a divisor in compressed-tensors, where torchao multiplies by its per-tensor
+    scale p) near 1 / p whose compressed-tensors decompression equals torchao's dequantize() `want` bit for bit;
+    refused where none within 4 ulps does (the scale products round differently for some block scale)."""
+    from . import ct_format
+
+    def same(g: torch.Tensor) -> bool:
+        c.global_scale = g.reshape(1)
+        got = ct_format.decompress(ct_format.to_parts(c, NVFP4_FORMAT), ct_format.scheme(c), NVFP4_FORMAT)
+        return torch.equal(got.to(want.dtype), want)
+
+    g = _nearby(1.0 / p, same)
     if g is None:
-        raise Refused(f"no float32 global scale reproduces its per-tensor scale {p.item():.9g} for every block scale")
+        raise Refused(f"no float32 global scale makes compressed-tensors' decompression equal torchao's for its "
+                      f"per-tensor scale {p.item():.9g}")
     return g.reshape(1)
 
 
@@ -374,22 +383,20 @@ def _make_float8(c: Codes, where: str) -> torch.Tensor:
 
 
 def _make_nvfp4(c: Codes, where: str) -> torch.Tensor:
-    g = c.global_scale.float().reshape(())
-    per_tensor = None
-    if not torch.equal(g, torch.ones((), dtype=torch.float32)):
-        per_tensor = _multiplier_for(g, c.scale)
-        if per_tensor is None:
-            raise UnsupportedTensorError(f"{where}: no float32 per-tensor scale reproduces its global scale "
-                                         f"{g.item():.9g} for every block scale; load it with compressed-tensors")
+    from . import ct_format
+
     cls = TENSOR_TYPES["NVFP4Tensor"].cls
-    return cls(c.codes, c.scale, 16, c.dtype, per_tensor_scale=per_tensor)
+    g = c.global_scale.float().reshape(())
+    if torch.equal(g, torch.ones((), dtype=torch.float32)):
+        return cls(c.codes, c.scale, 16, c.dtype)
+    want = ct_format.decompress(ct_format.to_parts(c, NVFP4_FORMAT), ct_format.scheme(c), NVFP4_FORMAT).to(c.dtype)
+    p = _nearby(1.0 / g, lambda p: torch.equal(cls(c.codes, c.scale, 16, c.dtype, per_tensor_scale=p).dequantize(), want))
+    if p is None:
+        raise UnsupportedTensorError(f"{where}: no float32 per-tensor scale makes torchao's NVFP4 dequantize() equal "
+                                     f"compressed-tensors' decompression for global scale {g.item():.9g}; load it "
+                                     "with compressed-tensors")
+    return cls(c.codes, c.scale, 16, c.dtype, per_tensor_scale=p)
 
 
 _BUILDERS = {"Int8Tensor": _make_int8, "IntxUnpackedToInt8Tensor": _make_intx, "Float8Tensor": _make_float8,
              "NVFP4Tensor": _make_nvfp4, "MXTensor": _make_mx}
-
-
-def _multiplier_for(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """A float32 p with fp32(p * s) == fp32(s / g) for every block scale s present, or None."""
-    s = torch.unique(scale.float().reshape(-1))
-    return _nearby(1.0 / g, lambda p: torch.equal(p * s, s / g))
