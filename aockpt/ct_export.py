@@ -163,10 +163,12 @@ def _refuse(verdicts: list[ServingVerdict], source: Source) -> None:
     """One error naming every tensor with no exact counterpart, and why."""
     refused = [v for v in verdicts if v.verdict == "refused"]
     if refused:
-        listed = "; ".join(f"{v.name} ({v.type}): {v.reason}" for v in refused[:10])
-        more = f" (and {len(refused) - 10} more)" if len(refused) > 10 else ""
+        by_reason: dict[str, list[str]] = {}
+        for v in refused:
+            by_reason.setdefault(f"{v.type}: {v.reason}", []).append(v.name)
+        listed = "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
         raise UnsupportedTensorError(
-            f"{source.path}: {len(refused)} tensor(s) have no exact compressed-tensors counterpart: {listed}{more}; "
+            f"{source.path}: {len(refused)} tensor(s) have no exact compressed-tensors counterpart: {listed}; "
             "pass --lossy (lossy=True) to re-quantize them and state the error, or leave them as they are")
 
 
