@@ -77,7 +77,7 @@ def _module(name: str, where: str) -> str:
 def verdict_of(name: str, tensor: torch.Tensor, packer: str | None, *, lossy: bool) -> ServingVerdict:
     """Export's verdict on one tensor: exact codes, lossy codes with their measured error, refused, or dense."""
     row = tensor_type_of(tensor, name)
-    vllm = ct_table.vllm_text(row)
+    vllm = ct_table.vllm_text(row, tensor)
     if not row.quantized:
         return ServingVerdict(name, row.name, "dense", "dense", vllm=vllm)
     m = ct_table.mapping(row)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import ct_codes
 from .registry import PLAIN, TENSOR_TYPES, TensorType
 
@@ -30,7 +32,8 @@ _INT4_EXACT = "zero / scale is an integer in [-8, 7] for every group (0: symmetr
 _REQUANT = "re-quantized symmetric per group with compressed-tensors' own rules (absmax scale), error stated"
 
 MAPPINGS: dict[TensorType, Mapping] = {
-    PLAIN: Mapping("dense (unquantized modules, norms, embeddings carry over)", "always", None, slices=True),
+    PLAIN: Mapping("dense (unquantized modules, norms, embeddings carry over)", "always", None, "not needed",
+                   slices=True),
     TENSOR_TYPES["Int8Tensor"]: Mapping(
         "pack-quantized int8 channel (W8A16); int-quantized with dynamic token int8 activations (W8A8)",
         "symmetric per-row weights (zero point 0), no static activation scale", ct_codes.READERS["Int8Tensor"],
@@ -56,7 +59,8 @@ MAPPINGS: dict[TensorType, Mapping] = {
         ct_codes.READERS["MXTensor"], None, slices=True),
     TENSOR_TYPES["NVFP4Tensor"]: Mapping(
         "nvfp4-pack-quantized (NVFP4A16)",
-        "weight-only, and a float32 global scale g exists with s / g == s * per_tensor_scale for every block scale s",
+        "weight-only, and a float32 global scale within 4 ulps of 1 / per_tensor_scale makes both libraries' "
+        "dequantized weights bit-identical (checked per tensor; no per-tensor scale: global scale 1)",
         ct_codes.READERS["NVFP4Tensor"], "global scale 1 / per_tensor_scale, error stated", slices=True),
     TENSOR_TYPES["NF4Tensor"]: Mapping("none", "never (compressed-tensors has no NF4 format)", None),
 }
@@ -67,15 +71,16 @@ def mapping(row: TensorType) -> Mapping:
     return MAPPINGS[row]
 
 
-def vllm_text(row: TensorType) -> str:
-    """What vLLM's torchao path (``quant_method: torchao``) does with a weight of this type, read from its source."""
+def vllm_text(row: TensorType, tensor: torch.Tensor | None = None) -> str:
+    """What vLLM's torchao path (``quant_method: torchao``) does with a weight of this type (and, given the
+    tensor, whether torchao has a config that makes it), read from vLLM's source."""
     if not row.quantized:
         return "loads (unquantized)"
-    if not row.stock_loadable or row.config is None:
-        return "refuses: torchao's safetensors reader or config cannot make this type"
+    if not row.stock_loadable or row.config is None or (tensor is not None and row.config(tensor) is None):
+        return "refuses: torchao's safetensors reader or no torchao config makes this tensor"
     if not MAPPINGS[row].slices:
         return "fails: no aten.slice/copy_ for the narrowing its weight loader does (fused qkv/gate_up, TP)"
-    return "loads on torchao's kernels; every rank reads whole shards"
+    return f"loads; runs on torchao's {'/'.join(sorted(row.kernels))} kernels; every rank reads whole shards"
 
 
 _HEADER = ("| torchao type | compressed-tensors format and scheme | exact when | --lossy | vLLM torchao path |\n"
