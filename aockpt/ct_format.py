@@ -95,26 +95,71 @@ def args_of(s: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 def from_parts(parts: dict[str, torch.Tensor], s: Any, fmt: str, dtype: torch.dtype, where: str) -> Codes:
-    """A stored compressed-tensors weight as codes (the inverse of ``to_parts``)."""
+    """A stored compressed-tensors weight as codes (the inverse of ``to_parts``), every part's dtype and shape
+    checked against the scheme before anything is unpacked."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     weights, acts = args_of(s)
-    w = weights
+    bits = weights["num_bits"]
     scale, zp, glob = parts["weight_scale"], parts.get("weight_zero_point"), parts.get("weight_global_scale")
+    shape = _shape(parts, bits, where)
+    expected = {"weight_scale": _scale_shape(weights, shape, where)}
+    if PACKED in parts:
+        expected[PACKED] = (shape[0], -(-shape[1] * bits // 32)) if fmt == "pack-quantized" else (shape[0], shape[1] // 2)
+    else:
+        expected["weight"] = shape
+    if glob is not None:
+        expected["weight_global_scale"] = (1,)
+    for name, want in expected.items():
+        if tuple(parts[name].shape) != tuple(want):
+            raise CorruptCheckpointError(f"{where}: {name} has shape {tuple(parts[name].shape)}, expected {tuple(want)} "
+                                         f"for a {shape[0]}x{shape[1]} weight of this scheme; the file is corrupt")
     if PACKED not in parts:
         codes = parts["weight"]
     elif fmt == "pack-quantized":
-        shape = [int(v) for v in parts["weight_shape"].tolist()]
-        codes = unpack_from_int32(parts[PACKED], w["num_bits"], torch.Size(shape))
+        _require_dtype(parts[PACKED], torch.int32, PACKED, where)
+        codes = unpack_from_int32(parts[PACKED], bits, torch.Size(shape))
         if zp is not None:
-            zp = unpack_from_int32(zp, w["num_bits"], torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+            _require_dtype(zp, torch.int32, "weight_zero_point", where)
+            if tuple(zp.shape) != (-(-shape[0] * bits // 32), scale.shape[-1]):
+                raise CorruptCheckpointError(f"{where}: weight_zero_point has shape {tuple(zp.shape)}, which does "
+                                             f"not pack {shape[0]}x{scale.shape[-1]} zero points; the file is corrupt")
+            zp = unpack_from_int32(zp, bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
     else:
+        _require_dtype(parts[PACKED], torch.uint8, PACKED, where)
         codes = parts[PACKED]
-    shape = tuple(int(v) for v in parts["weight_shape"].tolist()) if "weight_shape" in parts else \
-        (codes.shape[0], codes.shape[1] * (2 if codes.dtype == torch.uint8 and w["num_bits"] == 4 else 1))
-    if len(shape) != 2:
-        raise CorruptCheckpointError(f"{where}: weight shape {shape} is not 2-D")
     return Codes(weights, acts, codes, scale, zp, glob, shape, dtype)
+
+
+def _shape(parts: dict[str, torch.Tensor], bits: int, where: str) -> tuple[int, int]:
+    """The weight's [out, in] size: weight_shape where stored, else the codes' (fp4: two per byte)."""
+    if "weight_shape" in parts:
+        stored = parts["weight_shape"]
+        if stored.dtype.is_floating_point or stored.numel() != 2 or bool((stored <= 0).any()):
+            raise CorruptCheckpointError(f"{where}: weight_shape {stored.tolist()} is not two positive integers")
+        return tuple(int(v) for v in stored.tolist())
+    codes = parts[PACKED] if PACKED in parts else parts["weight"]
+    if codes.dim() != 2:
+        raise CorruptCheckpointError(f"{where}: stored codes have shape {tuple(codes.shape)}, not 2-D")
+    return codes.shape[0], codes.shape[1] * (2 if PACKED in parts and bits == 4 else 1)
+
+
+def _scale_shape(weights: dict[str, Any], shape: tuple[int, int], where: str) -> tuple[int, ...]:
+    """The scale shape compressed-tensors stores for a strategy."""
+    n, k = shape
+    strategy, group = weights["strategy"], weights.get("group_size")
+    if strategy == "channel":
+        return (n, 1)
+    if strategy == "tensor":
+        return (1,)
+    if strategy in ("group", "tensor_group") and group and k % group == 0:
+        return (n, k // group)
+    raise CorruptCheckpointError(f"{where}: strategy {strategy} with group size {group} does not fit a {n}x{k} weight")
+
+
+def _require_dtype(t: torch.Tensor, dtype: torch.dtype, name: str, where: str) -> None:
+    if t.dtype != dtype:
+        raise CorruptCheckpointError(f"{where}: {name} is {t.dtype}, expected {dtype}; the file is corrupt")
 
 
 def requantized(weight: torch.Tensor, kind: str, bits: int, group: int | None, dtype: torch.dtype) -> Codes:

@@ -332,3 +332,21 @@ def test_vllm_slicing_facts_are_what_torchao_does(case_id):
 def test_importable_names_exactly_what_the_importer_reads(config, expected):
     assert importable(config) is expected
     assert "pack-quantized" in IMPORTED_FORMATS
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.layers.0.mlp.up_proj.weight_shape", torch.tensor([128, 96])),
+    ("model.layers.0.mlp.up_proj.weight_shape", torch.tensor([128, 64, 1])),
+    ("model.layers.0.mlp.up_proj.weight_scale", torch.ones(128, 3, dtype=torch.bfloat16)),
+    ("model.layers.0.mlp.up_proj.weight_packed", torch.zeros(128, 8, dtype=torch.int64)),
+])
+def test_a_corrupt_compressed_tensors_part_is_named(key, value, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _ct_folder(tmp_path / "ct", CT_SCHEMES["W4A16-group32"])
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["pack", str(folder), str(tmp_path / "packed")])
+    assert result.exit_code == 4, result.output
+    assert "model.layers.0.mlp.up_proj.weight" in result.output and "corrupt" in result.output
