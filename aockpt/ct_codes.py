@@ -97,16 +97,23 @@ def _int8(t: torch.Tensor, packer: str | None) -> Codes:
 
 def _float8(t: torch.Tensor, packer: str | None) -> Codes:
     _require(t.qdata.dtype == torch.float8_e4m3fn, f"its codes are {t.qdata.dtype}; compressed-tensors' float8 is e4m3fn")
-    strategy, _ = _group(t.block_size, t.shape)
-    _require(strategy in ("channel", "tensor"), f"its block size {list(t.block_size)} is not per row or per tensor")
+    block = list(t.block_size)
+    weights = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+    if block[0] > 1 and block != list(t.shape):  # 2-D blocks: compressed-tensors' block strategy (FP8_BLOCK)
+        weights.update(strategy="block", block_structure=block)
+        scale = t.scale
+    else:
+        strategy, _ = _group(t.block_size, t.shape)
+        _require(strategy in ("channel", "tensor"), f"its block size {block} is not per row, per tensor or 2-D")
+        weights["strategy"] = strategy
+        scale = t.scale.reshape(-1, 1) if strategy == "channel" else t.scale.reshape(1)
     acts = None
     if t.act_quant_kwargs is not None:
-        kind = type(t.act_quant_kwargs.granularity).__name__
-        _require(kind in ("PerRow", "PerTensor"), f"its activation granularity {kind} has no counterpart")
+        granularity = t.act_quant_kwargs.granularity
+        kind = type(granularity).__name__
         _require(t.act_quant_kwargs.float8_dtype == torch.float8_e4m3fn, "its activations are not float8 e4m3fn")
-        acts = FP8_TOKEN if kind == "PerRow" else FP8_TENSOR_DYN
-    scale = t.scale.reshape(-1, 1) if strategy == "channel" else t.scale.reshape(1)
-    weights = dict(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False)
+        acts = {"PerRow": FP8_TOKEN, "PerTensor": FP8_TENSOR_DYN}.get(kind)
+        _require(acts is not None, f"its activation granularity {granularity} has no counterpart")
     return Codes(weights, acts, t.qdata, scale, shape=tuple(t.shape), dtype=t.dtype)
 
 
@@ -321,7 +328,7 @@ def target_type(weights: dict[str, Any], acts: dict[str, Any] | None, where: str
         return "Int8Tensor"
     if kind[0] == "int" and kind[2] in ("channel", "group") and acts in (None, INT8_TOKEN_ASYM):
         return "IntxUnpackedToInt8Tensor"
-    if kind[:2] == ("float", 8) and kind[2] in ("channel", "tensor") and acts in (None, FP8_TOKEN, FP8_TENSOR_DYN):
+    if kind[:2] == ("float", 8) and kind[2] in ("channel", "tensor", "block") and acts in (None, FP8_TOKEN, FP8_TENSOR_DYN):
         return "Float8Tensor"
     if kind == ("float", 4, "tensor_group") and w.get("group_size") == 16 and acts is None:
         return "NVFP4Tensor"
@@ -373,11 +380,14 @@ def _make_float8(c: Codes, where: str) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
 
     n, k = c.shape
-    per_row = c.weights["strategy"] == "channel"
+    strategy, a = c.weights["strategy"], c.input_activations
     acts = None
-    if c.input_activations is not None:
-        acts = QuantizeTensorToFloat8Kwargs(granularity=PerRow() if c.input_activations == FP8_TOKEN else PerTensor())
+    if a is not None:
+        acts = QuantizeTensorToFloat8Kwargs(granularity=PerRow() if a == FP8_TOKEN else PerTensor())
     cls = TENSOR_TYPES["Float8Tensor"].cls
+    if strategy == "block":
+        return cls(c.codes, c.scale, list(c.weights["block_structure"]), act_quant_kwargs=acts, dtype=c.dtype)
+    per_row = strategy == "channel"
     return cls(c.codes, c.scale.reshape(n if per_row else 1, 1), [1, k] if per_row else [n, k],
                act_quant_kwargs=acts, dtype=c.dtype)
 

@@ -57,11 +57,14 @@ def _describe(c: ct_codes.Codes, fmt: str) -> str:
     """A scheme in a few words: format, weight bits/strategy, activations."""
     w = c.weights
     group = f" {w['group_size']}" if w.get("group_size") else ""
+    if w.get("block_structure"):
+        group = f" {'x'.join(map(str, w['block_structure']))}"
     sym = "" if w["symmetric"] else " asym"
     acts = ""
     if c.input_activations:
         a = c.input_activations
-        acts = f", {a['type']}{a['num_bits']} dynamic {a['strategy']} activations"
+        size = f" {a['group_size']}" if a.get("group_size") else ""
+        acts = f", {a['type']}{a['num_bits']} dynamic {a['strategy']}{size} activations"
     return f"{fmt} {w['type']}{w['num_bits']} {w['strategy']}{group}{sym}{acts}"
 
 

@@ -85,12 +85,12 @@ def decompress(parts: dict[str, torch.Tensor], s: Any, fmt: str) -> torch.Tensor
 def args_of(s: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A scheme's (weight args, input activation args) as the plain dicts ``Codes`` holds."""
     w = s.weights.model_dump(mode="json", exclude_none=True)
-    weights = {k: w[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "scale_dtype")
-               if k in w}
+    weights = {k: w[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "block_structure",
+                                 "scale_dtype") if k in w}
     acts = None
     if s.input_activations is not None:
         a = s.input_activations.model_dump(mode="json", exclude_none=True)
-        acts = {k: a[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic") if k in a}
+        acts = {k: a[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic", "group_size") if k in a}
     return weights, acts
 
 
@@ -152,6 +152,9 @@ def _scale_shape(weights: dict[str, Any], shape: tuple[int, int], where: str) ->
         return (n, 1)
     if strategy == "tensor":
         return (1,)
+    if strategy == "block" and len(weights.get("block_structure") or ()) == 2:
+        bn, bk = weights["block_structure"]
+        return (-(-n // bn), -(-k // bk))
     if strategy in ("group", "tensor_group") and group and k % group == 0:
         return (n, k // group)
     raise CorruptCheckpointError(f"{where}: strategy {strategy} with group size {group} does not fit a {n}x{k} weight")

@@ -39,8 +39,9 @@ MAPPINGS: dict[TensorType, Mapping] = {
         "symmetric per-row weights (zero point 0), no static activation scale", ct_codes.READERS["Int8Tensor"],
         "re-quantized symmetric per row, error stated", slices=True),
     TENSOR_TYPES["Float8Tensor"]: Mapping(
-        "naive-quantized FP8 channel/tensor (weight-only); float-quantized FP8_DYNAMIC (token or tensor activations)",
-        "e4m3fn codes, per-row or per-tensor scale", ct_codes.READERS["Float8Tensor"],
+        "naive-quantized FP8 channel/tensor/block (weight-only); float-quantized FP8_DYNAMIC (token or tensor "
+        "activations)", "e4m3fn codes; per-row, per-tensor or 2-D block scales; activations per token or tensor",
+        ct_codes.READERS["Float8Tensor"],
         "re-quantized to e4m3fn per row, error stated", slices=True),
     TENSOR_TYPES["IntxUnpackedToInt8Tensor"]: Mapping(
         "pack-quantized intN group/channel (WNA16); int-quantized with int8 asymmetric token activations",

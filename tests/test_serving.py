@@ -46,7 +46,7 @@ from torchao.quantization import (  # noqa: E402
     IntxWeightOnlyConfig,
     quantize_,
 )
-from torchao.quantization.granularity import PerGroup  # noqa: E402
+from torchao.quantization.granularity import PerBlock, PerGroup  # noqa: E402
 
 GROUP = 32
 T = registry.TENSOR_TYPES
@@ -91,6 +91,7 @@ EXACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int8-weight-only": _via_config(Int8WeightOnlyConfig()),
     "int8-dynamic": _via_config(Int8DynamicActivationInt8WeightConfig()),
     "float8-weight-only": _via_config(Float8WeightOnlyConfig()),
+    "float8-block-32x32": lambda w: T["Float8Tensor"].cls.from_hp(w, granularity=PerBlock([32, 32])),
     "intx-int4-sym": _via_config(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP))),
     "int4-tile-sym": _tile_int4(0),
     "int4-tile-int-zero": _tile_int4(3),
@@ -182,7 +183,11 @@ def _ct_folder(path: Path, scheme: dict) -> Path:
         if not is_module_quantized(module):
             continue
         args, w = module.quantization_scheme.weights, module.weight.detach().float()
-        blocks = w.view(w.shape[0], -1, args.group_size) if args.group_size else w.unsqueeze(1)
+        if args.strategy == "block":
+            (bn, bk), (n, k) = args.block_structure, w.shape
+            blocks = w.view(n // bn, bn, k // bk, bk).transpose(1, 2).reshape(n // bn, k // bk, -1)
+        else:
+            blocks = w.view(w.shape[0], -1, args.group_size) if args.group_size else w.unsqueeze(1)
         global_scale = None
         if args.strategy == "tensor_group":
             global_scale = generate_gparam(w.min(), w.max())
@@ -207,6 +212,7 @@ CT_SCHEMES = {
     "W8A16-channel": _weights(num_bits=8, type="int", strategy="channel"),
     "FP8-weight-only": _weights(num_bits=8, type="float", strategy="channel"),
     "FP8_DYNAMIC": PRESET_SCHEMES["FP8_DYNAMIC"],
+    "FP8-block-32x32-weight-only": _weights(num_bits=8, type="float", strategy="block", block_structure=[32, 32]),
     "W4A16-group32": _weights(num_bits=4, type="int", strategy="group", group_size=GROUP),
     "W4A16_ASYM-group32": dict(weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
                                                         group_size=GROUP)),
@@ -214,7 +220,7 @@ CT_SCHEMES = {
     "MXFP4A16": PRESET_SCHEMES["MXFP4A16"],
 }
 IMPORT_TYPES = {"W8A8": "Int8Tensor", "W8A16-channel": "Int8Tensor", "FP8-weight-only": "Float8Tensor",
-                "FP8_DYNAMIC": "Float8Tensor", "W4A16-group32": "IntxUnpackedToInt8Tensor",
+                "FP8_DYNAMIC": "Float8Tensor", "FP8-block-32x32-weight-only": "Float8Tensor", "W4A16-group32": "IntxUnpackedToInt8Tensor",
                 "W4A16_ASYM-group32": "IntxUnpackedToInt8Tensor", "NVFP4A16": "NVFP4Tensor", "MXFP4A16": "MXTensor"}
 
 
