@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import codec, ct_codes
+from . import codec, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .filenames import PICKLE_INDEX
 from .paths import member
@@ -89,7 +89,7 @@ def open_folder(path: Path) -> Any:
         modules = _modules(ckpt, config, path)
         dtype = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), None)
         owned = {f"{m.module}.{local}" for m in modules.values() for local in _stored(ckpt, m)}
-        types = {n: TensorKind(ct_codes.target_type(*ct_format.args_of(m.scheme), f"{path}: {n}"), None)
+        types = {n: TensorKind(ct_torchao.target_type(*ct_format.args_of(m.scheme), f"{path}: {n}"), None)
                  for n, m in modules.items()}
         types.update({k: TensorKind("Tensor", None) for k in ckpt.entries if k not in owned})
     except BaseException:
@@ -102,7 +102,7 @@ def open_folder(path: Path) -> Any:
         m, where = modules[name], f"{path}: {name}"
         parts = {local: ckpt.part(f"{m.module}.{local}") for local in _stored(ckpt, m)}
         codes = ct_format.from_parts(parts, m.scheme, m.format, dtype or _dtype_of(parts), where)
-        out = codec.flatten(name, ct_codes.to_torchao(codes, where))
+        out = codec.flatten(name, ct_torchao.to_torchao(codes, where))
         if device is not None:
             out.parts = {k: v.to(device) for k, v in out.parts.items()}
         return out
