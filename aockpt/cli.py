@@ -173,7 +173,7 @@ def inspect(path: str, as_json: bool, devices: tuple[str, ...], serving: bool, c
     from . import api
 
     if serving:
-        return print_verdicts(path, cpu_packer)
+        return print_verdicts(path, cpu_packer, as_json)
 
     info = api.inspect(path, devices=devices, cpu_packer=cpu_packer)
     if as_json:

@@ -13,11 +13,17 @@ def _error_text(error: float | None) -> str:
     return "" if error is None else f"max error {error:.6g}"
 
 
-def print_verdicts(path: str, cpu_packer: str | None) -> None:
+def print_verdicts(path: str, cpu_packer: str | None, as_json: bool = False) -> None:
     """Per tensor: what `aockpt export --format compressed-tensors` does, and what vLLM's torchao path does."""
+    import json
+    from dataclasses import asdict
+
     from .ct_export import serving_verdicts
 
     verdicts = serving_verdicts(path, lossy=True, cpu_packer=cpu_packer)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in asdict(x).items() if k != "codes"} for x in verdicts], indent=2))
+        return
     header = ["name", "export to compressed-tensors", "as", "vLLM torchao path"]
     rows = []
     for v in verdicts:

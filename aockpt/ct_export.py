@@ -125,6 +125,8 @@ def serving_verdicts(path: str | os.PathLike, *, lossy: bool = True, cpu_packer:
     with open_source(path, cpu_packer) as source:
         tensors = _tensors(source)
         out = [verdict_of(n, t, source.types[n].packer, lossy=lossy) for n, t in tensors.items()]
+        for v in out:
+            v.codes = None  # a report, not an export: nothing keeps the converted weights alive
         for alias, target in source.aliases.items():
             out.append(ServingVerdict(alias, source.types[target].type, "tied", f"tied to {target}"))
         return out

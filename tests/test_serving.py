@@ -297,6 +297,8 @@ def test_cli_export_and_inspect_serving(tmp_path):
     assert shown.exit_code == 0, shown.output
     line = next(x for x in shown.output.splitlines() if x.startswith("model.layers.0.mlp.up_proj.weight"))
     assert "exact" in line and "pack-quantized int4 group 32" in line and "loads; runs on torchao's cpu/cuda kernels" in line
+    as_json = json.loads(runner.invoke(main, ["inspect", str(tmp_path / "src"), "--serving", "--json"]).output)
+    assert {v["verdict"] for v in as_json} == {"exact", "dense"} and all("codes" not in v for v in as_json)
     done = runner.invoke(main, ["export", str(tmp_path / "src"), str(tmp_path / "ct"), "--format",
                                 "compressed-tensors"])
     assert done.exit_code == 0 and "14 exact" in done.output
