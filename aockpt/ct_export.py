@@ -159,7 +159,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "com
         with staged(dst, force=force, source=src) as tmp:
             state, groups = _state(verdicts, tensors, source.aliases, skel, source)
             _write_weights(state, tmp)
-            _copy_files(source, tmp)
+            _copy_files(source, tmp, tensors)
             _write_config(groups, skel, tmp)
     return ExportReport(str(dst), verdicts)
 
@@ -212,8 +212,13 @@ def _write_weights(state: dict[str, torch.Tensor], dst: Path) -> None:
         (dst / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_files(source: Source, dst: Path) -> None:
-    """Carry the folder's other files over; config.json loses torchao's quantization_config."""
+def _copy_files(source: Source, dst: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Carry the folder's other files over; config.json loses torchao's quantization_config. Without a
+    config.json, one stating the weights' dtype is written (compressed-tensors' files do not record it)."""
+    if not any(extra.name == CONFIG_NAME for extra in source.extra_files):
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.dtype.is_floating_point}
+        if len(dtypes) == 1:
+            (dst / CONFIG_NAME).write_text(json.dumps({"dtype": dtypes.pop()}, indent=2) + "\n")
     for extra in source.extra_files:
         if extra.name == CONFIG_NAME:
             config = read_config(extra)

@@ -127,9 +127,10 @@ def _stored(ckpt: Checkpoint, m: _Module) -> list[str]:
 
 
 def _dtype_of(parts: dict[str, torch.Tensor]) -> torch.dtype:
-    """The outer dtype where config.json gives none: the scale's when it is a float, else bfloat16."""
+    """The outer dtype where config.json gives none: a half-precision scale's, else bfloat16 (float32 scales
+    usually belong to bf16 models)."""
     scale = parts["weight_scale"]
-    return scale.dtype if scale.dtype in _DTYPES.values() else torch.bfloat16
+    return scale.dtype if scale.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _modules(ckpt: Checkpoint, config: dict[str, Any], path: Path) -> dict[str, _Module]:

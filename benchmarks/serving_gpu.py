@@ -7,10 +7,20 @@ Per model (a 2-layer Llama, hidden 1024, bf16, every Linear but lm_head quantize
   - compressed-tensors: stock from_pretrained of the exported folder on CUDA, compressed (compressed-tensors
     decompresses on the first forward) and dequantize=True; weights vs torchao's dequantize(), logits vs both;
   - vLLM, when importable: greedy tokens from the exported folder vs torchao's greedy tokens.
-One JSON line per model. The GPU image has no torchao or compressed-tensors: pass the folder of wheels to
-install first (torchao 0.18, compressed-tensors 0.20.1, loguru; the image has pydantic and psutil):
+One JSON line per model. The GPU image (torch 2.11, transformers 5.17) has no torchao, compressed-tensors or
+pydantic: pass the folder of wheels to install first. Fetch them here (the image has psutil; pydantic-core is
+the one binary wheel, cp312):
 
-    python benchmarks/serving_gpu.py --wheels .whl --out serving_gpu_h200.jsonl
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl torchao==0.18.0 compressed-tensors==0.20.1 loguru==0.7.3 \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        typing-extensions==4.16.0
+
+then, on the GPU machine (carry .whl):
+
+    PYTHONPATH=. python3 benchmarks/serving_gpu.py --wheels .whl --out $OUT/serving_gpu_h200.jsonl
 """
 
 from __future__ import annotations

@@ -358,3 +358,18 @@ def test_a_corrupt_compressed_tensors_part_is_named(key, value, tmp_path):
     result = CliRunner().invoke(main, ["pack", str(folder), str(tmp_path / "packed")])
     assert result.exit_code == 4, result.output
     assert "model.layers.0.mlp.up_proj.weight" in result.output and "corrupt" in result.output
+
+
+def test_a_pickle_exports_as_mixed_precision_and_comes_back(tmp_path):
+    state = {"a.weight": CASES["int8-weight-only"][1](), "b.weight": CASES["nvfp4"][1](),
+             "b.bias": torch.zeros(64, dtype=torch.bfloat16)}
+    torch.save(state, tmp_path / "mixed.pt")
+    aockpt.export(tmp_path / "mixed.pt", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert config["dtype"] == "bfloat16" and qc["format"] == "mixed-precision"
+    assert sorted((g["targets"], g["format"]) for g in qc["config_groups"].values()) == [
+        (["a"], "pack-quantized"), (["b"], "nvfp4-pack-quantized")]
+    back = aockpt.load_quantized(tmp_path / "ct")
+    for name, t in state.items():
+        assert_same_tensor(back[name], t)
