@@ -161,6 +161,8 @@ def test_stock_transformers_loads_the_same_weights_and_logits(exported):
 
 def test_torchao_to_compressed_tensors_to_torchao_is_byte_identical(exported, tmp_path):
     model_id, before, folder, _ = exported
+    stock = aockpt.inspect(folder).stock  # what stock from_pretrained does with the exported folder (measured above)
+    assert stock.loads is (model_id != "int4-tile-int-zero"), stock
     aockpt.pack(folder, tmp_path / "back")
     after = aockpt.load_quantized(tmp_path / "back")
     assert set(before) == set(after)
