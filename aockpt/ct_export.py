@@ -78,28 +78,43 @@ def _module(name: str, where: str) -> str:
 
 
 def verdict_of(name: str, tensor: torch.Tensor, packer: str | None, *, lossy: bool) -> ServingVerdict:
-    """Export's verdict on one tensor: exact codes, lossy codes with their measured error, refused, or dense."""
+    """Export's verdict on one tensor: exact codes (checked: compressed-tensors' decompression equals torchao's
+    dequantize() bit for bit), lossy codes with their measured error, refused, or dense."""
     row = tensor_type_of(tensor, name)
     vllm = ct_table.vllm_text(row, tensor)
     if not row.quantized:
         return ServingVerdict(name, row.name, "dense", "dense", vllm=vllm)
     m = ct_table.mapping(row)
+    want = None
     try:
         if m.read is None:
             raise ct_codes.Refused(f"{row.name} has no compressed-tensors counterpart ({m.exact})")
         codes, verdict, reason = m.read(tensor, packer), "exact", None
+        want = ct_codes.reference(tensor, packer)
+        error = _difference(codes, want)
+        if error is not None:
+            raise ct_codes.Refused(f"compressed-tensors' decompression differs from torchao's dequantize() (max "
+                                   f"abs difference {error:.3g})")
     except ct_codes.Refused as e:
         if not lossy or m.lossy is None:
             return ServingVerdict(name, row.name, "refused", "", reason=str(e), vllm=vllm)
         codes, verdict, reason = _lossy(tensor, packer), "lossy", str(e)
-    s = ct_format.scheme(codes)
-    fmt = ct_format.format_of(s)
-    if verdict == "lossy":
-        got = ct_format.decompress(ct_format.to_parts(codes, fmt), s, fmt)
-        want = ct_codes.reference(tensor, packer)
-        codes.error = float((got.float() - want.float()).abs().max())
+        codes.error = _difference(codes, ct_codes.reference(tensor, packer) if want is None else want) or 0.0
+    fmt = ct_format.format_of(ct_format.scheme(codes))
     return ServingVerdict(name, row.name, verdict, _describe(codes, fmt), codes.error if verdict == "lossy" else None,
                           reason, vllm, codes)
+
+
+def _difference(codes: ct_codes.Codes, want: torch.Tensor) -> float | None:
+    """None where compressed-tensors' decompression of `codes` equals `want` bit for bit (in want's dtype),
+    else the max absolute difference (0.0 where only signs of zero or NaN payloads differ)."""
+    s = ct_format.scheme(codes)
+    fmt = ct_format.format_of(s)
+    got = ct_format.decompress(ct_format.to_parts(codes, fmt), s, fmt).to(want.dtype)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
+    if torch.equal(got.contiguous().view(bits), want.contiguous().view(bits)):
+        return None
+    return float((got.float() - want.float()).abs().nan_to_num(0.0).max())
 
 
 def _lossy(tensor: torch.Tensor, packer: str | None) -> ct_codes.Codes:
