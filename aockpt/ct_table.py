@@ -67,9 +67,12 @@ MAPPINGS: dict[TensorType, Mapping] = {
 }
 
 
+_UNMAPPED = Mapping("none", "never (no serving mapping for this type yet)", None)
+
+
 def mapping(row: TensorType) -> Mapping:
-    """The serving facts of a registry row."""
-    return MAPPINGS[row]
+    """The serving facts of a registry row (a row added without them exports nothing, and says so)."""
+    return MAPPINGS.get(row, _UNMAPPED)
 
 
 def vllm_text(row: TensorType, tensor: torch.Tensor | None = None) -> str:
@@ -79,7 +82,7 @@ def vllm_text(row: TensorType, tensor: torch.Tensor | None = None) -> str:
         return "loads (unquantized)"
     if not row.stock_loadable or row.config is None or (tensor is not None and row.config(tensor) is None):
         return "refuses: torchao's safetensors reader or no torchao config makes this tensor"
-    if not MAPPINGS[row].slices:
+    if not mapping(row).slices:
         return "fails: no aten.slice/copy_ for the narrowing its weight loader does (fused qkv/gate_up, TP)"
     return f"loads; runs on torchao's {'/'.join(sorted(row.kernels))} kernels; every rank reads whole shards"
 
@@ -91,7 +94,7 @@ _HEADER = ("| torchao type | compressed-tensors format and scheme | exact when |
 def markdown() -> str:
     """The mapping table of docs/serving.md, one line per registry row (the plain tensor last)."""
     rows = [*TENSOR_TYPES.values(), PLAIN]
-    lines = [f"| {r.name} | {MAPPINGS[r].target} | {MAPPINGS[r].exact} | {MAPPINGS[r].lossy or 'refused'} "
+    lines = [f"| {r.name} | {mapping(r).target} | {mapping(r).exact} | {mapping(r).lossy or 'refused'} "
              f"| {vllm_text(r)} |" for r in rows]
     return "\n".join([_HEADER, *lines])
 
