@@ -9,7 +9,6 @@ other tools that refuse foreign folders ask it before refusing a compressed-tens
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +17,8 @@ import torch
 
 from . import codec, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
-from .filenames import PICKLE_INDEX
+from .format import INDEX_NAME, WEIGHTS_NAME
+from .hf_config import read_config, skeleton
 from .paths import member
 from .portability import TensorKind
 from .reader import Checkpoint, open_checkpoint, read_flat
@@ -53,15 +53,11 @@ def importable(config: Any) -> bool:
 
 
 def compressed_tensors_opener(path: Path, opener: Callable[[Path], Any]) -> Callable[[Path], Any]:
-    """The opener for a folder: compressed-tensors' when its config.json says so, else `opener` unchanged."""
-    config_path = path / CONFIG
-    if not config_path.is_file() or (path / PICKLE_INDEX).is_file():
+    """The opener for a folder: compressed-tensors' when it holds safetensors weights and its config.json (read
+    size-checked) says compressed-tensors, else `opener` unchanged."""
+    if not (path / CONFIG).is_file() or not ((path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file()):
         return opener
-    try:
-        config = json.loads(member(path, CONFIG).read_text())
-    except (OSError, ValueError, RecursionError):
-        return opener  # the usual readers report a bad config.json their own way
-    return open_folder if _quantization_config(config) is not None else opener
+    return open_folder if _quantization_config(read_config(member(path, CONFIG))) is not None else opener
 
 
 @dataclass
@@ -76,7 +72,7 @@ class _Module:
 def open_folder(path: Path) -> Any:
     """A compressed-tensors folder as a Source: quantized module weights as torchao tensors, the rest plain."""
     from . import ct_format
-    config = json.loads(member(path, CONFIG).read_text())
+    config = read_config(member(path, CONFIG))
     if not importable(config):
         qc = _quantization_config(config) or {}
         raise UnsupportedTensorError(
@@ -138,7 +134,6 @@ def _modules(ckpt: Checkpoint, config: dict[str, Any], path: Path) -> dict[str, 
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_name
 
-    from .hf_config import skeleton
 
     try:
         qc = QuantizationConfig.model_validate(config["quantization_config"])
