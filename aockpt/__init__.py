@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("load_pretrained", "save_pretrained"), "pretrained"),
     "safe_load": "unpickle",
     "TPShard": "tp",
+    **dict.fromkeys(("export", "serving_verdicts", "ExportReport", "ServingVerdict"), "ct_export"),
     **dict.fromkeys(("AockptError", "CorruptCheckpointError", "DeviceMemoryError", "ForeignCheckpointError",
                      "HubError", "KeyMismatchError", "OutputError", "PortabilityError", "UnsafeCheckpointError",
                      "UnsupportedTensorError", "UsageError"), "errors"),

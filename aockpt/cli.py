@@ -14,6 +14,7 @@ import click
 
 from . import errors
 from .cli_hub import CPU_PACKER, hook, push
+from .cli_serving import export, print_verdicts
 
 if TYPE_CHECKING:
     from . import api
@@ -174,14 +175,20 @@ def unpack(src: str, dst: str, force: bool, cpu_packer: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", "devices", multiple=True, metavar="DEV",
               help="Also say, per tensor, whether it loads and runs on DEV (repeatable): cpu, cuda, xpu.")
+@click.option("--serving", is_flag=True, help="Say per tensor what `aockpt export --format compressed-tensors` does "
+              "(exact / lossy with its error / refused) and what vLLM's torchao path does (reads every tensor).")
 @CPU_PACKER
-def inspect(path: str, as_json: bool, devices: tuple[str, ...], cpu_packer: str | None) -> None:
+def inspect(path: str, as_json: bool, devices: tuple[str, ...], serving: bool, cpu_packer: str | None) -> None:
     """Show what a checkpoint holds: per tensor type, shape, dtype, bytes, origin and portability.
 
     \b
     Example: aockpt inspect llama-int4/ --device cpu
+    Example: aockpt inspect llama-int4/ --serving
     """
     from . import api
+
+    if serving:
+        return print_verdicts(path, cpu_packer, as_json)
 
     info = api.inspect(path, devices=devices, cpu_packer=cpu_packer)
     if as_json:
@@ -240,6 +247,7 @@ def verify(path: str) -> None:
 
 main.add_command(push)
 main.add_command(hook)
+main.add_command(export)
 
 if __name__ == "__main__":
     sys.exit(main())

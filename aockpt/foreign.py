@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import ct_table
 from .errors import ForeignCheckpointError
 from .registry import known_type, tensor_type_of
 from .typed_json import load_file
@@ -38,7 +39,6 @@ class Method:
     leaves: frozenset[str] = frozenset()  # last components of tensor names only its writers store
     needs: tuple[str, ...] = ()  # modules transformers' quantizer for it imports
     format_keys: tuple[str, ...] = ()  # quantization_config keys naming its storage format
-    planned: bool = False  # an importer into torchao tensors is under way ("does not convert it yet")
     converts: Callable[[dict[str, Any]], bool] | None = None  # quantization_configs an aockpt importer converts
 
 
@@ -48,7 +48,7 @@ _GPTQ = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 _KNOWN: dict[str, Method] = {
     "compressed-tensors": Method(
         reader="transformers + compressed-tensors, or vLLM", needs=("compressed_tensors",), format_keys=("format",),
-        planned=True, leaves=frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+        converts=ct_table.imports, leaves=frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                                         "weight_global_scale", "weight_g_idx", "input_scale", "input_zero_point",
                                         "input_global_scale", "output_scale"})),
     "gptq": Method(reader="transformers + optimum + gptqmodel, or vLLM", leaves=_GPTQ,
@@ -144,7 +144,8 @@ def detect(config: dict[str, Any] | None, names: Iterable[str], *, torchao: bool
 
     Tensor names only another method's writers use are foreign whatever the config says. A config naming
     another method (or none) is foreign unless the tensors are torchao's own types (`torchao`: then it only
-    contradicts them and the config aockpt derives from them replaces it) or that method's row converts it.
+    contradicts them and the config aockpt derives from them replaces it) or that method's row converts it and
+    no tensor still carries its names (an importer already turned them into torchao tensors).
     """
     names = list(names)
     qc = next((config[k] for k in _CONFIG_KEYS if config and config.get(k) is not None), None)
@@ -153,7 +154,7 @@ def detect(config: dict[str, Any] | None, names: Iterable[str], *, torchao: bool
     found = {n.rpartition(".")[2] for n in names} & _ALL_LEAVES
     if method not in (None, _OURS) and (found or not torchao):
         row = methods().get(method, Method(reader=""))
-        if row.converts is not None and row.converts(qc):
+        if not found and row.converts is not None and row.converts(qc):
             return None
         return Foreign(method, _format(qc, row) if isinstance(qc, dict) else None, _belongs(names, row.leaves), True)
     if not found:
@@ -179,15 +180,14 @@ def error(found: Foreign, where: str | Path) -> ForeignCheckpointError:
         what = f"config.json's quantization_config names {named}: aockpt does not convert it"
     elif found.in_config:
         fmt = f" (format {found.format})" if found.format else ""
-        kind = f"this format of {found.method}" if row.converts is not None else found.method
+        kind = f"this format or scheme of {found.method}" if row.converts is not None else found.method
         what = f"{found.method} folder{fmt}: aockpt does not convert {kind} checkpoints"
     else:
         what = (f"tensors such as {found.tensors[0]} are named as {found.method} write them: aockpt does not "
                 "convert such checkpoints")
         reader = f"the library that wrote it ({reader})"
-    yet = " yet" if row is not None and row.planned and row.converts is None else ""
     return ForeignCheckpointError(
-        f"{where}: {what}{yet} (stored as plain tensors they would load as random weights); load it with {reader} "
+        f"{where}: {what} (stored as plain tensors they would load as random weights); load it with {reader} "
         "(or quantize the original model with torchao and pack that); nothing was written")
 
 

@@ -232,6 +232,8 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
         return StockVerdict(False, "loads wrong weights", "config.json has no quantization_config, so transformers "
                                                           "ignores the quantized parts and keeps random weights; "
                                                           "run aockpt pack to write one")
+    if qc.get("quant_method") == "compressed-tensors":
+        return _compressed_tensors_verdict(qc)
     if qc.get("quant_method") != "torchao":
         return StockVerdict(False, "loads wrong weights", f"quantization_config names quant_method "
                                                           f"{qc.get('quant_method')!r}, not torchao, so the torchao "
@@ -249,6 +251,21 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
                                               f"and transformers' tie check (torch.equal) is not implemented for "
                                               f"{types[twice[0][0]]}/{types[twice[0][1]]}; run aockpt pack")
     return StockVerdict(True, "loads exactly", f"torchao {', '.join(quantized)} with a matching quantization_config")
+
+
+def _compressed_tensors_verdict(qc: dict[str, Any]) -> StockVerdict:
+    """A compressed-tensors folder: transformers decompresses it through compressed-tensors; an asymmetric
+    packed group fails in its default (compressed) mode, where the meta-device model skips packing the zero
+    point (docs/serving.md, measured)."""
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    asym = [n for n, g in groups.items() if isinstance(g, dict) and isinstance(g.get("weights"), dict)
+            and g["weights"].get("symmetric") is False and (g.get("format") or qc.get("format")) == "pack-quantized"]
+    if asym:
+        return StockVerdict(False, "refuses", f"compressed-tensors group {asym[0]} is asymmetric pack-quantized: "
+                                              "transformers fails on its zero points unless loaded with "
+                                              "CompressedTensorsConfig(dequantize=True); or run aockpt pack")
+    return StockVerdict(True, "loads exactly", "compressed-tensors folder: transformers decompresses it through "
+                                               "compressed-tensors (pip install compressed-tensors)")
 
 
 def _stored_ties(config: dict[str, Any], types: dict[str, str]) -> list[tuple[str, str]]:

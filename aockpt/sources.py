@@ -15,6 +15,7 @@ import torch
 
 from . import codec, foreign, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
+from .ct_source import compressed_tensors_opener
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .paths import member
 from .portability import TensorKind, assumed_packer, settle_packers
@@ -205,6 +206,7 @@ def _open(path: Path) -> Source:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
+    opener = compressed_tensors_opener(path, opener)  # compressed-tensors folders import as torchao (ct_source)
     others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
     source = opener(path)

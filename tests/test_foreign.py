@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import aockpt
-from aockpt import foreign, hub
+from aockpt import ct_table, foreign, hub
 from aockpt.cli import EXIT_CODES, main
 from aockpt.errors import ForeignCheckpointError
 from aockpt.hf_config import truthful_config
@@ -52,15 +52,41 @@ def _refused_by_cli(*args: object) -> str:
     return result.stderr.strip()
 
 
-@pytest.mark.parametrize("name", WRITERS)
+# compressed-tensors presets aockpt imports (aockpt.ct_source; exactness in tests/test_serving.py): pack converts
+# them, every other folder is refused. Activation-quantized schemes have no torchao counterpart aockpt builds.
+IMPORTED = {f"ct-{p}" for p in ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "W2A16", "FP8_DYNAMIC", "NVFP4A16",
+                                "MXFP4A16")}
+REFUSED = [name for name in WRITERS if name not in IMPORTED]
+
+
+@pytest.mark.parametrize("name", sorted(IMPORTED))
+def test_imported_folders_pack_to_what_compressed_tensors_decompresses(folders, name, tmp_path):
+    """Never random weights: every weight of the packed folder equals compressed-tensors' own decompression."""
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from safetensors.torch import load_file
+
+    src = folders[name]
+    assert ct_table.imports(_config(src)["quantization_config"])
+    aockpt.pack(src, tmp_path / "dst")
+    got = aockpt.load_quantized(tmp_path / "dst")
+    want = CompressedTensorsDequantizer(src, ignore=["re:.*embed_tokens"], dtype=torch.bfloat16).process(
+        load_file(src / "model.safetensors"))
+    assert set(got) == set(want) and any(type(t) is not torch.Tensor for t in got.values())
+    for n, t in got.items():
+        assert torch.equal(t if type(t) is torch.Tensor else t.dequantize(), want[n]), n
+    assert aockpt.inspect(tmp_path / "dst").foreign is None
+
+
+@pytest.mark.parametrize("name", REFUSED)
 def test_pack_and_unpack_refuse_with_nothing_written(folders, name, tmp_path):
     src, method = folders[name], _method(folders[name])
     line = _refused_by_cli("pack", src, tmp_path / "dst")
-    assert f"{method} folder" in line and f"aockpt does not convert {method} checkpoints" in line
-    assert "load it with" in line and "nothing was written" in line
+    assert f"{method} folder" in line and "load it with" in line and "nothing was written" in line
     if method == "compressed-tensors":
         assert f"compressed-tensors folder (format {_config(src)['quantization_config']['format']})" in line
-        assert "checkpoints yet" in line
+        assert "does not convert this format or scheme of compressed-tensors checkpoints" in line
+    else:
+        assert f"aockpt does not convert {method} checkpoints" in line
     _refused_by_cli("unpack", src, tmp_path / "dst.pt")
     for load in (aockpt.load_quantized, aockpt.load_pretrained):
         with pytest.raises(ForeignCheckpointError, match=method):
@@ -68,7 +94,7 @@ def test_pack_and_unpack_refuse_with_nothing_written(folders, name, tmp_path):
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.pt").exists()
 
 
-@pytest.mark.parametrize("name", WRITERS)
+@pytest.mark.parametrize("name", REFUSED)
 def test_inspect_says_what_it_is_and_what_stock_does(folders, name):
     src, method = folders[name], _method(folders[name])
     info = aockpt.inspect(src)
@@ -132,7 +158,8 @@ def _row_folder(method: str, row: foreign.Method, dst: Path, *, config: bool = T
 def test_every_method_in_the_table_is_refused(method, tmp_path):
     row = foreign.methods()[method]
     src = _row_folder(method, row, tmp_path / "src")
-    with pytest.raises(ForeignCheckpointError, match=f"aockpt does not convert {method} checkpoints"):
+    kind = f"this format or scheme of {method}" if row.converts is not None else method  # a row with an importer
+    with pytest.raises(ForeignCheckpointError, match=f"aockpt does not convert {kind} checkpoints"):
         aockpt.pack(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
     assert aockpt.inspect(src).foreign.method == method
@@ -220,5 +247,5 @@ def test_an_importer_row_lets_its_formats_through(folders, monkeypatch, tmp_path
                         dataclasses.replace(row, converts=lambda qc: qc.get("format") == "pack-quantized"))
     assert foreign.detect(_config(folders["ct-W4A16"]), [], torchao=False) is None
     assert foreign.detect(_config(folders["ct-FP8"]), [], torchao=False).format == "float-quantized"
-    with pytest.raises(ForeignCheckpointError, match="does not convert this format of compressed-tensors checkpoints"):
+    with pytest.raises(ForeignCheckpointError, match="does not convert this format or scheme of compressed-tensors checkpoints"):
         aockpt.pack(folders["ct-FP8"], tmp_path / "dst")
