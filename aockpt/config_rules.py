@@ -3,7 +3,7 @@ bounds what it may build: a config is input like any file, and its sizes must be
 
 Three steps, each refusing with one ``CorruptCheckpointError`` line: the raw JSON's types and ranges
 (`check_config`, before any transformers code runs); its arithmetic against the checkpoint's tensors
-(`Backing`: every repeated module needs a stored tensor, every size must fit a stored dimension); and
+(`Backing`: every layer needs a stored tensor, every size must fit a stored dimension); and
 the build itself (`bounded_build`): modules registered are counted and the build stops once past what
 the tensors back, and anything transformers raises while building is a refusal naming the file.
 """
@@ -27,11 +27,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Fields that repeat a module (a layer, an expert) that many times: each repeat holds at least one tensor.
+# Fields that repeat a layer that many times: each repeat holds at least one stored tensor.
 COUNTS = frozenset({
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers", "num_encoder_layers",
-    "encoder_layers", "decoder_layers", "num_experts", "num_local_experts", "n_routed_experts",
-    "n_shared_experts", "num_experts_per_tok", "moe_num_experts", "num_nextn_predict_layers",
+    "encoder_layers", "decoder_layers", "num_nextn_predict_layers",
 })
 # Fields that are (or divide) a dimension of some stored weight: at least 1, at most the largest one.
 SIZES = frozenset({
@@ -39,6 +38,12 @@ SIZES = frozenset({
     "head_dim", "num_attention_heads", "num_key_value_heads", "vocab_size", "n_embd", "n_head", "n_inner",
     "d_model", "d_ff", "ffn_dim", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
     "v_head_dim",
+})
+# Expert counts: 0 (a dense model) or more, at most a dimension (the router's [experts, hidden] weight,
+# fused expert tensors' first dimension); unfused experts' modules are bounded by the build budget.
+EXPERTS = frozenset({
+    "num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "moe_num_experts",
 })
 INT_LIMIT = 2**31 - 1  # any other integer: transformers and torch hold sizes and ids in int32 or less
 CONFIG_DTYPES = frozenset(n for n, (dt, _) in DTYPES.items() if dt.is_floating_point and dt.itemsize >= 2)
@@ -91,8 +96,8 @@ def check_config(config: dict[str, Any], backing: Backing, path: Path | str) -> 
     """Refuse a config.json whose types, ranges or sizes no transformers model of these tensors has.
 
     Runs on the raw JSON before transformers reads it: ``model_type`` a string, ``dtype`` a floating
-    dtype name, integers within int32, repeat counts within the stored tensor count, sizes at least 1 and
-    within the largest stored dimension; nested sub-configs (``text_config``, ...) by the same rules.
+    dtype name, integers within int32, layer counts within the stored tensor count, sizes (at least 1)
+    and expert counts within the largest stored dimension; sub-configs (``text_config``, ...) alike.
     """
     if "model_type" in config and not isinstance(config["model_type"], str):
         _refuse(path, f"model_type is {config['model_type']!r}, not a model type name")
@@ -109,8 +114,9 @@ def _check_fields(config: dict[str, Any], backing: Backing, path: Path | str, pr
             continue
         if key in ("dtype", "torch_dtype") and value is not None and value not in CONFIG_DTYPES:
             _refuse(path, f"{field} is {value!r}; expected one of {', '.join(sorted(CONFIG_DTYPES))}")
-        if key in COUNTS or key in SIZES:
-            _check_size(field, value, backing, path, count=key in COUNTS)
+        if key in COUNTS or key in SIZES or key in EXPERTS:
+            _check_size(field, value, backing, path, least=0 if key in COUNTS | EXPERTS else 1,
+                        per_tensor=key in COUNTS)
         if isinstance(value, dict) and key.endswith("_config"):
             _check_fields(value, backing, path, f"{field}.")
         for number in _integers(value):
@@ -118,18 +124,19 @@ def _check_fields(config: dict[str, Any], backing: Backing, path: Path | str, pr
                 _refuse(path, f"{field} holds {number}, beyond any size or id transformers accepts (2**31 - 1)")
 
 
-def _check_size(field: str, value: Any, backing: Backing, path: Path | str, *, count: bool) -> None:
-    """A repeat count (0 or more, at most one per stored tensor) or a size (1 or more, at most a dimension)."""
+def _check_size(field: str, value: Any, backing: Backing, path: Path | str, *, least: int, per_tensor: bool) -> None:
+    """An integer of at least `least`, backed by the stored tensors: at most one per tensor (`per_tensor`,
+    layer counts) or at most the largest stored dimension (sizes, expert counts)."""
     if value is None:
         return
     if type(value) is not int:
         _refuse(path, f"{field} is {value!r}, not an integer")
-    if value < (0 if count else 1):
-        _refuse(path, f"{field} is {value}; it must be at least {0 if count else 1}")
-    if count and value > backing.tensors:
+    if value < least:
+        _refuse(path, f"{field} is {value}; it must be at least {least}")
+    if per_tensor and value > backing.tensors:
         _refuse(path, f"{field} is {value}, but the checkpoint stores only {backing.tensors} tensors "
                       "(each one needs at least one)")
-    if not count and backing.largest_dim is not None and value > backing.largest_dim:
+    if not per_tensor and backing.largest_dim is not None and value > backing.largest_dim:
         _refuse(path, f"{field} is {value}, larger than every dimension of the stored tensors "
                       f"(largest {backing.largest_dim})")
 

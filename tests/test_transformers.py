@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM, Qwen3ForCausalLM, TorchAoConfig
 
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config, tiny_model, with_recomputed_buffers
 
 import aockpt
 from torchao.quantization import (
@@ -101,18 +101,6 @@ QUANTS = {
 SHAPES = [("llama", False, False), ("qwen3", True, True), ("llama", True, True), ("qwen3", False, False)]
 
 
-def _with_recomputed_buffers(model):
-    """The model as every loader rebuilds it: non-persistent buffers (rotary frequencies) are in no file, so
-    transformers' own from_pretrained recomputes them (in float32) even where `.to(dtype)` had cast them."""
-    fresh = type(model)(copy.deepcopy(model.config))
-    persistent = set(model.state_dict())
-    for name, buffer in fresh.named_buffers():
-        if name not in persistent:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer
-    return model
-
-
 def _json(path):
     return json.loads(path.read_text())
 
@@ -140,7 +128,7 @@ def test_config_json_is_what_transformers_writes_and_loads_back_exactly(tmp_path
     assert _json(tmp_path / "aockpt" / "generation_config.json") == _json(tmp_path / "stock" / "generation_config.json")
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
-        expected = _with_recomputed_buffers(model)(ids).logits
+        expected = with_recomputed_buffers(model)(ids).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "aockpt").eval()(ids).logits, expected)
         assert torch.equal(aockpt.load_pretrained(tmp_path / "aockpt")(ids).logits, expected)
 
@@ -155,4 +143,4 @@ def test_a_cast_model_differs_from_every_reload_by_its_rotary_buffers_only(tmp_p
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()(ids).logits
         assert not torch.equal(model(ids).logits, reloaded)
-        assert torch.equal(_with_recomputed_buffers(model)(ids).logits, reloaded)
+        assert torch.equal(with_recomputed_buffers(model)(ids).logits, reloaded)
