@@ -13,6 +13,7 @@ import torch
 from . import codec, device_load, portability
 from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, OutputError, UnsupportedTensorError, UsageError
+from .config_rules import Backing
 from .foreign import Foreign
 from .hf_config import CONFIG_NAME, StockVerdict, read_config, rewritten_config, stock_verdict
 from .reader import check_torchao_records, read_flat
@@ -373,7 +374,8 @@ def _stock(source: Source) -> StockVerdict | None:
     if config is None:
         return None
     types = {n: kind.type for n, kind in source.types.items()}
-    return stock_verdict(read_config(config), types, legacy=bool(source.origins))
+    return stock_verdict(read_config(config), types, legacy=bool(source.origins),
+                         backing=Backing.of_source(source), path=config)
 
 
 def _portability(type_name: str) -> str:

@@ -7,13 +7,19 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from . import foreign
+from .config_rules import Backing, bounded_build, check_buffers, check_config
 from .errors import CorruptCheckpointError
+from .paths import member
+from .quant_configs import stock_refusal
 from .registry import TENSOR_TYPES, known_type, tensor_type_of
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 CONFIG_NAME = "config.json"
 # The `_type` of a torchao config record that no torchao module defines: stock transformers refuses the
@@ -76,53 +82,83 @@ def model_class(config: Any) -> type | None:
     return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) or MODEL_MAPPING.get(type(config), None)
 
 
-def transformers_config(config: dict[str, Any]) -> Any | None:
-    """config.json as a transformers config (its quantization_config left out), None for an unknown model type."""
+def config_class(config: dict[str, Any]) -> type | None:
+    """transformers' config class for a config.json's model_type, None for a type it does not know."""
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    return CONFIG_MAPPING[model_type] if isinstance(model_type, str) and model_type in CONFIG_MAPPING else None
+
+
+def transformers_config(config: dict[str, Any], path: Path | str = CONFIG_NAME, cls: type | None = None) -> Any | None:
+    """config.json as a transformers config (its quantization_config left out), None for an unknown model type.
+
+    `cls` is the config class to use where transformers does not know the model type. Whatever
+    transformers' config class raises is one CorruptCheckpointError naming `path`.
+    """
+    cls = config_class(config) or cls
+    if cls is None:
         return None
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
-    return CONFIG_MAPPING[model_type].from_dict(plain)
+    return bounded_build(lambda: cls.from_dict(plain), Backing(0), path, "read the config")
 
 
 @dataclass
 class Skeleton:
-    """What the model class says about its parameters: weight ties and which modules are embeddings."""
+    """What the model class says about its parameters: weight ties, which modules are embeddings, and
+    the order transformers lists the parameters in (the first floating one sets config.json's dtype)."""
 
     ties: dict[str, str]  # tied name -> the name it shares storage with (transformers' target -> source)
     embeddings: frozenset[str]  # module names of the input and output embeddings
     linear: frozenset[str]  # module names of nn.Linear modules
+    parameters: tuple[str, ...] = ()  # model.parameters() order, each tie once
 
 
-def skeleton(config: dict[str, Any]) -> Skeleton | None:
-    """The model config.json describes, built on the meta device (no memory); None where transformers lacks it.
-
-    A config this transformers cannot build (a newer model type, a missing optional package) gives None:
-    the folder is then written and read without tie or embedding knowledge, never refused for it.
-    """
-    try:
-        hf = transformers_config(config)
-        cls = model_class(hf) if hf is not None else None
-        if cls is None:
-            return None
+def meta_model(cls: type, hf: Any, backing: Backing, path: Path | str) -> torch.nn.Module:
+    """The model `cls` builds from a checked config, on the meta device (no memory, no init): within the
+    module budget the tensors back, with computed buffers the tensors back; else one refusal line."""
+    def build() -> torch.nn.Module:
         with torch.device("meta"):
-            model = cls._from_config(hf)
-    except (ImportError, ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+            return cls._from_config(hf)
+
+    model = bounded_build(build, backing, path, f"build {cls.__name__}")
+    check_buffers(model, backing, path)
+    return model
+
+
+def skeleton(config: dict[str, Any], backing: Backing, path: Path | str = CONFIG_NAME) -> Skeleton | None:
+    """The model config.json describes, checked against the tensors that back it and built on the meta
+    device; None where transformers lacks it (an unknown or newer model type, a missing optional package).
+
+    Raises:
+        CorruptCheckpointError: a config no model of these tensors has (check_config, the build budget),
+            or one transformers refuses to read or build.
+    """
+    check_config(config, backing, path)
+    hf = transformers_config(config, path)
+    cls = model_class(hf) if hf is not None else None
+    if cls is None:
+        return None
+    try:
+        model = meta_model(cls, hf, backing, path)
+    except ImportError:
         return None
     modules = dict(model.named_modules())
     emb = [model.get_input_embeddings()]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = frozenset(n for n, m in modules.items() if any(m is e for e in [*emb, out] if e is not None))
     linear = frozenset(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))
-    return Skeleton(dict(model.get_expanded_tied_weights_keys(all_submodels=True)), embeddings, linear)
+    return Skeleton(dict(model.get_expanded_tied_weights_keys(all_submodels=True)), embeddings, linear,
+                    tuple(n for n, _ in model.named_parameters()))
 
 
-def folder_skeleton(folder: Path) -> Skeleton | None:
-    """The skeleton of a folder's config.json, None when it has none or names no transformers model."""
-    path = folder / CONFIG_NAME
-    return skeleton(read_config(path)) if path.is_file() else None
+def folder_skeleton(source: Source) -> Skeleton | None:
+    """The skeleton of a model folder's config.json, None for a file (its neighbours were not named) or a
+    folder without one; the config must live inside the folder and be backed by the folder's tensors."""
+    if not source.path.is_dir():
+        return None
+    path = member(source.path, CONFIG_NAME)
+    return skeleton(read_config(path), Backing.of_source(source), path) if path.is_file() else None
 
 
 def _module(name: str) -> str:
@@ -162,22 +198,36 @@ def quantization_config(state: dict[str, torch.Tensor], skel: Skeleton | None) -
     return json.loads(json.dumps(config.to_dict()))
 
 
-def truthful_config(config: dict[str, Any], state: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, Any]:
-    """config.json as it must read for these tensors: derived quantization_config, ties only where stored as ties.
+def weights_dtype(state: dict[str, torch.Tensor], order: Iterable[str]) -> str | None:
+    """config.json's dtype as transformers' save_pretrained derives it: the (outer) dtype of the first
+    floating-point parameter in the model's parameter order, then of any tensor written; None if none is."""
+    names = [*(n for n in order if n in state), *state]
+    first = next((state[n].dtype for n in names if state[n].dtype.is_floating_point), None)
+    return None if first is None else str(first).removeprefix("torch.")
+
+
+def truthful_config(config: dict[str, Any], state: dict[str, torch.Tensor], aliases: dict[str, str],
+                    path: Path | str = CONFIG_NAME, order: Iterable[str] | None = None) -> dict[str, Any]:
+    """config.json as it must read for these tensors: derived quantization_config and dtype, ties only
+    where stored as ties.
 
     Args:
         state: every tensor written, by name (aliases included).
         aliases: name -> the name whose storage it shares.
+        order: the model's parameter names in its order; default: the order of the config's skeleton.
     """
     torchao = any(tensor_type_of(t, n).quantized for n, t in state.items())
     foreign.refuse_if(foreign.detect(config, state, torchao=torchao), CONFIG_NAME)  # never replace another's config
-    skel = skeleton(config)
+    skel = skeleton(config, Backing.of_state(state), path)
     out = dict(config)
     derived = quantization_config(state, skel)
     if derived is None:
         out.pop("quantization_config", None)
     else:
         out["quantization_config"] = derived
+    dtype = weights_dtype(state, order if order is not None else skel.parameters if skel else ())
+    if dtype is not None:  # a pre-5 "torch_dtype" key is kept in step; transformers 5 reads "dtype" first
+        out.update({k: dtype for k in ("dtype", "torch_dtype") if k == "dtype" or k in out})
     if skel is not None and out.get("tie_word_embeddings"):
         def root(n: str) -> str:
             return aliases.get(n, n)
@@ -186,12 +236,13 @@ def truthful_config(config: dict[str, Any], state: dict[str, torch.Tensor], alia
     return out
 
 
-def rewritten_config(config_path: Path, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> str | None:
+def rewritten_config(config_path: Path, state: dict[str, torch.Tensor], aliases: dict[str, str],
+                     order: Iterable[str] | None = None) -> str | None:
     """config.json text made truthful for the tensors written, or None if it already is."""
     config = read_config(config_path)
     if "model_type" not in config:
         return None
-    new = truthful_config(config, state, aliases)
+    new = truthful_config(config, state, aliases, config_path, order)
     return None if new == config else json.dumps(new, indent=2, sort_keys=True) + "\n"
 
 
@@ -211,13 +262,22 @@ def _is_plain(type_name: str) -> bool:
     return entry is not None and not entry.quantized
 
 
-def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool) -> StockVerdict:
+def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool, backing: Backing,
+                  path: Path | str = CONFIG_NAME) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
+
+    The config is checked and its model built first (a config no model of these tensors has is refused
+    with CorruptCheckpointError); then stock's own checks decide, in the order stock meets them.
 
     Args:
         types: stored tensor name -> registry type name (aliases excluded).
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
+        backing: what the stored tensors back (the budget of the model the config describes).
     """
+    skel = skeleton(config, backing, path)
+    unknown = _unknown_model(config)
+    if unknown:
+        return StockVerdict(False, "refuses", unknown)
     quantized = sorted({t for t in types.values() if not _is_plain(t)})
     found = foreign.detect(config, types, torchao=bool(quantized))
     if found is not None:
@@ -245,7 +305,11 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
-    twice = [(t, s) for t, s in _stored_ties(config, types) if not all(_is_plain(types[n]) for n in (t, s))]
+    refusal = stock_refusal(qc)
+    if refusal:
+        return StockVerdict(False, "refuses", f"stock TorchAoConfig.from_dict fails: {refusal}; run aockpt pack")
+    twice = [(t, s) for t, s in (skel.ties.items() if skel and config.get("tie_word_embeddings") else ())
+             if t in types and s in types and not all(_is_plain(types[n]) for n in (t, s))]
     if twice:
         return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
                                               f"and transformers' tie check (torch.equal) is not implemented for "
@@ -268,12 +332,15 @@ def _compressed_tensors_verdict(qc: dict[str, Any]) -> StockVerdict:
                                                "compressed-tensors (pip install compressed-tensors)")
 
 
-def _stored_ties(config: dict[str, Any], types: dict[str, str]) -> list[tuple[str, str]]:
-    """Tied pairs (by the model's rules) stored as two tensors."""
-    if not config.get("tie_word_embeddings"):
-        return []
-    skel = skeleton(config)
-    return [(t, s) for t, s in (skel.ties.items() if skel else ()) if t in types and s in types]
+def _unknown_model(config: dict[str, Any]) -> str | None:
+    """Why stock AutoConfig refuses a config's model type (absent, unknown, or only in the folder's own
+    code, which stock runs only with trust_remote_code); None where it knows it."""
+    if config_class(config) is not None:
+        return None
+    if "auto_map" in config:
+        return ("config.json asks for the folder's own model code (auto_map), which stock runs only with "
+                "trust_remote_code=True and aockpt never runs")
+    return f"this transformers has no model type {config.get('model_type')!r}"
 
 
 def tied_partner(name: str, skel: Skeleton | None) -> str | None:

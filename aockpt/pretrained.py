@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,10 +10,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
+from .config_rules import Backing, bounded_build, check_config
+from .errors import CorruptCheckpointError, KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError
 from .hf_config import CONFIG_NAME, model_class as _causal_lm_class
 from .paths import member
-from .typed_json import load_file
 
 PathLike = str | os.PathLike
 
@@ -22,26 +23,33 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     """Write a quantized transformers model as a packed folder that stock ``from_pretrained`` loads.
 
     transformers 5.23's own ``save_pretrained`` fails on torchao 0.18 tensors on CPU (it asks the
-    wrapper subclass for a storage pointer), so this writes the config files and packed weights itself.
-    config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
-    model's config usually has none), and a tie the tensors no longer share is switched off.
+    wrapper subclass for a storage pointer), so this writes the config files and packed weights itself,
+    deriving what transformers derives at save time from the model, not from its (possibly stale)
+    config: ``dtype`` from the weights written (torchao tensors' outer dtype), ``architectures`` from
+    the model's class, ``transformers_version``, and generation_config.json where the model generates.
+    The quantization_config is derived from the tensors (after ``quantize_`` the model's config usually
+    has none), and a tie the tensors no longer share is switched off. The model itself is not changed.
     """
     from . import foreign
     from .api import state_items
     from .atomic import staged
     from .codec import aliases
-    from .hf_config import rewritten_config
+    from .hf_config import rewritten_config, weights_dtype
     from .writer import write_packed
 
     foreign.refuse_if(foreign.of_model(model), type(model).__name__)
     state = model.state_dict()
+    order = [n for n, _ in model.named_parameters()]
+    config = copy.deepcopy(model.config)
+    config.dtype = weights_dtype(state, order)
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state), tmp, max_shard_size=max_shard_size)
-        model.config.save_pretrained(tmp)
-        text = rewritten_config(tmp / CONFIG_NAME, state, aliases(list(state.items())))
+        config.save_pretrained(tmp)
+        text = rewritten_config(tmp / CONFIG_NAME, state, aliases(list(state.items())), order)
         if text is not None:
             (tmp / CONFIG_NAME).write_text(text)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
+        if model.can_generate():
             model.generation_config.save_pretrained(tmp)
     return Path(dst)
 
@@ -54,35 +62,29 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
     int4 re-laid out for another device. The model class comes from transformers' own config table;
     no code from the folder runs: the class is `model_class` if given, else transformers' causal-LM class
-    for the config's type, else its base model class. The model is built with its parameters on the meta
-    device and aockpt's tensors are attached as they are (each read once, straight onto its device);
-    missing, unexpected or mis-shaped weights are an error listing each name. `cpu_packer` names the CPU
-    packer of int4 weights the folder does not record (as for `pack`). `device_map` ("auto", "balanced",
-    "sequential" or a dict of module name -> device, accelerate's conventions) spreads the model over
-    several devices instead of `device`.
+    for the config's type, else its base model class. config.json is checked before transformers reads
+    it, and the model it describes must be backed by the stored tensors (`aockpt.config_rules`). The
+    model is built with its parameters on the meta device and aockpt's tensors are attached as they are
+    (each read once, straight onto its device); missing, unexpected or mis-shaped weights are an error
+    listing each name. `dtype` defaults to config.json's (which aockpt derives from the weights). `cpu_packer`
+    names the CPU packer of int4 weights the folder does not record (as for `pack`). `device_map`
+    ("auto", "balanced", "sequential" or a dict of module name -> device, accelerate's conventions)
+    spreads the model over several devices instead of `device`.
 
     Raises:
-        KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError.
+        KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError,
+        UnsupportedTensorError (a model type transformers does not know, and no `model_class`).
     """
-    from transformers import AutoConfig
-
     from . import device_map as dm
     from .api import load_placed, stored_bytes
     from .portability import parse_device
 
     folder = Path(path)
-    if not member(folder, CONFIG_NAME).is_file():
-        raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
-    load_file(folder / CONFIG_NAME)  # size-checked and strict before transformers reads it
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model_class = model_class or _causal_lm_class(config)
-    if model_class is None:
-        raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
-                                     f"{config.model_type!r}; pass model_class=")
+    model_class, config, backing = _checked_config(folder, model_class, cpu_packer)
     with _parameters_on_meta():
-        model = model_class._from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16)
+        model = bounded_build(lambda: model_class._from_config(
+            config, dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16), backing,
+            folder / CONFIG_NAME, f"build {model_class.__name__}")
     model.tie_weights()
     tied = _ties(model)
     if device_map is None:
@@ -98,6 +100,35 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if device_map is not None:
         dm.dispatch(model, mapping)
     return model.eval()
+
+
+def _checked_config(folder: Path, model_class: type | None, cpu_packer: str | None) -> tuple[type, Any, Backing]:
+    """The model class and transformers config for a folder, from its config.json read once and checked
+    (types, ranges, and a meta-device build within what the stored tensors back) before the real build."""
+    from .hf_config import config_class, meta_model, read_config, transformers_config
+    from .sources import open_source
+
+    path = member(folder, CONFIG_NAME)
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
+    raw = read_config(path)
+    with open_source(folder, cpu_packer) as source:
+        backing = Backing.of_source(source)
+    check_config(raw, backing, path)
+    if config_class(raw) is None and model_class is None:
+        if "auto_map" in raw:
+            raise UnsafeCheckpointError(f"{path} asks for the folder's own model code (auto_map) and names no "
+                                        "model type transformers knows; aockpt never runs code from a file: "
+                                        "pass model_class=")
+        raise UnsupportedTensorError(f"{folder}: transformers has no model type {raw.get('model_type')!r}; "
+                                     "pass model_class=")
+    config = transformers_config(raw, path, getattr(model_class, "config_class", None))
+    model_class = model_class or _causal_lm_class(config)
+    if model_class is None:
+        raise UnsupportedTensorError(f"{folder}: transformers has no model class for model type "
+                                     f"{config.model_type!r}; pass model_class=")
+    meta_model(model_class, config, backing, path)
+    return model_class, config, backing
 
 
 @contextmanager

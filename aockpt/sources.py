@@ -222,7 +222,7 @@ def _restore_ties(source: Source, folder: Path) -> None:
         return
     from .hf_config import folder_skeleton, tied_partner
 
-    skel = folder_skeleton(folder)
+    skel = folder_skeleton(source)
     for name in omitted:
         partner = tied_partner(name, skel)
         if partner is None or (partner not in source.types and partner not in source.aliases):
@@ -240,7 +240,7 @@ def merge_stored_ties(source: Source) -> None:
     from .hf_config import folder_skeleton
     from .writer import release_mapped
 
-    skel = folder_skeleton(source.path if source.path.is_dir() else source.path.parent)
+    skel = folder_skeleton(source)
     for tied, target in (skel.ties.items() if skel else ()):
         if tied not in source.types or target not in source.types:
             continue

@@ -221,3 +221,17 @@ def dequantize(t: torch.Tensor, *, cpu_packer: str | None = None) -> torch.Tenso
         "Int4OpaqueTensor": lambda x: _canonical(x, cpu_packer or relayout.cpu_packer()),
     }
     return by_type.get(type(t).__name__, lambda x: x.dequantize())(t)
+
+
+def with_recomputed_buffers(model):
+    """The model as every loader rebuilds it: non-persistent buffers (rotary frequencies) are in no file, so
+    transformers' own from_pretrained recomputes them (in float32) even where `.to(dtype)` had cast them."""
+    import copy
+
+    fresh = type(model)(copy.deepcopy(model.config))
+    persistent = set(model.state_dict())
+    for name, buffer in fresh.named_buffers():
+        if name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffer
+    return model

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TorchAoConfig
 import aockpt
 from aockpt.errors import AockptError, UnsupportedTensorError
 from aockpt.hf_config import model_class, transformers_config
-from conftest import tiny_config
+from conftest import tiny_config, with_recomputed_buffers
 from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig, NVFP4WeightOnlyConfig
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 from torchao.quantization import (
@@ -77,12 +77,15 @@ LEGACY_FOLDERS = {  # fixture folder -> what it holds
 }
 PRODUCERS = {
     "quantize_ + aockpt.save_pretrained": "saved",
+    "Model(config).to(bfloat16), quantize_ + aockpt.save_pretrained": "from-config",
     "TorchAoConfig + stock save_pretrained": "stock",
     "stock save_pretrained -> aockpt pack": "stock-packed",
     "torch.save(state_dict) + config -> aockpt pack": "pickle-packed",
     "transformers 4.56 + torchao 0.13 folder -> aockpt pack": "ao0.13/",
     "transformers 4.57 + torchao 0.14 safetensors -> aockpt pack": "ao0.14-safetensors/",
 }
+# A model built from a config has no config.dtype; these rows check the dtype aockpt derives from the weights.
+FROM_CONFIG_KINDS = ("int8 weight-only", "int8 dynamic", "intx weight-only", "cpu int4", "mix (skip + embeddings)")
 CONSUMERS = ("stock from_pretrained", "aockpt.load_pretrained", "aockpt.load_quantized", "unpack + torch.load")
 
 
@@ -94,7 +97,7 @@ def _cases() -> list[tuple[str, str, str]]:
             cases += [(producer, folder.split("_")[1], folder) for folder in LEGACY_FOLDERS if folder.startswith(key)]
             continue
         for arch in ARCHS:
-            for kind in KINDS:
+            for kind in FROM_CONFIG_KINDS if key == "from-config" else KINDS:
                 if key.startswith("stock") and kind == "cpu int4":
                     continue  # stock save_pretrained cannot write Int4OpaqueTensor: test_stock_save_refuses_cpu_int4
                 cases.append((producer, arch, kind))
@@ -112,16 +115,17 @@ def _refuses(producer: str, arch: str, kind: str, consumer: str) -> bool:
     return (int4 or kind.startswith(MICROSCALED)) and consumer == "unpack + torch.load"
 
 
-def _model(arch: str):
-    from transformers import AutoModelForCausalLM
-
+def _model(arch: str, cast: bool = False):
+    """The architecture in bf16: built by from_config(dtype=...), or (`cast`) by its class then `.to(bfloat16)`."""
     torch.manual_seed(0)
+    if cast:
+        return model_class(ARCHS[arch]())(ARCHS[arch]()).to(torch.bfloat16).eval()
     return AutoModelForCausalLM.from_config(ARCHS[arch](), dtype=torch.bfloat16).eval()
 
 
-def _quantized_in_memory(arch: str, kind: str):
+def _quantized_in_memory(arch: str, kind: str, cast: bool = False):
     """quantize_ as torchao's README teaches; tied heads re-tied so the tie reaches a quantized embedding."""
-    model = _model(arch)
+    model = _model(arch, cast)
     config = KINDS[kind]()
     head = not kind.startswith(MICROSCALED)
     quantize_(model, config, filter_fn=None if isinstance(config, FqnToConfig) else
@@ -179,9 +183,10 @@ def _make(producer: str, arch: str, kind: str, out: Path) -> tuple[Path, torch.T
         _close_to_recorded(logits, expected["logits"])
         aockpt.pack(src, out, cpu_packer=packer, device="cpu" if packer else None)
         return out, ids, logits, tokens
-    if key == "saved":
-        model = _quantized_in_memory(arch, kind)
+    if key in ("saved", "from-config"):
+        model = _quantized_in_memory(arch, kind, cast=key == "from-config")
         aockpt.save_pretrained(model, out)
+        with_recomputed_buffers(model)  # `.to()` cast the rotary buffers no file holds; every loader recomputes them
     elif key == "pickle-packed":
         model = _quantized_in_memory(arch, kind)
         (out.parent / "pickle").mkdir()
@@ -221,8 +226,8 @@ def _load_into_architecture(folder: Path, state: dict[str, torch.Tensor]):
 
 def _consume(consumer: str, folder: Path, tmp: Path):
     """A model from `folder` through one loader, as its users call it."""
-    if consumer == "stock from_pretrained":
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    if consumer == "stock from_pretrained":  # no dtype: config.json's must be the weights'
+        return AutoModelForCausalLM.from_pretrained(folder).eval()
     if consumer == "aockpt.load_pretrained":
         return aockpt.load_pretrained(folder)
     if consumer == "aockpt.load_quantized":
