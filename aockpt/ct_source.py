@@ -18,6 +18,7 @@ import torch
 from . import codec, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .format import INDEX_NAME, WEIGHTS_NAME
+from .config_rules import Backing
 from .ct_table import IMPORTED_FORMATS, formats as _formats, imports
 from .hf_config import read_config, skeleton
 from .paths import member
@@ -132,7 +133,8 @@ def _modules(ckpt: Checkpoint, config: dict[str, Any], path: Path) -> dict[str, 
     except ValueError as e:
         raise CorruptCheckpointError(f"{path}: quantization_config is not a valid compressed-tensors config "
                                      f"({str(e).splitlines()[0]})") from e
-    skel = skeleton(config)
+    stored = [ckpt.shards[shard].slots[key].shape for key, shard in ckpt.key_to_shard.items()]
+    skel = skeleton(config, Backing.of_shapes(stored), path / CONFIG)
     out = {}
     for key in ckpt.entries:
         module, _, leaf = key.rpartition(".")

@@ -266,7 +266,8 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
                   path: Path | str = CONFIG_NAME) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
 
-    The config is checked and its model built first (a config no model of these tensors has is refused
+    A folder of another quantization library is judged by that library's quantizer (aockpt.foreign). Otherwise
+    the config is checked and its model built first (a config no model of these tensors has is refused
     with CorruptCheckpointError); then stock's own checks decide, in the order stock meets them.
 
     Args:
@@ -274,14 +275,14 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
         backing: what the stored tensors back (the budget of the model the config describes).
     """
-    skel = skeleton(config, backing, path)
-    unknown = _unknown_model(config)
-    if unknown:
-        return StockVerdict(False, "refuses", unknown)
     quantized = sorted({t for t in types.values() if not _is_plain(t)})
     found = foreign.detect(config, types, torchao=bool(quantized))
     if found is not None:
         return StockVerdict(*foreign.stock_outcome(found))
+    skel = skeleton(config, backing, path)
+    unknown = _unknown_model(config)
+    if unknown:
+        return StockVerdict(False, "refuses", unknown)
     qc = config.get("quantization_config")
     if legacy:
         return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "

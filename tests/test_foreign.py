@@ -200,13 +200,14 @@ def test_another_methods_config_is_never_replaced():
 def test_torchao_tensors_prove_a_contradicting_config_wrong_unless_foreign_tensors_sit_beside_them(tmp_path):
     """Int8Tensor weights under a gptq config: the tensors are aockpt's own, so pack replaces the config; add one
     tensor named as GPTQ writes it and the folder is refused."""
-    from conftest import CASES
     from foreign_writers import tiny_llama
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    config = {**tiny_llama().config.to_dict(), "quantization_config": HAND_WRITTEN["gptq"][0]}
+    model = tiny_llama()
+    quantize_(model, Int8WeightOnlyConfig())
+    config = {**model.config.to_dict(), "quantization_config": HAND_WRITTEN["gptq"][0]}
     for name, extra in (("ours", {}), ("mixed", {"model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 8)})):
-        src = aockpt.save({"model.layers.0.mlp.down_proj.weight": CASES["int8-weight-only"][1](), **extra},
-                          tmp_path / name)
+        src = aockpt.save({**model.state_dict(), **extra}, tmp_path / name)
         (src / "config.json").write_text(json.dumps(config))
         if extra:
             with pytest.raises(ForeignCheckpointError, match="gptq folder"):
