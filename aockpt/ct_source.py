@@ -48,9 +48,9 @@ def compressed_tensors_opener(path: Path, opener: Callable[[Path], Any]) -> Call
     size-checked) is one aockpt imports, else `opener` unchanged (aockpt.foreign then refuses other formats)."""
     if not (path / CONFIG).is_file() or not ((path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file()):
         return opener
-    if is_packed(path):  # aockpt's own format, whatever its config says: aockpt.foreign judges its tensor names
+    if not importable(read_config(member(path, CONFIG))):
         return opener
-    return open_folder if importable(read_config(member(path, CONFIG))) else opener
+    return opener if is_packed(path) else open_folder  # aockpt's own format: aockpt.foreign judges its names
 
 
 @dataclass
