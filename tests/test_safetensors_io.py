@@ -20,7 +20,8 @@ import aockpt
 from aockpt import format as fmt
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
 from aockpt.registry import TENSOR_TYPES, Portability
-from aockpt.safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
+from aockpt.fetch import MAX_HEADER_BYTES
+from aockpt.safetensors_io import SafetensorsFile
 from conftest import CASES
 
 PEAK_BYTES = 16 << 20  # Python-side allocations while refusing a file
