@@ -8,6 +8,7 @@ stage (aockpt.fetch) runs them through whatever byte source holds the file. The 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -15,9 +16,40 @@ import torch
 
 from .errors import DeviceMemoryError
 from .fetch import CHUNK_BYTES, THREADS, Chunk, Loading, Piece, fetch
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, TensorSlot
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
+
+
+@dataclass(frozen=True)
+class Want:
+    """One part to place: stored `key` of `shard`, on `device`, whole or only `span` (dim, start, stop) of it."""
+
+    shard: str
+    key: str
+    device: torch.device
+    span: tuple[int, int, int] | None = None
+
+    def shape(self, slot: TensorSlot) -> tuple[int, ...]:
+        """The placed part's shape."""
+        if self.span is None:
+            return slot.shape
+        dim, start, stop = self.span
+        return (*slot.shape[:dim], stop - start, *slot.shape[dim + 1:])
+
+    def segments(self, slot: TensorSlot) -> Iterator[tuple[int, int, int]]:
+        """(begin, end, offset in the placed part) of each run of bytes it reads, in file order."""
+        if self.span is None:
+            yield slot.begin, slot.end, 0
+            return
+        dim, start, stop = self.span
+        inner = math.prod(slot.shape[dim + 1:]) * slot.dtype.itemsize
+        run, stride = (stop - start) * inner, slot.shape[dim] * inner
+        runs = math.prod(slot.shape[:dim])
+        if run == stride:
+            runs, run = 1, runs * run
+        for i in range(runs if run else 0):
+            yield slot.begin + start * inner + i * stride, slot.begin + start * inner + i * stride + run, i * run
 
 
 @dataclass
@@ -27,7 +59,7 @@ class Block:
     device: torch.device
     shard: str
     nbytes: int = 0
-    parts: dict[str, int] = field(default_factory=dict)  # key -> offset inside the block
+    parts: dict[str, int] = field(default_factory=dict)  # placed part -> offset inside the block
 
 
 @dataclass
@@ -36,7 +68,7 @@ class Plan:
 
     blocks: list[Block]
     chunks: list[Chunk]
-    where: dict[str, int]  # key -> index of its block
+    where: dict[str, int]  # placed part -> index of its block
 
     @property
     def nbytes(self) -> int:
@@ -53,85 +85,99 @@ def back_to_back(sizes: Iterable[tuple[str, int]]) -> tuple[dict[str, int], int]
     return offsets, end
 
 
-def plan_reads(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]],
-               chunk_bytes: int = CHUNK_BYTES) -> Plan:
-    """Blocks and chunked reads for `placement` (key -> (shard, device)); contiguous parts are read together."""
+def plan_reads(shards: dict[str, SafetensorsFile], wants: dict[str, Want], chunk_bytes: int = CHUNK_BYTES) -> Plan:
+    """Blocks and chunked reads for `wants` (placed part -> Want); bytes back to back in a file are read together."""
     blocks: list[Block] = []
     where: dict[str, int] = {}
     chunks: list[Chunk] = []
     for shard_name, shard in shards.items():
-        keys = sorted((k for k, (s, _) in placement.items() if s == shard_name and _size(shard, k)),
-                      key=lambda k: shard.slots[k].begin)
-        for device in dict.fromkeys(placement[k][1] for k in keys):
-            block = Block(device, shard_name)
-            block.parts, block.nbytes = back_to_back((k, _size(shard, k)) for k in keys if placement[k][1] == device)
+        mine = {k: w for k, w in wants.items() if w.shard == shard_name and _nbytes(w, shard)}
+        for group in _groups(mine):
+            block = Block(mine[group[0]].device, shard_name)
+            block.parts, block.nbytes = back_to_back((k, _nbytes(mine[k], shard)) for k in group)
             where.update(dict.fromkeys(block.parts, len(blocks)))
             blocks.append(block)
-        chunks.extend(_chunks(shard_name, shard, keys, blocks, where, chunk_bytes))
+        segments = sorted((begin, end, where[k], blocks[where[k]].parts[k] + at)
+                          for k, w in mine.items() for begin, end, at in w.segments(shard.slots[w.key]))
+        chunks.extend(_chunks(shard_name, shard.data_start, segments, chunk_bytes))
     return Plan(blocks, chunks, where)
 
 
-def _size(shard: SafetensorsFile, key: str) -> int:
-    """Stored bytes of one key."""
-    slot = shard.slots[key]
-    return slot.end - slot.begin
+def _groups(wants: dict[str, Want]) -> list[list[str]]:
+    """Parts sharing one allocation: all of a shard's on one accelerator; each its own on the CPU, where
+    allocations are cheap and separate storages keep the tensors ``torch.save``-able."""
+    by_device: dict[torch.device, list[str]] = {}
+    groups = []
+    for key, want in wants.items():
+        if want.device.type == "cpu":
+            groups.append([key])
+        else:
+            by_device.setdefault(want.device, []).append(key)
+    return groups + list(by_device.values())
 
 
-def _runs(shard: SafetensorsFile, keys: list[str]) -> Iterator[list[str]]:
-    """Keys (in file order) grouped into runs that lie back to back in the file."""
-    run: list[str] = []
-    for key in keys:
-        if run and shard.slots[run[-1]].end != shard.slots[key].begin:
+def _nbytes(want: Want, shard: SafetensorsFile) -> int:
+    """Bytes of one placed part."""
+    slot = shard.slots[want.key]
+    return math.prod(want.shape(slot)) * slot.dtype.itemsize
+
+
+def _runs(segments: list[tuple[int, int, int, int]]) -> Iterator[list[tuple[int, int, int, int]]]:
+    """Segments (in file order) grouped into runs that lie back to back in the file."""
+    run: list[tuple[int, int, int, int]] = []
+    for segment in segments:
+        if run and run[-1][1] != segment[0]:
             yield run
             run = []
-        run.append(key)
+        run.append(segment)
     if run:
         yield run
 
 
-def _chunks(shard_name: str, shard: SafetensorsFile, keys: list[str], blocks: list[Block],
-            where: dict[str, int], chunk_bytes: int) -> Iterator[Chunk]:
-    """Each run of back-to-back parts cut into reads of at most `chunk_bytes`, a part split where needed.
+def _chunks(shard_name: str, data_start: int, segments: list[tuple[int, int, int, int]],
+            chunk_bytes: int) -> Iterator[Chunk]:
+    """Each run of back-to-back segments (begin, end, block, offset there) cut into reads of at most
+    `chunk_bytes`, a segment split where needed.
 
-    One pass over the run's keys (not one per chunk): a checkpoint has thousands of chunks and parts."""
-    for run in _runs(shard, keys):
-        slots = [shard.slots[key] for key in run]
-        first = 0  # the first part not wholly before the current chunk
-        for offset in range(slots[0].begin, slots[-1].end, chunk_bytes):
-            stop = min(offset + chunk_bytes, slots[-1].end)
-            while slots[first].end <= offset:
+    One pass over the run's segments (not one per chunk): a checkpoint has thousands of chunks and parts."""
+    for run in _runs(segments):
+        first = 0  # the first segment not wholly before the current chunk
+        for offset in range(run[0][0], run[-1][1], chunk_bytes):
+            stop = min(offset + chunk_bytes, run[-1][1])
+            while run[first][1] <= offset:
                 first += 1
             pieces = []
-            for key, slot in zip(run[first:], slots[first:]):
-                if slot.begin >= stop:
+            for begin, end, block, dst in run[first:]:
+                if begin >= stop:
                     break
-                lo, hi = max(slot.begin, offset), min(slot.end, stop)
-                pieces.append(Piece(where[key], lo - offset, blocks[where[key]].parts[key] + lo - slot.begin, hi - lo))
-            yield Chunk(shard_name, shard.data_start + offset, stop - offset, tuple(pieces))
+                lo, hi = max(begin, offset), min(end, stop)
+                pieces.append(Piece(block, lo - offset, dst + lo - begin, hi - lo))
+            yield Chunk(shard_name, data_start + offset, stop - offset, tuple(pieces))
 
 
-def load_parts(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]], *,
+def load_parts(shards: dict[str, SafetensorsFile], wants: dict[str, Want], *,
                threads: int = THREADS, chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
-    """The stored tensors under `placement`'s keys, each on its device, as views of one block per shard and device."""
-    loading = start_loading(shards, placement, threads=threads, chunk_bytes=chunk_bytes)
+    """The asked-for parts, each on its device, as views of one block per shard and device."""
+    loading = start_loading(shards, wants, threads=threads, chunk_bytes=chunk_bytes)
     loading.wait()
     return loading.parts
 
 
-def start_loading(shards: dict[str, SafetensorsFile], placement: dict[str, tuple[str, torch.device]], *,
+def start_loading(shards: dict[str, SafetensorsFile], wants: dict[str, Want], *,
                   threads: int = THREADS, chunk_bytes: int = CHUNK_BYTES) -> Loading:
     """`load_parts` that returns as soon as the reads have started, so the caller can build while they run."""
-    plan = plan_reads(shards, placement, chunk_bytes)
+    plan = plan_reads(shards, wants, chunk_bytes)
     blocks = [_allocate(b) for b in plan.blocks]
     out = {}
-    for key, (shard_name, device) in placement.items():
-        slot = shards[shard_name].slots[key]
+    for key, want in wants.items():
+        slot = shards[want.shard].slots[want.key]
+        shape = want.shape(slot)
         if key not in plan.where:
-            out[key] = torch.empty(slot.shape, dtype=slot.dtype, device=device)
+            out[key] = torch.empty(shape, dtype=slot.dtype, device=want.device)
             continue
         block = plan.blocks[plan.where[key]]
-        raw = blocks[plan.where[key]][block.parts[key]:block.parts[key] + slot.end - slot.begin]
-        out[key] = raw.view(slot.dtype).reshape(slot.shape)
+        at = block.parts[key]
+        out[key] = blocks[plan.where[key]][at:at + math.prod(shape) * slot.dtype.itemsize].view(slot.dtype).reshape(shape)
     files = {name: shard.file for name, shard in shards.items()}
     return fetch(files, plan.chunks, blocks, Loading(out, plan.nbytes), threads=threads, chunk_bytes=chunk_bytes)
 

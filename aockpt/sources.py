@@ -36,7 +36,8 @@ class Source:
     types: dict[str, TensorKind]
     aliases: dict[str, str]
     made_on: dict[str, str]
-    flat: Callable[[str, torch.device | None], codec.FlatTensor]
+    flat: Callable[[str], codec.FlatTensor]  # a tensor's parts (views where the source allows) and attributes
+    describe: Callable[[str], codec.FlatTensor]  # the same with shape-only (meta) parts: reads no tensor byte
     digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
     origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
@@ -77,8 +78,9 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         entry = ckpt.entries[name]
         return [(inner, p.digest, ckpt.raw(p.key)) for inner, p in entry.parts.items()]
 
-    return Source(ckpt.path, kind, types, aliases, made_on, lambda n, d: read_flat(ckpt, n, d),
-                  digests if ckpt.flavor is Flavor.PACKED else None, checkpoint=ckpt)
+    return Source(ckpt.path, kind, types, aliases, made_on, lambda n: read_flat(ckpt, n),
+                  lambda n: read_flat(ckpt, n, ckpt.shape_only), digests if ckpt.flavor is Flavor.PACKED else None,
+                  checkpoint=ckpt)
 
 
 def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: str = "unknown") -> Source:
@@ -94,7 +96,14 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
             type_name = tensor_type_of(tensor, name).name
             types[name] = TensorKind(type_name, assumed_packer(type_name))
     made_on = dict.fromkeys(types, made_on)
-    return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
+    return Source(path, kind, types, aliases, made_on, lambda n: codec.flatten(n, tensors[n]),
+                  lambda n: _shape_only(codec.flatten(n, tensors[n])), origins=origins)
+
+
+def _shape_only(flat: codec.FlatTensor) -> codec.FlatTensor:
+    """A flat tensor whose parts are meta tensors of the same shapes and dtypes."""
+    parts = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in flat.parts.items()}
+    return codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, parts, flat.attrs)
 
 
 def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +179,7 @@ def open_source(path: str | Path, cpu_packer: str | None = None) -> Source:
     """
     source = _open(Path(path))
     try:
-        source.types = settle_packers(source.types, lambda name: _rows(source.flat(name, None)), cpu_packer,
+        source.types = settle_packers(source.types, lambda name: _rows(source.describe(name)), cpu_packer,
                                       str(source.path))
     except BaseException:
         source.close()
@@ -239,7 +248,7 @@ def merge_stored_ties(source: Source) -> None:
     for tied, target in (skel.ties.items() if skel else ()):
         if tied not in source.types or target not in source.types:
             continue
-        a, b = source.flat(tied, None), source.flat(target, None)
+        a, b = source.flat(tied), source.flat(target)
         same = _same_stored(a, b)
         release_mapped([*a.parts.values(), *b.parts.values()])
         if same:

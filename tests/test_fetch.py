@@ -45,7 +45,7 @@ def test_an_unmapped_source_gives_the_same_bytes_as_the_local_file(packed):
     memory = MemoryFile(local.path.read_bytes(), f"mem://{name}")
     remote = SafetensorsFile(memory)
     assert (remote.slots, remote.metadata, remote.data_start) == (local.slots, local.metadata, local.data_start)
-    placement = {key: (name, torch.device("cpu")) for key in local.keys()}
+    placement = {key: device_load.Want(name, key, torch.device("cpu")) for key in local.keys()}
     memory.reads.clear()
     parts = device_load.load_parts({name: remote}, placement, threads=2, chunk_bytes=999)
     assert max(n for _, n in memory.reads) <= 999  # bounded reads, whatever the source

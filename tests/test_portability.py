@@ -110,7 +110,7 @@ def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
 
     first, second = open_source(source), open_source(tmp_path / "cuda")
     for layer in ("0.weight", "2.weight"):
-        a, b = first.flat(layer, None), second.flat(layer, None)
+        a, b = first.flat(layer), second.flat(layer)
         for part in ("qdata", "scale_and_zero"):
             assert torch.equal(a.parts[part].view(torch.uint8), b.parts[part].view(torch.uint8)), (layer, part)
     assert {t.name for t in original.tensors} == set(again)
