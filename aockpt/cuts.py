@@ -49,7 +49,7 @@ def refusal(name: str, cut: Cut, flat: codec.FlatTensor, why: str, fix: str) -> 
 def part_spans(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut) -> dict[str, Span | None]:
     """Each part's span holding the slice (None: the part is read whole), for a record already checked whole."""
     block = _blocks(flat)[cut.dim]
-    if not isinstance(block, int) or block <= 0:
+    if not isinstance(block, int) or block < 0 or (block == 0 and cut.size):
         raise refusal(name, cut, flat, f"has a block size of {block!r} along that dim",
                       "leave it out of the plan to load it whole on every rank")
     whole_block = block >= cut.size

@@ -303,8 +303,15 @@ class AockptStorageReader(HuggingFaceStorageReader):
 
     def __init__(self, path: str | os.PathLike, thread_count: int = 1):
         super().__init__(str(path), thread_count=thread_count)
+        self.checked = self._check()  # here, in the caller's frame: DCP would swallow it into an AssertionError
 
     def read_metadata(self) -> Metadata:
+        metadata = dataclasses.replace(self.checked, storage_meta=StorageMeta())
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _check(self) -> Metadata:
+        """The folder validated as every aockpt load validates it, described as DCP metadata."""
         with open_source(self.path) as source:
             ckpt = source.checkpoint
             if ckpt is None:
@@ -325,10 +332,7 @@ class AockptStorageReader(HuggingFaceStorageReader):
                     storage[MetadataIndex(part.key, zeros)] = _HFStorageInfo(str(folder / shard),
                                                                              torch.Size(slot.shape), slot.dtype)
             aliases = dict(source.aliases)
-        metadata = Metadata(sd_md, planner_data={_RECORDS: keys, "aliases": aliases}, storage_data=storage)
-        metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        return Metadata(sd_md, planner_data={_RECORDS: keys, "aliases": aliases}, storage_data=storage)
 
 
 class AockptLoadPlanner(DefaultLoadPlanner):
