@@ -123,7 +123,7 @@ def check_canonical_cut(name: str, flat: codec.FlatTensor, entry: TensorType, cu
 def cut_canonical(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut, packer: str | None,
                   build_on: Any) -> tuple[codec.FlatTensor, str]:
     """Device-packed int4: cut the whole tensor's exact canonical form and re-pack the slice for `build_on`."""
-    canon = relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer)
+    canon = entry.relayout.to_canonical(flat.parts, flat.attrs, packer)
     g = canon.group_size
     if cut.dim == 1 and (cut.start % g or (cut.stop % g and cut.stop != cut.size)):
         raise refusal(name, cut, flat, f"would cut a quantization group of {g}",
@@ -135,7 +135,7 @@ def cut_canonical(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut
     local = relayout.Int4Canonical(values.contiguous(), sz.contiguous(), g, (values.shape[0], values.shape[1]),
                                    canon.dtype)
     try:
-        parts, attrs, new_packer = relayout.from_canonical(local, flat.type_name, build_on)
+        parts, attrs, new_packer = entry.relayout.from_canonical(local, build_on)
     except PortabilityError as e:
         raise refusal(name, cut, flat, f"cannot be re-packed on {build_on.type} ({e})",
                       f"load it on a {entry.packed_for.value} device") from e

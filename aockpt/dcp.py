@@ -53,7 +53,8 @@ from .registry import PLAIN, tensor_type_named
 from .sources import open_source
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
-from .writer import SourceTensor, page_releaser, write_packed
+from .fetch import page_releaser
+from .writer import SourceTensor, write_packed
 
 _RECORDS = "aockpt_records"  # planner_data key carrying the tensors' records to the coordinator
 _STAGING = ".aockpt-dcp-staging"

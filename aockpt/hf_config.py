@@ -13,6 +13,7 @@ import torch
 
 from .errors import CorruptCheckpointError
 from .registry import TENSOR_TYPES, known_type, tensor_type_of
+from .typed_json import load_file
 
 CONFIG_NAME = "config.json"
 # The `_type` of a torchao config record that no torchao module defines: stock transformers refuses the
@@ -22,8 +23,6 @@ AOCKPT_ONLY = "LoadWithAockptLoadPretrained"
 
 def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict (size-checked, strict JSON), refused unless it is a JSON object."""
-    from .typed_json import load_file
-
     config = load_file(path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object")
@@ -89,7 +88,6 @@ def transformers_config(config: dict[str, Any]) -> Any | None:
 @dataclass
 class Skeleton:
     """What the model class says about its parameters: weight ties and which modules are embeddings."""
-
     ties: dict[str, str]  # tied name -> the name it shares storage with (transformers' target -> source)
     embeddings: frozenset[str]  # module names of the input and output embeddings
     linear: frozenset[str]  # module names of nn.Linear modules
@@ -195,7 +193,6 @@ def rewritten_config(config_path: Path, state: dict[str, torch.Tensor], aliases:
 @dataclass(frozen=True)
 class StockVerdict:
     """What stock ``AutoModelForCausalLM.from_pretrained(folder)`` does with a model folder."""
-
     loads: bool  # True: it loads exactly these tensors; False: it refuses or would load wrong weights
     verdict: str  # "loads exactly" | "refuses" | "loads wrong weights"
     reason: str

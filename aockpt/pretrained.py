@@ -9,8 +9,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import device_map as dm
+from .api import load_placed, state_items, stored_bytes
+from .atomic import staged
+from .codec import aliases
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
-from .hf_config import CONFIG_NAME, model_class as _causal_lm_class
+from .hf_config import CONFIG_NAME, model_class as _causal_lm_class, rewritten_config
+from .portability import parse_device
+from .writer import write_packed
 from .paths import member
 from .typed_json import load_file
 
@@ -26,12 +32,6 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
     model's config usually has none), and a tie the tensors no longer share is switched off.
     """
-    from .api import state_items
-    from .atomic import staged
-    from .codec import aliases
-    from .hf_config import rewritten_config
-    from .writer import write_packed
-
     state = model.state_dict()
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state), tmp, max_shard_size=max_shard_size)
@@ -64,9 +64,6 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     """
     from transformers import AutoConfig
 
-    from . import device_map as dm
-    from .api import load_placed, stored_bytes
-    from .portability import parse_device
 
     folder = Path(path)
     if not member(folder, CONFIG_NAME).is_file():
@@ -158,8 +155,6 @@ def _report(folder: Path, problems: dict[str, list[str]]) -> None:
 def _attach(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str],
             mapping: dict[str, torch.device], folder: Path) -> None:
     """Put the loaded tensors into the skeleton as they are, re-tie, and move the computed buffers."""
-    from .device_map import device_of
-
     expected = model.state_dict(keep_vars=True)
     for target, source in tied.items():
         state.setdefault(source, state.get(target))
@@ -173,4 +168,4 @@ def _attach(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[s
     for name, buffer in list(model.named_buffers()):
         if name not in persistent:
             owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer.to(device_of(name, mapping))
+            model.get_submodule(owner)._buffers[leaf] = buffer.to(dm.device_of(name, mapping))

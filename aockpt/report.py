@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from . import codec, portability
+from . import portability
 from .hf_config import CONFIG_NAME, StockVerdict, read_config, stock_verdict
 from .load import PathLike, verify_digests
 from .plan import check_records

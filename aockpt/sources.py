@@ -15,7 +15,9 @@ import torch
 
 from . import codec, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
+from .fetch import release_mapped
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
+from .hf_config import folder_skeleton, tied_partner
 from .paths import member
 from .portability import TensorKind, assumed_packer, settle_packers
 from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
@@ -224,8 +226,6 @@ def _restore_ties(source: Source, folder: Path) -> None:
     omitted = source.checkpoint.omitted if source.checkpoint is not None else []
     if not omitted:
         return
-    from .hf_config import folder_skeleton, tied_partner
-
     skel = folder_skeleton(folder)
     for name in omitted:
         partner = tied_partner(name, skel)
@@ -241,9 +241,6 @@ def _restore_ties(source: Source, folder: Path) -> None:
 def merge_stored_ties(source: Source) -> None:
     """Store once what the model ties but the input stored twice with identical bytes (torchao 0.14 folders
     do): the tie is kept, and the copy's bytes are not written again. Anything less than equal stays apart."""
-    from .hf_config import folder_skeleton
-    from .writer import release_mapped
-
     skel = folder_skeleton(source.path if source.path.is_dir() else source.path.parent)
     for tied, target in (skel.ties.items() if skel else ()):
         if tied not in source.types or target not in source.types:

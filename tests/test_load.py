@@ -14,7 +14,7 @@ from aockpt import dcp as adcp, device_map, tp
 from aockpt.api import load_placed
 from aockpt.errors import CorruptCheckpointError, KeyMismatchError, PortabilityError, UsageError
 from aockpt.plan import Split
-from conftest import CASES, assert_same_tensor, dequantize, tiny_model
+from conftest import CASES, dequantize, tiny_model
 from test_safetensors_io import mutate_record, rewrite_header
 
 CPU = torch.device("cpu")

@@ -147,8 +147,7 @@ def test_cpu_int4_packed_for_another_instruction_set_is_refused_then_relaid_out(
 
     original = CASES["int4-opaque"][1]()
     names, attrs = original.__tensor_flatten__()
-    canon = relayout.to_canonical("Int4OpaqueTensor", {n: getattr(original, n) for n in names}, attrs,
-                                  packer=relayout.cpu_packer())
+    canon = cpu.to_canonical({n: getattr(original, n) for n in names}, attrs, relayout.cpu_packer())
     other = next(p for p in cpu.PACKINGS if p != relayout.cpu_packer())
     parts, new_attrs, packer = cpu.from_canonical(canon, packer=other)
     foreign = type(original)(parts["qdata"], parts["scale_and_zero"], new_attrs["block_size"], new_attrs["shape"])

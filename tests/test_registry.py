@@ -3,6 +3,7 @@ is flattened and rebuilt, unpickled, judged for portability, inspected and liste
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,27 @@ class ToyInt8Tensor(TorchAOBaseTensor):
 
 
 TOY = registry.TensorType(
-    "ToyInt8Tensor", ToyInt8Tensor, registry.Family.INT8, registry.Portability.PORTABLE, None, frozenset({"cpu"}),
-    False, "a throwaway int8 type (tests/test_registry.py)",
+    name="ToyInt8Tensor", cls=ToyInt8Tensor, family=registry.Family.INT8, portability=registry.Portability.PORTABLE,
+    packed_for=None, kernels=frozenset({"cpu"}), stock_loadable=False,
+    note="a throwaway int8 type (tests/test_registry.py)",
     tp=(registry.TpSplit.DIRECT, registry.TpSplit.DIRECT),
     tp_axes=(("qdata", (0, registry.Along.VALUES), (1, registry.Along.VALUES)),
              ("scale", (0, registry.Along.BLOCKS), (1, registry.Along.BLOCKS))),
     part_dtypes={"qdata": frozenset({"int8"}), "scale": registry.OUTER_DTYPES}, part_rules=part_sizes.BYTE_QDATA,
 )
+
+
+def test_a_row_checks_its_own_consistency():
+    """A direct split must say how every required part follows it; a relayout split and a pinned type need
+    their converter and packer: a row that forgets is refused when it is written, naming what is missing."""
+    with pytest.raises(TypeError, match=r"ToyInt8Tensor: a direct split of dim 1 must say how parts \['scale'\]"):
+        dataclasses.replace(TOY, tp_axes=(TOY.tp_axes[0], ("scale", (0, registry.Along.BLOCKS), None)))
+    with pytest.raises(TypeError, match="a relayout split of dim 0 needs a converter"):
+        dataclasses.replace(TOY, tp=(registry.TpSplit.RELAYOUT, registry.TpSplit.NONE))
+    with pytest.raises(TypeError, match="a pinned type must say which device"):
+        dataclasses.replace(TOY, portability=registry.Portability.PINNED)
+    with pytest.raises(TypeError):
+        registry.TensorType("ToyInt8Tensor", ToyInt8Tensor)  # keyword-only: no fact is passed by position
 
 
 def _toy() -> ToyInt8Tensor:

@@ -131,7 +131,7 @@ def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_
     canon = relayout.Int4Canonical(codes, scale_and_zero, g, (n, k), torch.bfloat16)
 
     def tile_tensor(c: relayout.Int4Canonical) -> torch.Tensor:
-        parts, attrs, _ = relayout.from_canonical(c, "Int4TilePackedTo4dTensor", "cpu")
+        parts, attrs, _ = relayout.tinygemm.from_canonical(c, torch.device("cpu"))
         return codec.rebuild(codec.FlatTensor("Int4TilePackedTo4dTensor", c.shape, torch.bfloat16, parts, attrs), "w")
 
     aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
