@@ -101,3 +101,10 @@ def test_no_module_is_too_long():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by concept: {long}"
+
+
+def test_the_architecture_page_names_every_module():
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    unnamed = sorted(name for name, (path, is_package) in _modules().items()
+                     if not is_package and f"{path.stem}" not in page)
+    assert not unnamed, f"docs/architecture.md does not name {unnamed}"

@@ -115,6 +115,14 @@ def test_inspect_and_a_packed_round_trip_list_it(toy, tmp_path):
     _assert_same(aockpt.load_quantized(tmp_path / "p")["w"], toy)
 
 
+def test_its_row_says_how_tensor_parallelism_slices_it(toy, tmp_path):
+    aockpt.save({"m.weight": toy}, tmp_path / "p")
+    rows = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard({"m": "colwise"}, 1, 2))["m.weight"]
+    _assert_same(rows, ToyInt8Tensor(toy.qdata[2:], toy.scale[2:], [1, 8], torch.bfloat16))
+    cols = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard({"m": "rowwise"}, 1, 2))["m.weight"]
+    _assert_same(cols, ToyInt8Tensor(toy.qdata[:, 4:].contiguous(), toy.scale, [1, 4], torch.bfloat16))
+
+
 def test_the_docs_table_lists_it(toy):
     assert ("| ToyInt8Tensor | int8 | portable | cpu | no | a throwaway int8 type (tests/test_registry.py) | "
             "direct |") in type_table.markdown().splitlines()
