@@ -39,11 +39,15 @@ class Source:
     aliases: dict[str, str]
     made_on: dict[str, str]
     flat: Callable[[str], codec.FlatTensor]  # a tensor's parts (views where the source allows) and attributes
-    describe: Callable[[str], codec.FlatTensor]  # the same with shape-only (meta) parts: reads no tensor byte
     digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
     origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
+    shape_only: Callable[[str], codec.FlatTensor] | None = None  # `describe` without touching the input
+
+    def describe(self, name: str) -> codec.FlatTensor:
+        """A tensor's record with shape-only (meta) parts: what the plan stage checks, reading no tensor byte."""
+        return self.shape_only(name) if self.shape_only is not None else _shape_only(self.flat(name))
 
     def close(self) -> None:
         """Release files held open."""
@@ -81,8 +85,8 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         return [(inner, p.digest, ckpt.raw(p.key)) for inner, p in entry.parts.items()]
 
     return Source(ckpt.path, kind, types, aliases, made_on, lambda n: read_flat(ckpt, n),
-                  lambda n: read_flat(ckpt, n, ckpt.shape_only), digests if ckpt.flavor is Flavor.PACKED else None,
-                  checkpoint=ckpt)
+                  digests if ckpt.flavor is Flavor.PACKED else None, checkpoint=ckpt,
+                  shape_only=lambda n: read_flat(ckpt, n, ckpt.shape_only))
 
 
 def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: str = "unknown") -> Source:
@@ -98,8 +102,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
             type_name = tensor_type_of(tensor, name).name
             types[name] = TensorKind(type_name, assumed_packer(type_name))
     made_on = dict.fromkeys(types, made_on)
-    return Source(path, kind, types, aliases, made_on, lambda n: codec.flatten(n, tensors[n]),
-                  lambda n: _shape_only(codec.flatten(n, tensors[n])), origins=origins)
+    return Source(path, kind, types, aliases, made_on, lambda n: codec.flatten(n, tensors[n]), origins=origins)
 
 
 def _shape_only(flat: codec.FlatTensor) -> codec.FlatTensor:
