@@ -1,11 +1,12 @@
-"""Tensor-parallel slices read straight from disk: each rank loads only its rows or columns of every weight.
+"""Tensor parallelism's vocabulary for the one load pipeline: each rank loads only its rows or columns.
 
 A plan maps module-name patterns to a split in the vocabulary of torch's tensor parallelism
 (``ColwiseParallel`` / ``RowwiseParallel`` or the strings "colwise" / "rowwise", plus "vocab" for an
-embedding split over its vocabulary and "replicate"). For each tensor, the registry says how its parts
-follow the outer rows and columns (``TensorType.tp`` / ``tp_axes``), so a rank reads only its slice of
-``qdata`` and the matching scales. Slices follow torch's ``Shard`` chunking, so they wrap into
-``DTensor.from_local`` unchanged. See docs/distributed.md.
+embedding split over its vocabulary and "replicate"); ``TPShard.placement_of`` turns it into a
+``plan.Split`` per name, and ``load_quantized`` does the rest (the registry says how each part follows the
+outer rows and columns, so a rank reads only its slice of ``qdata`` and the matching scales). Slices
+follow torch's ``Shard`` chunking, so ``load_dtensors`` wraps them into ``DTensor.from_local`` unchanged.
+See docs/distributed.md.
 """
 
 from __future__ import annotations
