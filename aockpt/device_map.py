@@ -46,19 +46,18 @@ def _device(value: Any, key: str) -> torch.device:
         raise UsageError(f"device_map sends {key!r} to {value!r}, which is not a device; use a GPU index "
                          "(0, 1, ...), \"cpu\" or \"cuda:1\"")
     device = torch.device("cuda", min(value, 127)) if isinstance(value, int) else parse_device(value)
-    asked = value if isinstance(value, int) else _index_in(value, device)  # torch wraps indexes past 127
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and not 0 <= asked < count:
-        raise UsageError(f"device_map sends {key!r} to cuda:{asked}, but this machine has {count} CUDA device(s); "
-                         "map it to one it has, or to \"cpu\"")
-    return device
+    asked = value if isinstance(value, int) else _index_in(value, device)
+    if device.index is not None and asked != device.index:  # torch keeps indexes in 8 bits: 999 became -25
+        raise UsageError(f"device_map sends {key!r} to {device.type}:{asked}, which is not a device; use an index "
+                         "of a device this machine has")
+    return device  # whether this machine has it is checked where the load is planned (aockpt.load)
 
 
-def _index_in(value: Any, device: torch.device) -> int:
+def _index_in(value: Any, device: torch.device) -> int | None:
     """The device index a value asks for, as written (torch stores indexes in 8 bits)."""
     text = str(value) if isinstance(value, str) else ""
     written = text.partition(":")[2]
-    return int(written) if written.isdigit() else device.index or 0
+    return int(written) if written.isdigit() else device.index
 
 
 def device_of(name: str, mapping: dict[str, torch.device]) -> torch.device:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import codec, cuts, device_load, portability
-from .errors import CorruptCheckpointError, KeyMismatchError
+from .errors import CorruptCheckpointError, KeyMismatchError, UsageError
 from .plan import Placement, TensorPlan, plan
 from .progress import track
 from .registry import tensor_type_named
@@ -131,13 +131,18 @@ def slice_info(p: TensorPlan) -> SliceInfo:
 
 
 def _placement(value: Placement | torch.device) -> Placement:
-    """A placement from a device map's device or a full placement; a CUDA device gets its index, so parts
-    bound for "cuda" and "cuda:0" share one allocation."""
+    """A placement from a device map's device or a full placement, on a CUDA device this machine has, with
+    its index (so parts bound for "cuda" and "cuda:0" share one allocation)."""
     placement = value if isinstance(value, Placement) else Placement(value)
     device = placement.device
-    if device.type == "cuda" and device.index is None:
-        return Placement(torch.device("cuda", torch.cuda.current_device()), placement.split)
-    return placement
+    if device.type != "cuda":
+        return placement
+    count = torch.cuda.device_count()
+    index = device.index if device.index is not None else (torch.cuda.current_device() if count else None)
+    if index is None or not 0 <= index < count:
+        raise UsageError(f"{device} is not a device of this machine, which has {count} CUDA device(s); load onto "
+                         f"{'cuda:0' if count else 'cpu'} instead")
+    return Placement(torch.device("cuda", index), placement.split)
 
 
 def load_from(source: Source, placements: dict[str, Placement], *, relayout: bool | None, verify: bool = False,

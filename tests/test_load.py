@@ -137,6 +137,13 @@ def test_device_map_arguments_are_usage_errors(tmp_path):
             device_map.resolve(mapping, model, {}, {})
         assert "\n" not in str(caught.value), mapping
     aockpt.save(_state(), tmp_path / "p")
+    absent = torch.cuda.device_count()  # one past the last CUDA device this machine has
+    for mapping in ({"": absent}, {"": f"cuda:{absent}"}, {"m": "cpu", "": absent}):
+        resolved = device_map.resolve(mapping, model, {}, {})
+        with pytest.raises(UsageError, match=f"cuda:{absent} is not a device of this machine"):
+            load_placed(tmp_path / "p", lambda n: device_map.device_of(n, resolved))
+    with pytest.raises(UsageError, match=f"cuda:{absent} is not a device of this machine"):
+        aockpt.load_quantized(tmp_path / "p", f"cuda:{absent}", shard=SHARD)
     mapping = device_map.resolve({"m.weight": "cpu", "": "cpu"}, model, {}, {})  # a parameter's own name
     state = load_placed(tmp_path / "p", lambda n: device_map.device_of(n, mapping))
     model.m.weight = torch.nn.Parameter(state["m.weight"], requires_grad=False)
