@@ -200,9 +200,13 @@ def check_record(flat: FlatTensor, where: str) -> None:
     check_invariants(flat, where)
 
 
-def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) -> torch.Tensor:
-    """Put a tensor back together on `device` (its parts and device attributes) and check its shape and dtype."""
-    check_record(flat, where)
+def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None, *, checked: bool = False) -> torch.Tensor:
+    """Put a tensor back together on `device` (its parts and device attributes) and check its shape and dtype.
+
+    `checked`: the plan stage already checked this very record (names, attribute types, part dtypes), so
+    only what the constructor makes is checked again."""
+    if not checked:
+        check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
     attrs = {k: _on(v, device) for k, v in flat.attrs.items()} if device is not None else dict(flat.attrs)
     entry = tensor_type_named(flat.type_name, where)
