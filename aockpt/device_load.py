@@ -97,8 +97,8 @@ def plan_reads(shards: dict[str, SafetensorsFile], wants: dict[str, Want], chunk
             block.parts, block.nbytes = back_to_back((k, _nbytes(mine[k], shard)) for k in group)
             where.update(dict.fromkeys(block.parts, len(blocks)))
             blocks.append(block)
-        segments = sorted((begin, end, where[k], blocks[where[k]].parts[k] + at)
-                          for k, w in mine.items() for begin, end, at in w.segments(shard.slots[w.key]))
+        segments = sorted((begin, end, where[k], blocks[where[k]].parts[k] + at, i)
+                          for i, (k, w) in enumerate(mine.items()) for begin, end, at in w.segments(shard.slots[w.key]))
         chunks.extend(_chunks(shard_name, shard.data_start, segments, chunk_bytes))
     return Plan(blocks, chunks, where)
 
@@ -122,37 +122,32 @@ def _nbytes(want: Want, shard: SafetensorsFile) -> int:
     return math.prod(want.shape(slot)) * slot.dtype.itemsize
 
 
-def _runs(segments: list[tuple[int, int, int, int]]) -> Iterator[list[tuple[int, int, int, int]]]:
-    """Segments (in file order) grouped into runs that lie back to back in the file."""
-    run: list[tuple[int, int, int, int]] = []
-    for segment in segments:
-        if run and run[-1][1] != segment[0]:
-            yield run
-            run = []
-        run.append(segment)
-    if run:
-        yield run
-
-
-def _chunks(shard_name: str, data_start: int, segments: list[tuple[int, int, int, int]],
+def _chunks(shard_name: str, data_start: int, segments: list[tuple[int, int, int, int, int]],
             chunk_bytes: int) -> Iterator[Chunk]:
-    """Each run of back-to-back segments (begin, end, block, offset there) cut into reads of at most
-    `chunk_bytes`, a segment split where needed.
-
-    One pass over the run's segments (not one per chunk): a checkpoint has thousands of chunks and parts."""
-    for run in _runs(segments):
-        first = 0  # the first segment not wholly before the current chunk
-        for offset in range(run[0][0], run[-1][1], chunk_bytes):
-            stop = min(offset + chunk_bytes, run[-1][1])
-            while run[first][1] <= offset:
-                first += 1
-            pieces = []
-            for begin, end, block, dst in run[first:]:
-                if begin >= stop:
-                    break
-                lo, hi = max(begin, offset), min(end, stop)
-                pieces.append(Piece(block, lo - offset, dst + lo - begin, hi - lo))
-            yield Chunk(shard_name, data_start + offset, stop - offset, tuple(pieces))
+    """Segments (file begin, end, block, offset there, part; in file order) batched into chunks of at most
+    `chunk_bytes` read bytes: back-to-back bytes are one read, a part's consecutive bytes one copy, a
+    segment split where a chunk fills. One pass, so thousands of parts or strided rows cost little."""
+    reads: list[tuple[int, int]] = []
+    pieces: list[Piece] = []
+    size, last_part = 0, None
+    for begin, end, block, dst, part in segments:
+        while begin < end:
+            take = min(end - begin, chunk_bytes - size)
+            if reads and sum(reads[-1]) == data_start + begin:
+                reads[-1] = (reads[-1][0], reads[-1][1] + take)
+            else:
+                reads.append((data_start + begin, take))
+            prev = pieces[-1] if pieces else None
+            if prev is not None and last_part == part and prev.dst + prev.nbytes == dst and prev.src + prev.nbytes == size:
+                pieces[-1] = Piece(block, prev.src, prev.dst, prev.nbytes + take)
+            else:
+                pieces.append(Piece(block, size, dst, take))
+            size, begin, dst, last_part = size + take, begin + take, dst + take, part
+            if size == chunk_bytes:
+                yield Chunk(shard_name, tuple(reads), tuple(pieces))
+                reads, pieces, size, last_part = [], [], 0, None
+    if reads:
+        yield Chunk(shard_name, tuple(reads), tuple(pieces))
 
 
 def load_parts(shards: dict[str, SafetensorsFile], wants: dict[str, Want], *,

@@ -20,8 +20,8 @@ build never see which source they read):
 ``read_header(file)`` reads a safetensors header through that interface (length prefix and JSON, bounded
 before anything is allocated), so a header never needs more than ``read_into``.
 
-The engine, ``fetch(files, chunks, blocks)``: worker threads take one ``Chunk`` (a byte range of one file)
-at a time, ``read_into`` one of two staging buffers (pinned when a block is on CUDA), and copy its
+The engine, ``fetch(files, chunks, blocks)``: worker threads take one ``Chunk`` (byte ranges of one file,
+at most one staging buffer's worth) at a time, ``read_into`` one of two staging buffers (pinned when a block is on CUDA), and copy its
 ``Piece`` s into their ``blocks`` (one allocation per file and device, made by the place stage) on a side
 stream while reading the next chunk into the other buffer. Host memory stays bounded by the staging
 buffers. ``LocalFile`` is today's source: ``preadv`` for reads, a private mapping for CPU views.
@@ -144,12 +144,17 @@ class Piece:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One read: `nbytes` from `offset` of file `file`, then a copy per piece."""
+    """One batch of reads from file `file`, filling a staging buffer back to back ((offset, nbytes) each: the
+    rows of a strided slice go in one batch), then a copy per piece."""
 
     file: str
-    offset: int
-    nbytes: int
+    reads: tuple[tuple[int, int], ...]
     pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the chunk reads."""
+        return sum(n for _, n in self.reads)
 
 
 @dataclass
@@ -210,7 +215,11 @@ def fetch(files: Mapping[str, ByteFile], chunks: Sequence[Chunk], blocks: Sequen
                 buf = buffers[turn]
                 copier.wait(turn)
                 view = memoryview((ctypes.c_char * chunk.nbytes).from_address(buf.data_ptr())).cast("B")
-                files[chunk.file].read_into([(chunk.offset, view)])
+                at, reads = 0, []
+                for offset, nbytes in chunk.reads:
+                    reads.append((offset, view[at:at + nbytes]))
+                    at += nbytes
+                files[chunk.file].read_into(reads)
                 with lock:
                     loading.read += chunk.nbytes
                 copier.copy(turn, buf, chunk.pieces)

@@ -131,10 +131,12 @@ def slice_info(p: TensorPlan) -> SliceInfo:
 
 
 def _placement(value: Placement | torch.device) -> Placement:
-    """A placement from a device map's device or a full placement, on a CUDA device this machine has, with
-    its index (so parts bound for "cuda" and "cuda:0" share one allocation)."""
+    """A placement from a device map's device or a full placement: the CPU as one device, a CUDA device this
+    machine has with its index (so parts bound for "cuda" and "cuda:0" share one allocation)."""
     placement = value if isinstance(value, Placement) else Placement(value)
     device = placement.device
+    if device.type == "cpu":  # one CPU: "cpu:0" as "cpu", or .to() would copy parts still being read
+        return Placement(CPU, placement.split)
     if device.type != "cuda":
         return placement
     count = torch.cuda.device_count()
@@ -179,22 +181,23 @@ def _requests(source: Source, placements: dict[str, Placement]) -> dict[str, str
 
 def _place(source: Source, plans: dict[str, TensorPlan]) -> tuple[dict[tuple[str, str], torch.Tensor],
                                                                   device_load.Loading | None]:
-    """Every planned part in its home: a mapped view where it goes whole to the CPU (or to a converter, which
-    reads it there), else a slot the fetch stage fills; in-memory sources are cut in memory."""
+    """Every planned part in its home: a mapped view where it goes whole to the CPU, or to a converter (which
+    reads it at once, on the CPU), else a slot the fetch stage fills; in-memory sources are cut in memory."""
     ckpt = source.checkpoint
     parts: dict[tuple[str, str], torch.Tensor] = {}
     wants: dict[str, device_load.Want] = {}
     for request, p in plans.items():
         real = source.aliases.get(request, request)
-        on_cpu = p.canonical or p.converter is not None or p.device.type == "cpu"
+        converted = p.canonical or p.converter is not None  # the build reads these bytes: no overlap
         in_memory = source.flat(real).parts if ckpt is None else {}
         for inner, span in ((inner, p.spans.get(inner)) for inner in p.record.parts):
             if ckpt is None:
                 parts[(request, inner)] = in_memory[inner] if span is None else _narrow(in_memory[inner], span)
                 continue
             key = ckpt.entries[real].parts[inner].key
-            if on_cpu and span is None:
-                parts[(request, inner)] = ckpt.part(key)  # a view of the mapped file
+            if converted or (p.device.type == "cpu" and span is None):
+                view = ckpt.part(key)  # a view of the mapped file
+                parts[(request, inner)] = view if span is None else _narrow(view, span)
                 continue
             wants[f"{request}\x00{inner}"] = device_load.Want(ckpt.key_to_shard[key], key, p.device, span)
     if not wants:
