@@ -1,7 +1,8 @@
 """Place stage of the load pipeline: each asked-for part gets a home on its device, and the reads that fill it.
 
-Each (shard, device) pair gets one allocation (a ``Block``); parts are ALIGN-aligned views into it. The
-reads are chunks of contiguous file bytes, each split into the pieces that go to their blocks; the fetch
+Each (shard, accelerator) pair gets one allocation (a ``Block``; on the CPU each part its own, which keeps
+tensors ``torch.save``-able); parts are ALIGN-aligned views into it. The reads are chunks of file byte
+ranges (a strided slice's rows batched together), each split into the pieces that go to their blocks; the fetch
 stage (aockpt.fetch) runs them through whatever byte source holds the file. The same code runs with a CPU
 "device" (plain buffers, synchronous copies), which is how tests check it without a GPU.
 """
