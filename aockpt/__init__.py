@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("pack", "save", "unpack", "load_quantized", "inspect", "verify",
-                     "CheckpointInfo", "TensorInfo", "VerifyReport"), "api"),
+    **dict.fromkeys(("pack", "save", "unpack"), "api"),
+    **dict.fromkeys(("load_quantized", "Shards"), "load"),
+    **dict.fromkeys(("inspect", "verify", "CheckpointInfo", "TensorInfo", "VerifyReport"), "report"),
     **dict.fromkeys(("load_pretrained", "save_pretrained"), "pretrained"),
     "safe_load": "unpickle",
     "TPShard": "tp",

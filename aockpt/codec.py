@@ -200,13 +200,18 @@ def check_record(flat: FlatTensor, where: str) -> None:
     check_invariants(flat, where)
 
 
-def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) -> torch.Tensor:
-    """Put a tensor back together on `device` and check it has the declared shape and dtype."""
-    check_record(flat, where)
+def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None, *, checked: bool = False) -> torch.Tensor:
+    """Put a tensor back together on `device` (its parts and device attributes) and check its shape and dtype.
+
+    `checked`: the plan stage already checked this very record (names, attribute types, part dtypes), so
+    only what the constructor makes is checked again."""
+    if not checked:
+        check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
+    attrs = {k: _on(v, device) for k, v in flat.attrs.items()} if device is not None else dict(flat.attrs)
     entry = tensor_type_named(flat.type_name, where)
     try:
-        tensor = entry.build(entry.cls, parts, dict(flat.attrs), flat.shape and torch.Size(flat.shape))
+        tensor = entry.build(entry.cls, parts, attrs, flat.shape and torch.Size(flat.shape))
     except Exception as e:
         raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
     if entry.outer_dtypes is not None and DTYPE_NAMES.get(tensor.dtype) not in entry.outer_dtypes:
@@ -220,6 +225,15 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None) ->
             f"but the file declares {DTYPE_NAMES.get(flat.dtype)} {list(flat.shape)}"
         )
     return tensor
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    """An attribute value with every device in it set to `device` (the one place a load sets the device)."""
+    if isinstance(value, torch.device):
+        return device
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_on(v, device) for v in value)
+    return value
 
 
 def identity(tensor: torch.Tensor) -> tuple | None:

@@ -76,7 +76,7 @@ class Backing:
     @classmethod
     def of_source(cls, source: Source) -> Backing:
         """The backing of an opened source, from its headers (tied and omitted names count as tensors)."""
-        flats = [source.flat(n, None) for n in source.types]
+        flats = [source.describe(n) for n in source.types]
         omitted = source.checkpoint.omitted if source.checkpoint is not None else []
         shapes = [f.shape for f in flats] + [()] * (len(source.aliases) + len(omitted))
         return cls.of_shapes(shapes, sum(f.nbytes for f in flats))

@@ -10,51 +10,21 @@ counterpart; ``reference`` is torchao's dequantized weight a lossy export is mea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-INT4_MID = 8  # tinygemm's unsigned-to-signed offset (relayout/canonical.py)
-
-
-@dataclass
-class Codes:
-    """One quantized weight as compressed-tensors stores it before packing.
-
-    codes: int8 [N, K] (integer schemes), float8_e4m3fn [N, K], or uint8 [N, K/2] of two E2M1 codes (fp4,
-    element 2i in the low nibble: both libraries' order). scale: [N, 1], [1], [N, K/g], or fp4 block scales
-    (float8_e4m3fn for NVFP4, uint8 E8M0 exponents for MXFP4). zero_point: int8, same shape as scale.
-    """
-
-    weights: dict[str, Any]  # compressed-tensors QuantizationArgs fields of the weight
-    input_activations: dict[str, Any] | None
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None  # NVFP4: float32 [1], a divisor (w = fp4 * scale / global_scale)
-    shape: tuple[int, int] = (0, 0)
-    dtype: torch.dtype = torch.bfloat16  # the outer dtype the weight dequantizes to
-    error: float = 0.0  # max |compressed-tensors dequantization - torchao dequantize()|, 0.0 when exact
-    notes: list[str] = field(default_factory=list)
+from . import codec, ct_format, relayout
+from .ct_record import Codes, FP8_TENSOR_DYN, FP8_TOKEN, INT4_MID, INT8_TOKEN, INT8_TOKEN_ASYM, MXFP4_WEIGHTS, NVFP4_FORMAT, NVFP4_WEIGHTS
+from .relayout import xpu
+from .relayout.canonical import bytes_to_nibbles
 
 
 def _int_args(bits: int, strategy: str, group: int | None, symmetric: bool) -> dict[str, Any]:
     """compressed-tensors weight args of an integer scheme."""
     args = dict(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, dynamic=False)
     return {**args, "group_size": group} if strategy == "group" else args
-
-
-INT8_TOKEN = dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-INT8_TOKEN_ASYM = dict(num_bits=8, type="int", symmetric=False, strategy="token", dynamic=True)
-FP8_TOKEN = dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
-FP8_TENSOR_DYN = dict(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=True)
-NVFP4_WEIGHTS = dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group", dynamic=False,
-                     group_size=16, scale_dtype="float8_e4m3fn")
-NVFP4_FORMAT = "nvfp4-pack-quantized"
-MXFP4_WEIGHTS = dict(num_bits=4, type="float", symmetric=True, strategy="group", dynamic=False, group_size=32,
-                     scale_dtype="uint8")
 
 
 class Refused(Exception):
@@ -152,8 +122,6 @@ def int4_from_float_zero(values: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 
 def _int4_canonical(t: torch.Tensor, packer: str | None) -> Codes:
-    from . import codec, relayout
-
     flat = codec.flatten("", t)
     canon = relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer or "")
     _require(getattr(t, "act_pre_scale", None) is None, "it has an activation pre-scale")
@@ -164,8 +132,6 @@ def _int4_canonical(t: torch.Tensor, packer: str | None) -> Codes:
 
 
 def _int4_plain(t: torch.Tensor, packer: str | None) -> Codes:
-    from .relayout.canonical import bytes_to_nibbles
-
     _require(getattr(t, "act_pre_scale", None) is None, "it has an activation pre-scale")
     signed = bytes_to_nibbles(t.qdata.view(torch.uint8)).view(t.shape)
     values = (signed + INT4_MID) & 0x0F  # signed q -> tinygemm's unsigned q (q_u = q_s + 8)
@@ -175,8 +141,6 @@ def _int4_plain(t: torch.Tensor, packer: str | None) -> Codes:
 
 
 def _int4_xpu(t: torch.Tensor, packer: str | None) -> Codes:
-    from .relayout.canonical import bytes_to_nibbles
-
     _require(getattr(t, "act_pre_scale", None) is None, "it has an activation pre-scale")
     _require(not t.zero_point.is_floating_point(), "its zero points are floating point (the NPU variant)")
     n, k = t.shape
@@ -212,8 +176,6 @@ def _divisor_for(p: torch.Tensor, c: Codes, want: torch.Tensor) -> torch.Tensor:
     """A float32 global scale g (a divisor in compressed-tensors, where torchao multiplies by its per-tensor
     scale p) near 1 / p whose compressed-tensors decompression equals torchao's dequantize() `want` bit for bit;
     refused where none within 4 ulps does (the scale products round differently for some block scale)."""
-    from . import ct_format
-
     def same(g: torch.Tensor) -> bool:
         c.global_scale = g.reshape(1)
         got = ct_format.decompress(ct_format.to_parts(c, NVFP4_FORMAT), ct_format.scheme(c), NVFP4_FORMAT)
@@ -269,10 +231,6 @@ def _mx(t: torch.Tensor, packer: str | None) -> Codes:
 def reference(t: torch.Tensor, packer: str | None) -> torch.Tensor:
     """torchao's dequantized weight; for int4 layouts torchao cannot dequantize on this device, the same math
     (tinygemm's (q - 8) * scale + zero, XPU's (q - zero) * scale) through aockpt's exact canonical forms."""
-    from . import codec, relayout
-    from .relayout import xpu
-    from .relayout.canonical import bytes_to_nibbles
-
     name = type(t).__name__
     if name in ("Int4TilePackedTo4dTensor", "Int4OpaqueTensor"):
         flat = codec.flatten("", t)

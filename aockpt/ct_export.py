@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import ct_codes, ct_format, ct_table
+from .api import source_tensors
 from .atomic import staged
 from .errors import UnsupportedTensorError, UsageError
 from .hf_config import CONFIG_NAME, Skeleton, folder_skeleton, read_config, tied_partner
@@ -127,10 +128,8 @@ def _lossy(tensor: torch.Tensor, packer: str | None) -> ct_codes.Codes:
 
 def _tensors(source: Source) -> dict[str, torch.Tensor]:
     """Every stored tensor of a source rebuilt on CPU (aliases left to the caller)."""
-    from .api import _source_tensors
-
     stored = set(source.types)
-    return {item.name: item.tensor for item in _source_tensors(source) if item.name in stored}
+    return {item.name: item.tensor for item in source_tensors(source) if item.name in stored}
 
 
 def serving_verdicts(path: str | os.PathLike, *, lossy: bool = True, cpu_packer: str | None = None) -> list[ServingVerdict]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .ct_codes import Codes
+from .ct_record import Codes
 from .errors import CorruptCheckpointError, UsageError
 
 PACKED = "weight_packed"

@@ -8,14 +8,13 @@ other tools that refuse foreign folders ask it before refusing a compressed-tens
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import codec, ct_torchao
+from . import codec, ct_format, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .format import INDEX_NAME, WEIGHTS_NAME
 from .config_rules import Backing
@@ -43,14 +42,23 @@ def importable(config: Any) -> bool:
     return qc is not None and imports(qc)
 
 
-def compressed_tensors_opener(path: Path, opener: Callable[[Path], Any]) -> Callable[[Path], Any]:
-    """The opener for a folder: compressed-tensors' when it holds safetensors weights and its config.json (read
-    size-checked) is one aockpt imports, else `opener` unchanged (aockpt.foreign then refuses other formats)."""
+def imports_folder(path: Path) -> bool:
+    """Whether a folder is read by this importer: safetensors weights not in aockpt's own format (whose names
+    aockpt.foreign judges) and a config.json (read size-checked) that aockpt imports; aockpt.foreign refuses
+    other compressed-tensors formats."""
     if not (path / CONFIG).is_file() or not ((path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file()):
-        return opener
-    if not importable(read_config(member(path, CONFIG))):
-        return opener
-    return opener if is_packed(path) else open_folder  # aockpt's own format: aockpt.foreign judges its names
+        return False
+    return importable(read_config(member(path, CONFIG))) and not is_packed(path)
+
+
+@dataclass
+class ImportedFolder:
+    """A compressed-tensors folder opened for import: what `sources` makes a Source of."""
+
+    kind: str
+    types: dict[str, TensorKind]
+    flat: Callable[[str], codec.FlatTensor]  # quantized module weights as torchao tensors, the rest plain
+    release: Callable[[], None]  # closes the shards
 
 
 @dataclass
@@ -62,9 +70,8 @@ class _Module:
     format: str
 
 
-def open_folder(path: Path) -> Any:
-    """A compressed-tensors folder as a Source: quantized module weights as torchao tensors, the rest plain."""
-    from . import ct_format
+def open_folder(path: Path) -> ImportedFolder:
+    """Open a compressed-tensors folder: quantized module weights become torchao tensors, the rest stay plain."""
     config = read_config(member(path, CONFIG))
     if not importable(config):
         qc = _quantization_config(config) or {}
@@ -85,26 +92,20 @@ def open_folder(path: Path) -> Any:
         ckpt.close()
         raise
 
-    def flat(name: str, device: torch.device | None) -> codec.FlatTensor:
+    def flat(name: str) -> codec.FlatTensor:
         if name not in modules:
-            return read_flat(ckpt, name, device)
+            return read_flat(ckpt, name)
         m, where = modules[name], f"{path}: {name}"
         parts = {local: ckpt.part(f"{m.module}.{local}") for local in _stored(ckpt, m)}
         codes = ct_format.from_parts(parts, m.scheme, m.format, dtype or _dtype_of(parts), where)
-        out = codec.flatten(name, ct_torchao.to_torchao(codes, where))
-        if device is not None:
-            out.parts = {k: v.to(device) for k, v in out.parts.items()}
-        return out
+        return codec.flatten(name, ct_torchao.to_torchao(codes, where))
 
-    made_on = dict.fromkeys(types, "unknown")
-    return _source_class()(path, f"compressed-tensors folder ({', '.join(sorted(_formats(config['quantization_config'])))})",
-                     types, {}, made_on, flat, _ckpt=ckpt)
+    kind = f"compressed-tensors folder ({', '.join(sorted(_formats(config['quantization_config'])))})"
+    return ImportedFolder(kind, types, flat, ckpt.close)
 
 
 def _stored(ckpt: Checkpoint, m: _Module) -> list[str]:
     """The parameter names a module stores: the compressor's own names, plus any optional ones present."""
-    from . import ct_format
-
     names = list(ct_format.param_names(m.scheme, m.format))
     optional = ("weight_zero_point", "weight_global_scale", "weight_shape")
     names += [n for n in optional if n not in names and f"{m.module}.{n}" in ckpt.entries]
@@ -158,22 +159,3 @@ def _targets(module: str, target: str, skel: Any, match_name: Callable[[str, str
     if target == "Linear":
         return skel is None or module in skel.linear
     return match_name(module, target)
-
-
-@functools.cache
-def _source_class() -> type:
-    """A Source that releases its shards on close (made on first use: sources imports this module)."""
-    from .sources import Source
-
-    @dataclass
-    class CompressedTensorsSource(Source):
-        """A Source whose shards' keys are compressed-tensors parts, not its tensor names."""
-
-        _ckpt: Checkpoint | None = None
-
-        def close(self) -> None:
-            """Release the shards."""
-            if self._ckpt is not None:
-                self._ckpt.close()
-
-    return CompressedTensorsSource

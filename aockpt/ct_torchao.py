@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from .ct_codes import FP8_TENSOR_DYN, FP8_TOKEN, INT8_TOKEN, INT8_TOKEN_ASYM, NVFP4_FORMAT, Codes, nearby
+from . import ct_format
+from .ct_codes import nearby
+from .ct_record import FP8_TENSOR_DYN, FP8_TOKEN, INT8_TOKEN, INT8_TOKEN_ASYM, NVFP4_FORMAT, Codes
 from .errors import UnsupportedTensorError
 from .registry import TENSOR_TYPES
 
@@ -85,8 +87,6 @@ def _make_float8(c: Codes, where: str) -> torch.Tensor:
 
 
 def _make_nvfp4(c: Codes, where: str) -> torch.Tensor:
-    from . import ct_format
-
     cls = TENSOR_TYPES["NVFP4Tensor"].cls
     g = c.global_scale.float().reshape(())
     if torch.equal(g, torch.ones((), dtype=torch.float32)):

@@ -18,6 +18,7 @@ Example (every rank)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import mmap
 import os
 import shutil
@@ -42,15 +43,18 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from torch.distributed.checkpoint.planner_helpers import TensorWriteData, create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
-from . import codec, format as fmt, portability, tp
+from . import codec, format as fmt, portability
 from .device_load import back_to_back
 from .atomic import staged
-from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError
-from .reader import open_checkpoint
-from .registry import PLAIN
+from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError, UsageError
+from .load import Shards, SliceInfo
+from .plan import check_records
+from .registry import PLAIN, tensor_type_named
+from .sources import open_source
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
-from .writer import SourceTensor, page_releaser, write_packed
+from .fetch import page_releaser
+from .writer import SourceTensor, write_packed
 
 _RECORDS = "aockpt_records"  # planner_data key carrying the tensors' records to the coordinator
 _STAGING = ".aockpt-dcp-staging"
@@ -77,6 +81,7 @@ class _Record:
     made_on: str
     packer: str | None
     alias_of: str | None = None
+    digest: str | None = None  # a whole value's bytes, compared across ranks; None for slices and one process
 
 
 def _dtensor_pieces(name: str, tensor: DTensor, keys: dict[str, str] | None) -> tuple[_Record, dict[str, _Chunk]]:
@@ -90,19 +95,30 @@ def _dtensor_pieces(name: str, tensor: DTensor, keys: dict[str, str] | None) -> 
             {key: _Chunk(local, tuple(chunk.offsets), tuple(tensor.shape))})
 
 
-def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None) -> tuple[_Record, dict[str, _Chunk]]:
-    """A state-dict value as a record and its parts' chunks (keys: inner -> part key; default torchao's)."""
+def _pieces(name: str, tensor: Any, keys: dict[str, str] | None = None,
+            info: SliceInfo | None = None) -> tuple[_Record, dict[str, _Chunk]]:
+    """A state-dict value as a record and its parts' chunks (keys: inner -> part key; default torchao's).
+
+    `info` (from the ``Shards`` that aockpt.tp returned) says where a slice sits; without it the value is whole."""
     if isinstance(tensor, DTensor):
         return _dtensor_pieces(name, tensor, keys)
-    local, info = tensor, tp.slice_info(tensor)
+    if not isinstance(tensor, torch.Tensor):
+        raise UsageError(f"{name}: the state dict holds a {type(tensor).__name__}, not a tensor; DCP through aockpt "
+                         "saves and fills tensors only")
+    flat = codec.flatten(name, tensor)
     offsets_of: dict[str, tuple[int, int, int] | None] = {}
-    flat = codec.flatten(name, local)
-    if info is not None:
+    if info is not None and info.dim is not None:
+        if tuple(flat.shape) != tuple(info.local_shape):
+            raise UsageError(f"{name}: the state dict holds {list(flat.shape)}, but the slices passed to the "
+                             f"planner put a {list(info.local_shape)} slice there; pass the Shards of these tensors")
         if info.parts is None:
             raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
                                          "save the whole tensor from one rank instead")
         offsets_of = info.parts
     keys = keys or {inner: fmt.stored_key(flat.type_name, name, inner) for inner in flat.parts}
+    if set(keys) != set(flat.parts):
+        raise UsageError(f"{name}: the state dict holds a {flat.type_name} with parts {sorted(flat.parts)}, but the "
+                         f"checkpoint stores parts {sorted(keys)}; quantize the model with the checkpoint's config first")
     chunks = {}
     for inner, part in flat.parts.items():
         span = offsets_of.get(inner)
@@ -110,29 +126,56 @@ def _pieces(name: str, tensor: torch.Tensor, keys: dict[str, str] | None = None)
         if span is not None:
             offsets[span[0]], size[span[0]] = span[1], span[2]
         chunks[keys[inner]] = _Chunk(part, tuple(offsets), tuple(size))
-    shape = info.full_shape if info else tuple(flat.shape)
-    attrs = info.full_attrs if info else flat.attrs
+    sliced = info is not None and info.dim is not None
+    shape = info.full_shape if sliced else tuple(flat.shape)
+    attrs = info.full_attrs if sliced else flat.attrs
     packer = portability.packer_here(flat.type_name) or portability.assumed_packer(flat.type_name)
-    return _Record(flat.type_name, shape, flat.dtype, attrs, keys, local.device.type, packer), chunks
+    return _Record(flat.type_name, shape, flat.dtype, attrs, keys, tensor.device.type, packer), chunks
+
+
+def _several_ranks() -> bool:
+    """Whether this process saves as one of several ranks (only then can a whole value differ between them)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _digest(flat: codec.FlatTensor) -> str:
+    """What a whole value is, byte for byte: its type, shape, attributes and every part."""
+    h = hashlib.sha256(repr((flat.type_name, tuple(flat.shape), str(flat.dtype), sorted(flat.attrs.items(),
+                                                                                     key=str))).encode())
+    for inner, part in sorted(flat.parts.items()):
+        data = part.detach().cpu().contiguous()
+        h.update(f"{inner}:{list(data.shape)}:{data.dtype}".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
 
 
 class AockptSavePlanner(DefaultSavePlanner):
-    """Hands DCP the parts of every tensor (whole, or a rank's aockpt.tp slice) and the records to rebuild them."""
+    """Hands DCP the parts of every tensor (whole, or a rank's aockpt.tp slice) and the records to rebuild them.
 
-    def __init__(self) -> None:
+    `slices`: the ``Shards`` aockpt.tp returned (or its ``.slices``), saying where each rank's slice sits;
+    copies of its tensors (``.clone()``, ``.to(...)``, ``nn.Parameter``) keep their place through it. A value
+    not placed by it is whole: if it differs between ranks, the save is refused naming it."""
+
+    def __init__(self, slices: Shards | dict[str, SliceInfo] | None = None) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.slices = dict(getattr(slices, "slices", slices) or {})
 
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None,
                        is_coordinator: bool = False) -> None:
         self.records: dict[str, _Record] = {}
         self.chunks: dict[str, _Chunk] = {}
-        aliases = codec.aliases(list(state_dict.items()))
+        aliases = codec.aliases([(n, t) for n, t in state_dict.items() if isinstance(t, torch.Tensor)])
+        several = _several_ranks()
         for name, tensor in state_dict.items():
             if name in aliases:
                 self.records[name] = _Record("", (), tensor.dtype, {}, {}, "", None, alias_of=aliases[name])
                 continue
-            self.records[name], chunks = _pieces(name, tensor)
+            info = self.slices.get(name)
+            self.records[name], chunks = _pieces(name, tensor, info=info)
             self.chunks.update(chunks)
+            if several and not isinstance(tensor, DTensor) and (info is None or info.dim is None):
+                self.records[name].digest = _digest(codec.flatten(name, tensor))
         super().set_up_planner({}, storage_meta, is_coordinator)
 
     def create_local_plan(self) -> SavePlan:
@@ -142,9 +185,18 @@ class AockptSavePlanner(DefaultSavePlanner):
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         records: dict[str, _Record] = {}
+        differ = []
         for plan in all_plans:
             for name, record in plan.planner_data[_RECORDS].items():
-                records.setdefault(name, record)
+                first = records.setdefault(name, record)
+                if first.digest != record.digest and name not in differ:
+                    differ.append(name)
+        if differ:
+            raise UsageError(
+                f"{', '.join(differ[:10])}{' and more' if len(differ) > 10 else ''}: saved as whole tensors but "
+                "different on each rank (a slice whose place was lost, e.g. a copy of an aockpt.tp slice); pass "
+                "AockptSavePlanner(slices=shards) with the Shards aockpt.tp returned, or save them as DTensors"
+            )
         plans, metadata = super().create_global_plan(all_plans)
         self.metadata = dataclasses.replace(metadata, planner_data={_RECORDS: records})
         return plans, self.metadata
@@ -251,15 +303,25 @@ class AockptStorageReader(HuggingFaceStorageReader):
 
     def __init__(self, path: str | os.PathLike, thread_count: int = 1):
         super().__init__(str(path), thread_count=thread_count)
+        self.checked = self._check()  # here, in the caller's frame: DCP would swallow it into an AssertionError
 
     def read_metadata(self) -> Metadata:
-        ckpt = open_checkpoint(self.path)
-        folder = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
-        try:
+        metadata = dataclasses.replace(self.checked, storage_meta=StorageMeta())
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _check(self) -> Metadata:
+        """The folder validated as every aockpt load validates it, described as DCP metadata."""
+        with open_source(self.path) as source:
+            ckpt = source.checkpoint
+            if ckpt is None:
+                raise UsageError(f"{self.path} is a torch pickle, which DCP cannot read in pieces; convert it once "
+                                 f"with `aockpt pack {self.path} packed/` and load the packed folder")
+            check_records(source, list(source.types))  # the same checks, and errors, as every other load
+            folder = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
             sd_md, storage, keys = {}, {}, {}
-            for name, entry in ckpt.entries.items():
-                if entry.alias_of is not None:
-                    continue
+            for name in source.types:
+                entry = ckpt.entries[name]
                 keys[name] = {inner: p.key for inner, p in entry.parts.items()}
                 for part in entry.parts.values():
                     shard = ckpt.key_to_shard[part.key]
@@ -269,20 +331,19 @@ class AockptStorageReader(HuggingFaceStorageReader):
                                                             [ChunkStorageMetadata(zeros, torch.Size(slot.shape))])
                     storage[MetadataIndex(part.key, zeros)] = _HFStorageInfo(str(folder / shard),
                                                                              torch.Size(slot.shape), slot.dtype)
-            aliases = {name: e.alias_of for name, e in ckpt.entries.items() if e.alias_of is not None}
-        finally:
-            ckpt.close()
-        metadata = Metadata(sd_md, planner_data={_RECORDS: keys, "aliases": aliases}, storage_data=storage)
-        metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+            aliases = dict(source.aliases)
+        return Metadata(sd_md, planner_data={_RECORDS: keys, "aliases": aliases}, storage_data=storage)
 
 
 class AockptLoadPlanner(DefaultLoadPlanner):
-    """Fills each state-dict tensor (whole, or an aockpt.tp slice) in place from the stored parts; DCP reshards."""
+    """Fills each state-dict tensor (whole, or an aockpt.tp slice) in place from the stored parts; DCP reshards.
 
-    def __init__(self) -> None:
+    `slices`: the ``Shards`` aockpt.tp returned for the template (or its ``.slices``); without it every
+    template value must be whole."""
+
+    def __init__(self, slices: Shards | dict[str, SliceInfo] | None = None) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.slices = dict(getattr(slices, "slices", slices) or {})
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -293,10 +354,13 @@ class AockptLoadPlanner(DefaultLoadPlanner):
             raise KeyMismatchError(f"the checkpoint has no tensor named {', '.join(missing[:10])}")
         seen: set[int] = set()
         for name, tensor in state_dict.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise UsageError(f"{name}: the template holds a {type(tensor).__name__}, not a tensor to fill; build "
+                                 "the model (quantized with the checkpoint's config) and pass its state_dict()")
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            _, chunks = _pieces(name, tensor, keys[aliases.get(name, name)])
+            _, chunks = _pieces(name, tensor, keys[aliases.get(name, name)], self.slices.get(name))
             for key, chunk in chunks.items():
                 _check_target(name, key, chunk, metadata.state_dict_metadata[key])
                 self.chunks[f"{name}\x00{key}"] = (key, chunk)

@@ -29,14 +29,35 @@ def resolve(device_map: str | dict[str, Any], model: torch.nn.Module, sizes: dic
         return _spread(model, sizes, tied, free, sequential=device_map == "sequential")
     if not isinstance(device_map, dict):
         device_map = {"": device_map}
-    return {str(k): _device(v) for k, v in device_map.items()}
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()} | \
+        {n for n, _ in model.named_buffers()}
+    unknown = [k for k in device_map if not isinstance(k, str) or k not in names]
+    if unknown:
+        raise UsageError(f"device_map names {', '.join(map(repr, unknown[:5]))}, which the model has no module or "
+                         "parameter of; use names from model.named_modules() (\"\" for the whole model)")
+    return {k: _device(v, k) for k, v in device_map.items()}
 
 
-def _device(value: Any) -> torch.device:
-    """One device_map value as a device; accelerate's "disk" offload is not something aockpt does."""
-    if value == "disk":
+def _device(value: Any, key: str) -> torch.device:
+    """One device_map value as a device this machine has; accelerate's "disk" offload is not something aockpt does."""
+    if isinstance(value, str) and value == "disk":
         raise UsageError('device_map value "disk" is not supported by aockpt; map those modules to "cpu" or a GPU')
-    return torch.device("cuda", value) if type(value) is int else parse_device(value)
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise UsageError(f"device_map sends {key!r} to {value!r}, which is not a device; use a GPU index "
+                         "(0, 1, ...), \"cpu\" or \"cuda:1\"")
+    device = torch.device("cuda", min(value, 127)) if isinstance(value, int) else parse_device(value)
+    asked = value if isinstance(value, int) else _index_in(value, device)
+    if device.index is not None and asked != device.index:  # torch keeps indexes in 8 bits: 999 became -25
+        raise UsageError(f"device_map sends {key!r} to {device.type}:{asked}, which is not a device; use an index "
+                         "of a device this machine has")
+    return device  # whether this machine has it is checked where the load is planned (aockpt.load)
+
+
+def _index_in(value: Any, device: torch.device) -> int | None:
+    """The device index a value asks for, as written (torch stores indexes in 8 bits)."""
+    text = str(value) if isinstance(value, str) else ""
+    written = text.partition(":")[2]
+    return int(written) if written.isdigit() else device.index
 
 
 def device_of(name: str, mapping: dict[str, torch.device]) -> torch.device:
@@ -102,8 +123,10 @@ def dispatch(model: torch.nn.Module, mapping: dict[str, torch.device]) -> None:
     for name, device in mapping.items():
         if name == "":
             continue
-        module = model.get_submodule(name)
-        first = next(module.parameters(), None)
+        owner, _, leaf = name.rpartition(".")
+        is_module = name in dict(model.named_modules())
+        module = model.get_submodule(name if is_module else owner)  # a parameter's entry hooks its module
+        first = next(module.parameters(), None) if is_module else getattr(module, leaf)
         target = first.device if first is not None else device
         module.register_forward_pre_hook(_mover(target), with_kwargs=True)
 

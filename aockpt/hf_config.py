@@ -15,8 +15,9 @@ from . import foreign
 from .config_rules import Backing, bounded_build, check_buffers, check_config
 from .errors import CorruptCheckpointError
 from .paths import member
-from .quant_configs import stock_refusal
+from .stock_configs import stock_refusal
 from .registry import TENSOR_TYPES, known_type, tensor_type_of
+from .typed_json import load_file
 
 if TYPE_CHECKING:
     from .sources import Source
@@ -29,8 +30,6 @@ AOCKPT_ONLY = "LoadWithAockptLoadPretrained"
 
 def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict (size-checked, strict JSON), refused unless it is a JSON object."""
-    from .typed_json import load_file
-
     config = load_file(path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object")

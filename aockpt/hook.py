@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from .atomic import move_no_replace
 from .errors import OutputError, UsageError
 from .publish_rules import CHECKPOINT_SUFFIXES, Problem, find_problems
 
@@ -49,8 +50,6 @@ def install_hook(repo_dir: PathLike = ".", *, force: bool = False) -> Path:
     hook runs first. Nothing is ever overwritten: with a chained hook already there, install is refused.
     """
     import aockpt
-
-    from .atomic import move_no_replace
 
     hook = _hooks_dir(Path(repo_dir)) / "pre-push"
     try:

@@ -10,7 +10,7 @@ import torch
 from . import relayout
 from .codec import FlatTensor
 from .errors import PortabilityError, UsageError
-from .registry import Device, Portability, known_type, tensor_type_named
+from .registry import Device, Portability, known_type, relayout_target, tensor_type_named
 from .relayout import cpu
 
 DEVICE_TYPES = tuple(d.value for d in Device)
@@ -138,14 +138,14 @@ def _converter(type_name: str, packer: str | None, device_type: str) -> Converte
     The converter takes the device to build the new parts on (the target itself when loading, the CPU
     when packing for a device this machine lacks) and returns the new flat tensor and its packer.
     """
-    entry = known_type(type_name)
-    if packer is None or entry is None or entry.relayout is None or relayout.target(device_type) is None:
+    entry, target = known_type(type_name), relayout_target(device_type)
+    if packer is None or entry is None or entry.relayout is None or target is None:
         return None
 
     def convert(flat: FlatTensor, build_on: torch.device) -> tuple[FlatTensor, str]:
-        target, parts, attrs, new_packer = relayout.relayout(flat.type_name, flat.parts, flat.attrs, packer=packer,
-                                                             target_device=device_type, build_on=build_on)
-        return FlatTensor(target, flat.shape, flat.dtype, parts, attrs), new_packer
+        parts, attrs, new_packer = relayout.relayout(entry.relayout, target.relayout, flat.parts, flat.attrs,
+                                                     packer=packer, build_on=build_on)
+        return FlatTensor(target.name, flat.shape, flat.dtype, parts, attrs), new_packer
 
     return convert
 

@@ -10,9 +10,18 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import device_map as dm, foreign
+from .atomic import staged
+from .codec import aliases
 from .config_rules import Backing, bounded_build, check_config
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsafeCheckpointError, UnsupportedTensorError
-from .hf_config import CONFIG_NAME, model_class as _causal_lm_class
+from .hf_config import (CONFIG_NAME, config_class, meta_model, model_class as _causal_lm_class, read_config,
+                        rewritten_config, transformers_config, weights_dtype)
+from .load import load_placed, stored_bytes
+from .portability import parse_device
+from .sources import open_source
+from .api import state_items
+from .writer import write_packed
 from .paths import member
 
 PathLike = str | os.PathLike
@@ -30,13 +39,6 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     The quantization_config is derived from the tensors (after ``quantize_`` the model's config usually
     has none), and a tie the tensors no longer share is switched off. The model itself is not changed.
     """
-    from . import foreign
-    from .api import state_items
-    from .atomic import staged
-    from .codec import aliases
-    from .hf_config import rewritten_config, weights_dtype
-    from .writer import write_packed
-
     foreign.refuse_if(foreign.of_model(model), type(model).__name__)
     state = model.state_dict()
     order = [n for n, _ in model.named_parameters()]
@@ -75,9 +77,6 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError,
         UnsupportedTensorError (a model type transformers does not know, and no `model_class`).
     """
-    from . import device_map as dm
-    from .api import load_placed, stored_bytes
-    from .portability import parse_device
 
     folder = Path(path)
     model_class, config, backing = _checked_config(folder, model_class, cpu_packer)
@@ -105,9 +104,6 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
 def _checked_config(folder: Path, model_class: type | None, cpu_packer: str | None) -> tuple[type, Any, Backing]:
     """The model class and transformers config for a folder, from its config.json read once and checked
     (types, ranges, and a meta-device build within what the stored tensors back) before the real build."""
-    from .hf_config import config_class, meta_model, read_config, transformers_config
-    from .sources import open_source
-
     path = member(folder, CONFIG_NAME)
     if not path.is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
@@ -191,8 +187,6 @@ def _report(folder: Path, problems: dict[str, list[str]]) -> None:
 def _attach(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str],
             mapping: dict[str, torch.device], folder: Path) -> None:
     """Put the loaded tensors into the skeleton as they are, re-tie, and move the computed buffers."""
-    from .device_map import device_of
-
     expected = model.state_dict(keep_vars=True)
     for target, source in tied.items():
         state.setdefault(source, state.get(target))
@@ -206,4 +200,4 @@ def _attach(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[s
     for name, buffer in list(model.named_buffers()):
         if name not in persistent:
             owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer.to(device_of(name, mapping))
+            model.get_submodule(owner)._buffers[leaf] = buffer.to(dm.device_of(name, mapping))

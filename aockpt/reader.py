@@ -18,6 +18,7 @@ from .errors import CorruptCheckpointError
 from .paths import member
 from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN, known_type, tensor_type_named
+from .fetch import ByteFile, LocalFile
 from .safetensors_io import SafetensorsFile
 from .typed_json import decode, encode, loads_strict
 
@@ -49,6 +50,11 @@ class Checkpoint:
     def part(self, key: str) -> torch.Tensor:
         """The stored tensor under `key`, from whichever shard holds it."""
         return self.shards[self.key_to_shard[key]].tensor(key)
+
+    def shape_only(self, key: str) -> torch.Tensor:
+        """The stored tensor under `key` as a shape-only (meta) tensor: its dtype and shape, no bytes."""
+        slot = self.shards[self.key_to_shard[key]].slots[key]
+        return torch.empty(slot.shape, dtype=slot.dtype, device="meta")
 
     def raw(self, key: str) -> memoryview:
         """The stored bytes under `key`."""
@@ -98,12 +104,14 @@ def is_packed(path: str | Path) -> bool:
     return ckpt.flavor is Flavor.PACKED
 
 
-def open_checkpoint(path: str | Path, *, omitted_ok: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, omitted_ok: bool = False,
+                    opener: Callable[[Path], ByteFile] = LocalFile) -> Checkpoint:
     """Open and cross-check every shard of a safetensors checkpoint before any tensor is built.
 
     With `omitted_ok`, tensors torchao's records list but whose parts are all absent (transformers omits
     tied weights so) are set aside in `Checkpoint.omitted` for the caller to resolve; otherwise they are
-    an error naming the first one.
+    an error naming the first one. `opener` gives each shard's bytes (aockpt.fetch.ByteFile; default the
+    local file).
     """
     path = Path(path)
     folder, weight_map = shard_files(path)
@@ -111,7 +119,7 @@ def open_checkpoint(path: str | Path, *, omitted_ok: bool = False) -> Checkpoint
     shards: dict[str, SafetensorsFile] = {}
     try:
         for name in names:
-            shards[name] = SafetensorsFile(folder / name)
+            shards[name] = SafetensorsFile(opener(folder / name))
         ckpt = _assemble(path, shards, weight_map)
         if ckpt.omitted and not omitted_ok:
             raise CorruptCheckpointError(f"{path}: {ckpt.omitted[0]} is listed but none of its data is stored; "
@@ -299,8 +307,7 @@ def _check_parts(ckpt: Checkpoint) -> None:
         raise CorruptCheckpointError(f"{ckpt.path}: stored keys belong to no tensor: {unclaimed[:5]}")
 
 
-def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None,
-              part: Callable[[str], torch.Tensor] | None = None) -> codec.FlatTensor:
+def read_flat(ckpt: Checkpoint, name: str, part: Callable[[str], torch.Tensor] | None = None) -> codec.FlatTensor:
     """A tensor's parts (zero-copy views, or `part(key)` where given) and decoded attributes, for codec.rebuild."""
     entry = ckpt.entries[ckpt.resolve(name)]
     where = f"{ckpt.path}: {name}"
@@ -309,7 +316,7 @@ def read_flat(ckpt: Checkpoint, name: str, device: torch.device | None = None,
         codec.check_names(codec.FlatTensor(entry.type, None, None, parts, entry.attrs), where)
         tensor = parts[codec.PLAIN_PART]
         return codec.FlatTensor(entry.type, tuple(tensor.shape), tensor.dtype, parts, {})
-    attrs = {k: decode(v, where, device) for k, v in entry.attrs.items()}
+    attrs = {k: decode(v, where) for k, v in entry.attrs.items()}
     dtype = DTYPES[entry.dtype][0] if entry.dtype else None
     return codec.FlatTensor(entry.type, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)
 

@@ -10,11 +10,9 @@ so that stock torchao/transformers can read the files), never ``cls.__name__`` r
 
 from __future__ import annotations
 
-import enum
 import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,133 +65,24 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # noqa: E
 )
 
 from . import quant_configs  # noqa: E402
-from . import relayout as relayout_converters  # noqa: E402  (registry-free at import; its lookups read this table)
-from .relayout import cpu as cpu_layout  # noqa: E402
+from .tensor_type import (  # noqa: E402, F401 - the row's vocabulary, used through this module everywhere
+    OUTER_DTYPES,
+    Along,
+    Device,
+    Family,
+    Portability,
+    TensorType,
+    TpAxes,
+    TpSplit,
+)
+from .relayout import cpu as cpu_layout  # noqa: E402  (relayout is a leaf: it never imports this module)
 from .relayout import tinygemm  # noqa: E402
 from .relayout import xpu as xpu_layout  # noqa: E402
-from .relayout import Converter  # noqa: E402
-
-
-class Portability(str, enum.Enum):
-    """Whether a tensor's bytes mean the same thing on every device."""
-
-    PORTABLE = "portable"  # plain layout: moving the bytes to another device is exact
-    PINNED = "pinned"  # packed for one device's kernel: another device needs a re-layout
-
-
-class Family(str, enum.Enum):
-    """The kind of quantization a type stores (README type table)."""
-
-    PLAIN = "plain"
-    INT8 = "int8"
-    FLOAT8 = "float8"
-    INTX = "intx"
-    INT4 = "int4"
-    MX = "mx"
-    NVFP4 = "nvfp4"
-    NF4 = "nf4"
-
-
-class Device(str, enum.Enum):
-    """Device types aockpt knows (torch.device(...).type)."""
-
-    CPU = "cpu"
-    CUDA = "cuda"
-    XPU = "xpu"
-    NPU = "npu"
-    MPS = "mps"
-
-
-class Along(str, enum.Enum):
-    """How a part follows one outer dimension when a tensor is split for tensor parallelism."""
-
-    VALUES = "values"  # one stored element per 1, 2 or 8 values (the ratio is read from the shapes)
-    BLOCKS = "blocks"  # one stored element per quantization block along that dimension
-
-
-class TpSplit(str, enum.Enum):
-    """How a rank's slice of a tensor is read (see aockpt/tp.py and docs/distributed.md)."""
-
-    DIRECT = "direct"  # only the slice's bytes are read: rows/columns of each part
-    RELAYOUT = "relayout"  # device-packed int4: the whole tensor is read, sliced in its exact canonical form, re-packed
-    NONE = "none"  # not split: the layout keeps no row/column structure aockpt can cut exactly
-
-
-# part -> (part dim, how it follows) for outer dim 0 (rows, colwise split) and outer dim 1 (columns, rowwise)
-TpAxes = tuple[tuple[str, tuple[int, Along] | None, tuple[int, Along] | None], ...]
-Names = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]  # required parts, optional parts, attributes
-
-# Outer dtypes a quantized tensor dequantizes to, and the dtype names its float parts may take.
-OUTER_DTYPES = frozenset({"float32", "bfloat16", "float16"})
-
-
-def _torchao_parts(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A torchao subclass's inner tensors and attributes, by its own ``__tensor_flatten__``."""
-    names, attrs = tensor.__tensor_flatten__()
-    return {n: getattr(tensor, n) for n in names}, dict(attrs)
-
-
-def _torchao_build(cls: type, parts: dict[str, torch.Tensor], attrs: dict[str, Any],
-                   shape: torch.Size | None) -> torch.Tensor:
-    """A torchao subclass put back together by its own ``__tensor_unflatten__``."""
-    return cls.__tensor_unflatten__(parts, attrs, shape, None)
-
-
-@dataclass(frozen=True)
-class TensorType:
-    """One tensor type as aockpt sees it: every per-type fact lives here."""
-
-    name: str  # stable on-disk name (torchao's `_type`)
-    cls: type
-    family: Family
-    portability: Portability
-    packed_for: Device | None  # device type whose kernel the bytes are packed for (pinned only)
-    kernels: frozenset[str]  # device types where torch/torchao 0.18 has a matmul kernel for it
-    stock_loadable: bool  # stock transformers 5 + torchao 0.18 can read it from safetensors
-    note: str
-    names: Names | None = None  # see inner_names
-    tp: tuple[TpSplit, TpSplit] = (TpSplit.NONE, TpSplit.NONE)  # splitting the rows (colwise), the columns (rowwise)
-    tp_axes: TpAxes = ()  # for DIRECT: where each part keeps the outer rows and columns
-    # part -> dtype names it may be stored as (checked before any constructor or converter reads it);
-    # parts not listed are unchecked
-    part_dtypes: dict[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
-    config: Callable[[Any], Any] | None = None  # tensor -> the torchao 0.18 config that makes it, None if none does
-    weights_only: bool = True  # torch.load(weights_only=True) rebuilds it after a plain `import torchao`
-    part_rules: part_sizes.Rules = field(default_factory=dict, hash=False, compare=False)  # part sizes vs shape
-    geometry: part_sizes.Int4Geometry | None = None  # int4: shape, block size and exact part shapes
-    outer_dtypes: frozenset[str] | None = OUTER_DTYPES  # dtypes the tensor may have; None: any storable one
-    relayout: Converter | None = None  # exact int4 re-layout through the canonical form
-    packer_here: Callable[[], str] | None = None  # pinned: the packer this process's kernel writes and reads
-    assumed_packer: str | None = None  # pinned: the packer to assume where a file does not record one
-    former_names: tuple[str, ...] = ()  # dotted names torchao 0.13-0.17 pickled the class under
-    own_key: bool = False  # its one part is stored under the tensor's own name (torchao's plain convention)
-    parts_of: Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, Any]]] = _torchao_parts
-    build: Callable[[type, dict[str, torch.Tensor], dict[str, Any], torch.Size | None], torch.Tensor] = _torchao_build
-
-    @property
-    def quantized(self) -> bool:
-        """Whether it is a torchao subclass (anything but the plain tensor row)."""
-        return self.family is not Family.PLAIN
-
-    def tp_text(self) -> str:
-        """How tensor parallelism splits this type, as `inspect` says it: one word, or rows then columns."""
-        rows, cols = self.tp
-        return rows.value if rows is cols else f"{rows.value} rows, {cols.value} cols"
-
-    def inner_names(self) -> Names:
-        """(required parts, optional parts, attributes), from torchao's class conventions unless overridden."""
-        if self.names is not None:
-            return self.names
-        cls = self.cls
-        return (
-            tuple(cls.tensor_data_names),
-            tuple(getattr(cls, "optional_tensor_data_names", None) or ()),
-            tuple(cls.tensor_attribute_names) + tuple(getattr(cls, "optional_tensor_attribute_names", None) or ()),
-        )
 
 
 def _t(name, cls, family, portability, packed_for, kernels, stock, note, *, dtypes=None, **facts) -> TensorType:
-    return TensorType(name, cls, family, portability, packed_for, frozenset(kernels), stock, note,
+    return TensorType(name=name, cls=cls, family=family, portability=portability, packed_for=packed_for,
+                      kernels=frozenset(kernels), stock_loadable=stock, note=note,
                       part_dtypes={part: frozenset(allowed) for part, allowed in (dtypes or {}).items()}, **facts)
 
 
@@ -251,11 +140,11 @@ TENSOR_TYPES: dict[str, TensorType] = {
            tp=(TpSplit.DIRECT, TpSplit.RELAYOUT), tp_axes=_TILE_ROWS,
            dtypes=dict(qdata=("int32",), scale_and_zero=_F, act_pre_scale=_F),
            config=quant_configs.int4("tile_packed_to_4d"), part_rules=_INT4, geometry=part_sizes.INT4_TILES,
-           relayout=relayout_converters.TILE_PACKED, packer_here=_cuda_int4_packer, assumed_packer=tinygemm.PACKER),
+           relayout=tinygemm, packer_here=_cuda_int4_packer, assumed_packer=tinygemm.PACKER),
         _t("Int4OpaqueTensor", Int4OpaqueTensor, Family.INT4, _X, _CPU, {"cpu"}, False,
            "int4 in the CPU kernel's ISA-dependent packing", tp=_RELAYOUT,
            dtypes=dict(qdata=("uint8",), scale_and_zero=_F, act_pre_scale=_F), weights_only=False,
-           part_rules=_INT4, geometry=part_sizes.INT4_OPAQUE, relayout=relayout_converters.OPAQUE,
+           part_rules=_INT4, geometry=part_sizes.INT4_OPAQUE, relayout=cpu_layout,
            packer_here=cpu_layout.cpu_packer,  # no assumed packer: CPU packing depends on an unknowable ISA
            former_names=("torchao.quantization.Int4OpaqueTensor",  # 0.14
                          "torchao.prototype.int4_opaque_tensor.Int4OpaqueTensor")),  # 0.15-0.16
@@ -272,7 +161,7 @@ TENSOR_TYPES: dict[str, TensorType] = {
            "int4 packed in int32 for XPU/NPU kernels", tp=_DIRECT, tp_axes=_K_MAJOR_SCALES,
            dtypes=dict(qdata=("int32",), scale=_F, zero_point=("int8", *_F), act_pre_scale=_F),
            config=quant_configs.int4("plain_int32"), part_rules=_INT4, geometry=part_sizes.INT4_PLAIN_INT32,
-           relayout=relayout_converters.PLAIN_INT32, packer_here=lambda: xpu_layout.PACKER,
+           relayout=xpu_layout, packer_here=lambda: xpu_layout.PACKER,
            assumed_packer=xpu_layout.PACKER),
         _t("MXTensor", MXTensor, Family.MX, _P, None, {"cpu", "cuda"}, True,
            "OCP microscaling (mxfp8/mxfp4) with e8m0 block scales", tp=_DIRECT, tp_axes=_ROW_MAJOR,
@@ -332,6 +221,11 @@ def known_type(type_name: str) -> TensorType | None:
 def relayout_types() -> dict[str, TensorType]:
     """The int4 types re-layout converts between, by name."""
     return {n: t for n, t in TENSOR_TYPES.items() if t.relayout is not None}
+
+
+def relayout_target(device_type: str) -> TensorType | None:
+    """The int4 type whose kernel runs on `device_type` and that re-layout can pack, or None."""
+    return next((t for t in relayout_types().values() if t.packed_for == device_type), None)
 
 
 # Attribute values: the only classes a JSON record may name, keyed by stable on-disk names.

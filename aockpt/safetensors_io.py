@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +24,10 @@ import torch
 
 from .atomic import output_error
 from .errors import CorruptCheckpointError, UnsupportedTensorError
+from .fetch import ByteFile, LocalFile, read_header
 from .registry import STORAGE_CODES, STORAGE_DTYPES
 from .typed_json import dumps, loads_strict
 
-MAX_HEADER_BYTES = 100_000_000  # the reference's MAX_HEADER_SIZE
 _ALIGN = 8
 _CHUNK = 16 * 1024 * 1024
 _U64 = 2**64  # the reference reads shapes and offsets as usize and multiplies them with overflow checks
@@ -141,18 +140,19 @@ def sha256_hex(data: memoryview) -> str:
 
 
 class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; tensors are zero-copy views."""
+    """A validated safetensors file over any byte source (fetch.ByteFile); CPU tensors are zero-copy views
+    where the source maps the file, reads otherwise."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._file = _open_regular(self.path)
+    def __init__(self, source: Path | ByteFile):
+        self.file: ByteFile = LocalFile(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+        self.path = Path(source) if isinstance(source, (str, os.PathLike)) else Path(self.file.where)
         try:
-            size = os.fstat(self._file.fileno()).st_size
-            self.slots, self.metadata, self._data_start = _parse_header(self._file, size, self.path)
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            text, self._data_start = read_header(self.file)
+            self.slots, self.metadata = _parse_header(text, self.file.size - self._data_start, self.path)
+            self._map = self.file.mapped()
             self.bytes_read = 0  # bytes read_slice has read, for proving what a tensor-parallel rank reads
         except BaseException:
-            self._file.close()
+            self.file.close()
             raise
 
     @property
@@ -160,20 +160,18 @@ class SafetensorsFile:
         """File offset where the tensor data area (which slot offsets count from) begins."""
         return self._data_start
 
-    def fileno(self) -> int:
-        """The open file's descriptor, for positioned reads that bypass the mapping."""
-        return self._file.fileno()
-
     def keys(self) -> list[str]:
         """Tensor keys in file order."""
         return list(self.slots)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The tensor stored under `key` as a view of the mapped file (a copy only if misaligned)."""
+        """The tensor stored under `key` as a view of the mapped file (a copy if misaligned or not mapped)."""
         slot = self.slots[key]
         count = slot.end - slot.begin
         if count == 0:
             return _empty(slot.dtype, slot.shape)
+        if self._map is None:
+            return self.read_slice(key)
         offset = self._data_start + slot.begin
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=count, offset=offset)
         if offset % torch.empty((), dtype=slot.dtype).element_size():
@@ -192,8 +190,7 @@ class SafetensorsFile:
         first = self._data_start + slot.begin + start * inner
         if run == stride:
             runs, run = 1, runs * run
-        for i in range(runs):
-            pread_into(self._file.fileno(), view[i * run:(i + 1) * run], first + i * stride, self.path)
+        self.file.read_into([(first + i * stride, view[i * run:(i + 1) * run]) for i in range(runs)])
         self.bytes_read += buf.numel()
         shape[dim] = stop - start
         return buf.view(slot.dtype).reshape(shape if slot.shape else ())
@@ -202,11 +199,14 @@ class SafetensorsFile:
         """The stored bytes of one tensor, for digests, without building a tensor."""
         slot = self.slots[key]
         start = self._data_start + slot.begin
-        return memoryview(self._map)[start:start + slot.end - slot.begin] if self._map else memoryview(b"")
+        if self._map is None:
+            return memoryview(self.read_slice(key).reshape(-1).view(torch.uint8).numpy()) if slot.end > slot.begin \
+                else memoryview(b"")
+        return self._map[start:start + slot.end - slot.begin]
 
     def close(self) -> None:
         """Release the file; tensors already returned keep the mapping alive."""
-        self._file.close()
+        self.file.close()
 
     def __enter__(self) -> "SafetensorsFile":
         return self
@@ -215,37 +215,10 @@ class SafetensorsFile:
         self.close()
 
 
-def pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill `view` from the file at `offset`, however many reads the OS splits it into."""
-    while len(view):
-        got = os.preadv(fd, [view], offset)
-        if got <= 0:
-            raise CorruptCheckpointError(f"{path} ended while reading it; the file was truncated after opening")
-        view, offset = view[got:], offset + got
-
-
-def _open_regular(path: Path) -> BinaryIO:
-    """Open a regular file for reading, with one clear error for anything else."""
+def _parse_header(raw: bytes, data_size: int, path: Path) -> tuple[dict[str, TensorSlot], dict[str, str]]:
+    """Check the header's JSON: strict, and every offset and size rule against the data area's size."""
     try:
-        if not path.is_file():
-            raise CorruptCheckpointError(f"{path} is not a regular file")
-        return open(path, "rb")
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {path}: {e.strerror}") from e
-
-
-def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorSlot], dict[str, str], int]:
-    """Read and check the header: bounded length, strict JSON, and every offset and size rule."""
-    if size < 8:
-        raise CorruptCheckpointError(f"{path} is {size} bytes, too short for a safetensors file (truncated?)")
-    (length,) = struct.unpack("<Q", f.read(8))
-    if length > MAX_HEADER_BYTES or length > size - 8:
-        raise CorruptCheckpointError(
-            f"{path}: header claims {length} bytes but the file has {size - 8} after the length (limit "
-            f"{MAX_HEADER_BYTES}); the file is truncated or not safetensors"
-        )
-    try:
-        text = f.read(length).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorruptCheckpointError(f"{path}: header is not UTF-8 ({e}); the file is damaged or not safetensors") from e
     header = loads_strict(text, f"{path} header", _header_int)
@@ -256,8 +229,8 @@ def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[dict[str, TensorS
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings")
     slots = {key: _slot(key, entry, path) for key, entry in header.items()}
-    _check_offsets(slots, size - 8 - length, path)
-    return slots, metadata, 8 + length
+    _check_offsets(slots, data_size, path)
+    return slots, metadata
 
 
 def _header_int(text: str) -> int | float:

@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import codec, foreign, format as fmt, legacy
+from . import codec, ct_source, foreign, format as fmt, legacy
 from .errors import CorruptCheckpointError, UnsupportedTensorError, UsageError
-from .ct_source import compressed_tensors_opener
+from .fetch import release_mapped
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
+from .hf_config import folder_skeleton, tied_partner
 from .paths import member
 from .portability import TensorKind, assumed_packer, settle_packers
 from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
@@ -37,17 +38,25 @@ class Source:
     types: dict[str, TensorKind]
     aliases: dict[str, str]
     made_on: dict[str, str]
-    flat: Callable[[str, torch.device | None], codec.FlatTensor]
+    flat: Callable[[str], codec.FlatTensor]  # a tensor's parts (views where the source allows) and attributes
     digests: Callable[[str], list[tuple[str, str, memoryview]]] | None = None
     origins: dict[str, str] = field(default_factory=dict)  # what a migrated tensor was, for inspect
     extra_files: list[Path] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
     foreign: foreign.Foreign | None = None  # what another library quantized (only `inspect` opens one)
+    shape_only: Callable[[str], codec.FlatTensor] | None = None  # `describe` without touching the input
+    release: Callable[[], None] | None = None  # closes what a source kind holds besides `checkpoint`
+
+    def describe(self, name: str) -> codec.FlatTensor:
+        """A tensor's record with shape-only (meta) parts: what the plan stage checks, reading no tensor byte."""
+        return self.shape_only(name) if self.shape_only is not None else _shape_only(self.flat(name))
 
     def close(self) -> None:
         """Release files held open."""
         if self.checkpoint is not None:
             self.checkpoint.close()
+        if self.release is not None:
+            self.release()
 
     def __enter__(self) -> Source:
         return self
@@ -79,8 +88,9 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         entry = ckpt.entries[name]
         return [(inner, p.digest, ckpt.raw(p.key)) for inner, p in entry.parts.items()]
 
-    return Source(ckpt.path, kind, types, aliases, made_on, lambda n, d: read_flat(ckpt, n, d),
-                  digests if ckpt.flavor is Flavor.PACKED else None, checkpoint=ckpt)
+    return Source(ckpt.path, kind, types, aliases, made_on, lambda n: read_flat(ckpt, n),
+                  digests if ckpt.flavor is Flavor.PACKED else None, checkpoint=ckpt,
+                  shape_only=lambda n: read_flat(ckpt, n, ckpt.shape_only))
 
 
 def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: str = "unknown") -> Source:
@@ -96,7 +106,13 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
             type_name = tensor_type_of(tensor, name).name
             types[name] = TensorKind(type_name, assumed_packer(type_name))
     made_on = dict.fromkeys(types, made_on)
-    return Source(path, kind, types, aliases, made_on, lambda n, d: codec.flatten(n, tensors[n]), origins=origins)
+    return Source(path, kind, types, aliases, made_on, lambda n: codec.flatten(n, tensors[n]), origins=origins)
+
+
+def _shape_only(flat: codec.FlatTensor) -> codec.FlatTensor:
+    """A flat tensor whose parts are meta tensors of the same shapes and dtypes."""
+    parts = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in flat.parts.items()}
+    return codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, parts, flat.attrs)
 
 
 def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -174,7 +190,7 @@ def open_source(path: str | Path, cpu_packer: str | None = None, *, foreign_ok: 
     source = _open(Path(path))
     try:
         source.foreign = foreign.checked(source, refuse=not foreign_ok)
-        source.types = settle_packers(source.types, lambda name: _rows(source.flat(name, None)), cpu_packer,
+        source.types = settle_packers(source.types, lambda name: _rows(source.describe(name)), cpu_packer,
                                       str(source.path))
     except BaseException:
         source.close()
@@ -206,7 +222,8 @@ def _open(path: Path) -> Source:
         raise CorruptCheckpointError(
             f"{path} has no weights: expected {fmt.WEIGHTS_NAME}, {fmt.INDEX_NAME}, {PICKLE_WEIGHTS} or {PICKLE_INDEX}"
         )
-    opener = compressed_tensors_opener(path, opener)  # compressed-tensors folders import as torchao (ct_source)
+    if ct_source.imports_folder(path):
+        opener = _compressed_tensors_folder
     others = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     extra_files = [member(path, p.name) for p in others if not _is_weight_file(p)]
     source = opener(path)
@@ -215,13 +232,18 @@ def _open(path: Path) -> Source:
     return source
 
 
+def _compressed_tensors_folder(path: Path) -> Source:
+    """A compressed-tensors folder aockpt imports (ct_source): its weights as the matching torchao tensors."""
+    folder = ct_source.open_folder(path)
+    return Source(path, folder.kind, folder.types, {}, dict.fromkeys(folder.types, "unknown"), folder.flat,
+                  release=folder.release)
+
+
 def _restore_ties(source: Source, folder: Path) -> None:
     """Alias each tensor the writer omitted to the stored one the model ties it to; refuse any other gap."""
     omitted = source.checkpoint.omitted if source.checkpoint is not None else []
     if not omitted:
         return
-    from .hf_config import folder_skeleton, tied_partner
-
     skel = folder_skeleton(source)
     for name in omitted:
         partner = tied_partner(name, skel)
@@ -237,14 +259,11 @@ def _restore_ties(source: Source, folder: Path) -> None:
 def merge_stored_ties(source: Source) -> None:
     """Store once what the model ties but the input stored twice with identical bytes (torchao 0.14 folders
     do): the tie is kept, and the copy's bytes are not written again. Anything less than equal stays apart."""
-    from .hf_config import folder_skeleton
-    from .writer import release_mapped
-
     skel = folder_skeleton(source)
     for tied, target in (skel.ties.items() if skel else ()):
         if tied not in source.types or target not in source.types:
             continue
-        a, b = source.flat(tied, None), source.flat(target, None)
+        a, b = source.flat(tied), source.flat(target)
         same = _same_stored(a, b)
         release_mapped([*a.parts.values(), *b.parts.values()])
         if same:

@@ -170,26 +170,27 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(cls._fields)
 
 
-def decode(value: Any, where: str, device: torch.device | None = None) -> Any:
-    """Rebuild an attribute value from typed JSON; ``torch.device`` values become ``device``."""
+def decode(value: Any, where: str) -> Any:
+    """Rebuild an attribute value from typed JSON; ``torch.device`` values are the CPU until the build stage
+    sets the target (``codec.rebuild``): a recorded device is where a tensor was made, not where it goes."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [decode(v, where, device) for v in value]
+        return [decode(v, where) for v in value]
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{where}: unexpected JSON value {value!r}")
     if "_type" not in value:
-        return {k: decode(v, where, device) for k, v in value.items()}
+        return {k: decode(v, where) for k, v in value.items()}
     if set(value) != _MARKERS:
         raise CorruptCheckpointError(f"{where}: typed value has keys {sorted(value)}, expected _type and _data")
-    return _decode_typed(value["_type"], value["_data"], where, device)
+    return _decode_typed(value["_type"], value["_data"], where)
 
 
-def _decode_typed(type_name: Any, data: Any, where: str, device: torch.device | None) -> Any:
+def _decode_typed(type_name: Any, data: Any, where: str) -> Any:
     """Dispatch one ``{"_type", "_data"}`` object through the fixed tables."""
     simple = _SIMPLE_DECODERS.get(type_name) if isinstance(type_name, str) else None
     if simple is not None:
-        return simple(data, where, device)
+        return simple(data, where)
     cls = VALUE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise CorruptCheckpointError(f"{where}: attribute type {type_name!r} is not in aockpt's allowlist")
@@ -202,34 +203,34 @@ def _decode_typed(type_name: Any, data: Any, where: str, device: torch.device | 
         raise CorruptCheckpointError(
             f"{where}: {type_name} takes fields {list(expected)}, got {sorted(data) if isinstance(data, dict) else data!r}"
         )
-    kwargs = {k: decode(v, where, device) for k, v in data.items()}
+    kwargs = {k: decode(v, where) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except Exception as e:
         raise CorruptCheckpointError(f"{where}: invalid {type_name} fields ({e})") from e
 
 
-def _decode_dtype(data: Any, where: str, device: torch.device | None) -> torch.dtype:
+def _decode_dtype(data: Any, where: str) -> torch.dtype:
     """A dtype by its name in the DTYPES table."""
     if not isinstance(data, str) or data not in DTYPES:
         raise CorruptCheckpointError(f"{where}: unknown dtype {data!r}")
     return DTYPES[data][0]
 
 
-def _decode_device(data: Any, where: str, device: torch.device | None) -> torch.device:
-    """The load target device (a tensor's recorded device is where it was made, not where it goes)."""
+def _decode_device(data: Any, where: str) -> torch.device:
+    """The CPU, standing for the load target that codec.rebuild sets."""
     if not isinstance(data, str):
         raise CorruptCheckpointError(f"{where}: device must be a string, got {data!r}")
-    return device if device is not None else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def _decode_sequence(ctor: type) -> Any:
     """Decoder for tuple-like typed lists (tuple, torch.Size)."""
 
-    def decode_seq(data: Any, where: str, device: torch.device | None) -> Any:
+    def decode_seq(data: Any, where: str) -> Any:
         if not isinstance(data, list):
             raise CorruptCheckpointError(f"{where}: {ctor.__name__} must hold a list, got {data!r}")
-        items = [decode(v, where, device) for v in data]
+        items = [decode(v, where) for v in data]
         if ctor is torch.Size and not (all(type(i) is int and i >= 0 for i in items) and fits_int64(items)):
             raise CorruptCheckpointError(f"{where}: torch.Size must hold non-negative ints torch can address, "
                                          f"got {str(items)[:80]}")

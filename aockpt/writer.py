@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import multiprocessing
 import signal
 import sys
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -18,6 +16,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from . import __version__, codec, format as fmt
 from .errors import AockptError, UnsupportedTensorError, UsageError
 from .progress import track
+from .fetch import page_releaser
 from .registry import DTYPE_NAMES, tensor_type_named
 from .safetensors_io import aligned_order, write_file
 from .typed_json import encode
@@ -207,54 +206,3 @@ def _worker(write: Callable[[_ShardJob], None], jobs: list[_ShardJob], errors: A
     except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it as one line
         errors.put(e)
         sys.exit(1)
-
-
-def page_releaser() -> Callable[[torch.Tensor], None]:
-    """release_mapped for one tensor at a time, reading /proc/self/maps once (so per-tensor work stays constant)."""
-    mapped: list[tuple[int, int]] = []
-
-    def release(tensor: torch.Tensor) -> None:
-        if tensor.numel() and not mapped:
-            mapped.extend(_file_mappings())
-        release_mapped([tensor], mapped)
-
-    return release
-
-
-def release_mapped(tensors: list[torch.Tensor], mapped: list[tuple[int, int]] | None = None) -> None:
-    """Drop the pages of file-mapped, unmodified tensors from this process; the page cache keeps them.
-
-    A later read faults them back in from the file, so this never loses data for tensors backed by a
-    private file mapping that was only read. Anonymous memory is never touched (MADV_DONTNEED would zero
-    it), so each range is checked against /proc/self/maps first. Linux only; elsewhere a no-op.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    mapped = _file_mappings() if mapped is None else mapped
-    page = mmap.PAGESIZE
-    for tensor in tensors:
-        start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-        if size == 0 or tensor.device.type != "cpu":
-            continue
-        lo, hi = start - start % page, -(-(start + size) // page) * page
-        if any(a <= lo and hi <= b for a, b in mapped):
-            _libc().madvise(lo, hi - lo, mmap.MADV_DONTNEED)
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's private file mappings (inode != 0), where pack's source views live."""
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[4] != "0" and fields[1].startswith("r") and fields[1][3] == "p":
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
-@cache
-def _libc() -> ctypes.CDLL:
-    """The C library's madvise, with its argument types declared."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc

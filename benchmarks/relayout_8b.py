@@ -44,7 +44,7 @@ def main() -> None:
     for _ in range(args.layers):
         for name, (parts, attrs) in inputs.items():
             t = time.perf_counter()
-            relayout("Int4TilePackedTo4dTensor", parts, attrs, packer="cuda-tinygemm", target_device="cpu")
+            relayout(tinygemm, cpu, parts, attrs, packer="cuda-tinygemm", build_on="cpu")
             per_name[name] += time.perf_counter() - t
     total = time.perf_counter() - start
     print(f"{args.layers} layers, {7 * args.layers} int4 matrices, {nbytes / 2**30:.2f} GiB packed: "

@@ -1,13 +1,15 @@
-"""Tensor-parallel loading on real GPUs with NCCL: per-rank slices read from disk vs whole tensors read and cut.
+"""Tensor-parallel loading on real GPUs with NCCL: the one load pipeline's pinned path for a rank's slices vs
+the same slices read onto the CPU and then moved (what sharded GPU loads did before the pipeline was one).
 
     python benchmarks/tp_gpu.py generate DIR [--shape llama-8b]       # an 8B-shaped int8 aockpt folder
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         torchrun --nproc-per-node 2 benchmarks/tp_gpu.py run DIR --json out.json
 
 Per rank and per method (alternated B, A, B, A on a warm page cache; the second of each is reported):
-seconds to have every local tensor on the rank's GPU, bytes the reader read, and peak GPU memory against the
-bytes of the rank's slices. Then one decoder layer's MLP and q->o projections run colwise/rowwise with an
-NCCL all-reduce and are compared with rank 0's single-GPU forward of the whole weights. Results: docs/performance.md.
+seconds to have every local tensor on the rank's GPU, bytes read through the fetch interface, and peak GPU
+memory against the bytes of the rank's slices; then whether both methods gave the same bytes, part by part.
+Then one decoder layer's MLP and q->o projections run colwise/rowwise with an NCCL all-reduce and are
+compared with rank 0's single-GPU forward of the whole weights. Results: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,21 +35,25 @@ PLAN = {
 }
 
 
-class _WholeThenCut:
-    """The baseline: a shard file that reads every part whole, then cuts the slice out in memory."""
+class _Counted:
+    """A local file through aockpt's fetch interface, counting the bytes read through it."""
 
-    def __init__(self, shard):
-        self.shard = shard
+    def __init__(self, path: Path):
+        from aockpt.fetch import LocalFile
 
-    def __getattr__(self, name):  # slots, tensor(), bytes_read, close(): the real file's
-        return getattr(self.shard, name)
+        self.file = LocalFile(path)
+        self.where, self.size, self.version = self.file.where, self.file.size, self.file.version
+        self.read = 0
 
-    def read_slice(self, key, dim=0, start=0, stop=None):
-        whole = self.shard.read_slice(key, 0, 0, None)
-        if not whole.dim():
-            return whole
-        stop = whole.shape[dim] if stop is None else stop
-        return whole.narrow(dim, start, stop - start).contiguous()
+    def read_into(self, reads) -> None:
+        self.read += sum(len(view) for _, view in reads)
+        self.file.read_into(reads)
+
+    def mapped(self):
+        return self.file.mapped()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _local_bytes(state: dict) -> int:
@@ -61,24 +67,43 @@ def _local_bytes(state: dict) -> int:
     return total
 
 
-def _load(path: Path, rank: int, world: int, baseline: bool) -> dict:
-    """One timed load of this rank's slices onto its GPU."""
-    from aockpt import tp
+def _load(path: Path, rank: int, world: int, method: str) -> tuple[dict, dict]:
+    """One timed load of this rank's slices onto its GPU: straight through pinned buffers ("pinned_slices"), or
+    onto the CPU and then moved ("cpu_slices_then_to"); the timing and the tensors (as flat parts, on the CPU)."""
+    from aockpt import codec, load, sources
+    from aockpt.reader import open_checkpoint
+    from aockpt.tp import TPShard
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    device = torch.device("cuda", rank)
     start = time.perf_counter()
-    ckpt = tp.open_sliceable(path)
-    if baseline:
-        ckpt.shards = {k: _WholeThenCut(v) for k, v in ckpt.shards.items()}
-    state = tp.read_shard(ckpt, tp.TPShard(PLAN, rank, world), f"cuda:{rank}")
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    out = {"seconds": round(seconds, 3), "bytes_read": tp.bytes_read(ckpt), "stored_bytes": tp.shard_bytes(ckpt),
-           "slice_bytes": _local_bytes(state), "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
-    ckpt.close()
-    del state
-    return out
+    files: list[_Counted] = []
+    ckpt = open_checkpoint(path, opener=lambda p: files.append(_Counted(p)) or files[-1])
+    with sources.from_checkpoint(ckpt, "bench") as source:
+        for f in files:
+            f.read = 0
+        placement_of = TPShard(PLAN, rank, world).placement_of(device if method == "pinned_slices" else load.CPU)
+        built = load.load_from(source, {n: placement_of(n) for n in source.names}, relayout=False)
+        state = built.tensors
+        if method != "pinned_slices":
+            state = {n: t.to(device) for n, t in state.items()}
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        stored = sum(s.end - s.begin for f in ckpt.shards.values() for s in f.slots.values())
+        out = {"seconds": round(seconds, 3), "bytes_read": sum(f.read for f in files), "stored_bytes": stored,
+               "slice_bytes": _local_bytes(state), "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+    parts = {n: {k: p.cpu() for k, p in codec.flatten(n, t).parts.items()} for n, t in state.items()}
+    del state, built
+    return out, parts
+
+
+def _same_bytes(a: dict, b: dict) -> bool:
+    """Every part of every tensor equal byte for byte."""
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(torch.equal(a[n][k].reshape(-1).view(torch.uint8),
+                                                       b[n][k].reshape(-1).view(torch.uint8)) for k in a[n])
+        for n in a)
 
 
 def _forward_check(path: Path, rank: int, world: int) -> dict:
@@ -129,9 +154,13 @@ def run(path: Path, json_out: Path | None, forward_only: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
     results: dict = {}
-    for label in ("whole_then_cut", "slices_from_disk", "whole_then_cut", "slices_from_disk") * (not forward_only):
+    parts = {}
+    for label in ("cpu_slices_then_to", "pinned_slices", "cpu_slices_then_to", "pinned_slices") * (not forward_only):
         dist.barrier()
-        results[label] = _load(path, rank, world, baseline=label == "whole_then_cut")
+        results[label], parts[label] = _load(path, rank, world, label)
+    if parts:
+        results["same_bytes"] = _same_bytes(parts["cpu_slices_then_to"], parts["pinned_slices"])
+        del parts
     results["forward"] = _forward_check(path, rank, world)
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     results["forward_without_reduced_precision_reduction"] = _forward_check(path, rank, world)

@@ -202,9 +202,11 @@ def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
 def _canonical(t: torch.Tensor, packer: str) -> torch.Tensor:
     """A device-packed int4 tensor through aockpt's canonical form, read as `packer` wrote it."""
     from aockpt import codec, relayout
+    from aockpt.registry import tensor_type_named
 
     flat = codec.flatten("w", t)
-    return relayout.dequantize(relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer)).to(t.dtype)
+    layout = tensor_type_named(flat.type_name, "w").relayout
+    return relayout.dequantize(layout.to_canonical(flat.parts, flat.attrs, packer)).to(t.dtype)
 
 
 def dequantize(t: torch.Tensor, *, cpu_packer: str | None = None) -> torch.Tensor:

@@ -33,8 +33,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def _everything(ckpt) -> dict[str, tuple[str, torch.device]]:
-    return {key: (shard, CPU) for key, shard in ckpt.key_to_shard.items()}
+def _everything(ckpt) -> dict[str, device_load.Want]:
+    return {key: device_load.Want(shard, key, CPU) for key, shard in ckpt.key_to_shard.items()}
 
 
 @pytest.mark.parametrize("chunk_bytes,threads", [(1000, 3), (4099, 1), (1 << 20, 8)])
@@ -48,15 +48,18 @@ def test_parts_equal_the_mapped_file_byte_for_byte(packed, chunk_bytes, threads)
         assert torch.equal(_bytes(tensor), _bytes(stored)), key
         assert tensor.storage_offset() * tensor.element_size() % device_load.ALIGN == 0
     storages = {parts[k].untyped_storage().data_ptr() for k in parts if parts[k].numel()}
-    assert len(storages) == len(ckpt.shards)  # one allocation per shard and device
+    assert len(storages) == sum(1 for p in parts.values() if p.numel())  # on the CPU: one allocation per part
+    plan = device_load.plan_reads(ckpt.shards, {k: device_load.Want(w.shard, k, torch.device("meta"))
+                                                for k, w in _everything(ckpt).items()})
+    assert len(plan.blocks) == len(ckpt.shards)  # on an accelerator: one per shard and device
 
 
 def test_plan_reads_only_asked_bytes_in_bounded_chunks(packed):
     ckpt = open_checkpoint(packed)
     keys = sorted(ckpt.key_to_shard)[::3]
-    placement = {k: (ckpt.key_to_shard[k], CPU) for k in keys}
+    placement = {k: device_load.Want(ckpt.key_to_shard[k], k, CPU) for k in keys}
     plan = device_load.plan_reads(ckpt.shards, placement, chunk_bytes=777)
-    sizes = {k: ckpt.shards[s].slots[k].end - ckpt.shards[s].slots[k].begin for k, (s, _) in placement.items()}
+    sizes = {k: ckpt.shards[w.shard].slots[k].end - ckpt.shards[w.shard].slots[k].begin for k, w in placement.items()}
     assert plan.nbytes == sum(sizes.values())
     assert all(0 < c.nbytes <= 777 and sum(p.nbytes for p in c.pieces) == c.nbytes for c in plan.chunks)
     covered = {}
@@ -79,8 +82,20 @@ def test_rebuilt_tensors_equal_what_was_saved(packed):
     parts = device_load.load_parts(ckpt.shards, _everything(ckpt), threads=4, chunk_bytes=2048)
     expected = _state()
     for name in ckpt.entries:
-        flat = read_flat(ckpt, name, CPU, parts.__getitem__)
+        flat = read_flat(ckpt, name, parts.__getitem__)
         assert_same_tensor(codec.rebuild(flat, name, CPU), expected[name])
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_a_span_places_exactly_the_slice_of_the_stored_part(tmp_path, dim):
+    whole = torch.arange(4 * 6 * 5, dtype=torch.int16).reshape(4, 6, 5)
+    aockpt.save({"t": whole}, tmp_path / "p")
+    ckpt = open_checkpoint(tmp_path / "p")
+    (shard,) = ckpt.shards
+    wants = {f"{dim}:{a}:{b}": device_load.Want(shard, "t", CPU, (dim, a, b)) for a, b in [(0, 1), (1, 3), (2, 4)]}
+    parts = device_load.load_parts(ckpt.shards, wants, threads=2, chunk_bytes=7)
+    for key, want in wants.items():
+        assert torch.equal(parts[key], whole.narrow(dim, want.span[1], want.span[2] - want.span[1])), key
 
 
 def test_views_exist_at_once_and_cancel_stops_every_worker(packed):

@@ -8,16 +8,31 @@ import re
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+from torchao.quantization import (
+    Float8WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+)
 from torchao.quantization.granularity import PerGroup
 
 import aockpt
 from aockpt import codec, dcp as adcp
 from conftest import assert_same_tensor
-from tp_worker import block_input, forward, run_ranks, tiny_llama_block_state
+from aockpt.registry import TENSOR_TYPES
+from tp_worker import COPY_CONFIGS, PLAN, block_input, forward, run_ranks, tiny_llama_block_state
 
 _CONFIGS = {"int8": Int8WeightOnlyConfig(), "float8": Float8WeightOnlyConfig(),
-            "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}
+            "intx": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+            "dynamic": Int8DynamicActivationInt8WeightConfig()}
+
+
+def _nvfp4_state() -> dict[str, torch.Tensor]:
+    """The block's projections as NVFP4 (torchao's own to_nvfp4; its quantize_ config needs a GPU)."""
+    state = tiny_llama_block_state(Float8WeightOnlyConfig())
+    plain = tiny_llama_block_state(Int8WeightOnlyConfig())
+    return {k: TENSOR_TYPES["NVFP4Tensor"].cls.to_nvfp4(plain[k].dequantize()) if k.removesuffix(".weight") in PLAN
+            else state[k] for k in state}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +41,7 @@ def ran(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
     for name, config in _CONFIGS.items():
         aockpt.save(tiny_llama_block_state(config), out / name)
+    aockpt.save(_nvfp4_state(), out / "nvfp4")
     aockpt.save(_zeroed(tiny_llama_block_state(_CONFIGS["int8"])), out / "zeros")
     run_ranks(2, out)
     return out
@@ -89,3 +105,53 @@ def test_float8_slices_wrap_as_dtensors_and_int8_is_refused_by_name(ran):
         assert re.fullmatch(r"\S+\.weight: torchao's Int8Tensor cannot be wrapped in a DTensor \(torchao does not "
                             r"implement aten\.view for it\); use aockpt\.tp\.load_shard for plain local tensors",
                             got["refusal"]), got["refusal"]
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 step at each |x| (the spacing of bf16 numbers there; 8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.float().abs().clamp_min(2.0 ** -126))) - 7)
+
+
+def test_copied_slices_are_saved_whole_only_when_their_places_come_along(ran):
+    """A copy of an aockpt.tp slice saved with no positions is refused naming every split tensor (never half
+    a weight); saved with AockptSavePlanner(slices=shards) it is the stored checkpoint, byte for byte."""
+    split = sorted(f"{module}.weight" for module in PLAN)
+    for rank in range(2):
+        results = torch.load(ran / f"copies{rank}.pt", weights_only=False)
+        assert {c for c, _, _ in results} == set(COPY_CONFIGS)
+        for (config, kind, _), text in results.items():
+            assert "UsageError" in text and "different on each rank" in text, (config, kind, text)
+            assert all(name in text for name in split), (config, kind, text)
+            assert "input_layernorm.weight" not in text  # replicated, equal on both ranks: not named
+            assert not (ran / f"copies-{config}-{kind}").joinpath("model.safetensors").exists()
+    for config in COPY_CONFIGS:
+        for kind in ("clone", "moved", "parameter") if config == "intx" else ("clone",):
+            assert _files(ran / f"copies-{config}-{kind}" / "saved") == _files(ran / config), (config, kind)
+
+
+def _rowwise_ulps(ran, config: str, key: str) -> dict[str, tuple[float, float]]:
+    """Rank 0's rowwise outputs against one process: (bf16 ulps of the largest output, most ulps of one element)."""
+    single = forward(aockpt.load_quantized(ran / config), block_input())
+    got = torch.load(ran / "rank0.pt")[key]
+    out = {}
+    for name in ("mlp", "attn_proj"):
+        want = single[name].float()
+        diff = (got[name].float() - want).abs()
+        out[name] = ((diff.max() / _bf16_ulp(want.abs().max())).item(), (diff / _bf16_ulp(want)).max().item())
+    return out
+
+
+def test_dynamic_activation_rowwise_differs_by_more_than_summation_order(ran):
+    """Int8DynamicActivationInt8WeightConfig: each rank quantizes its half of the activations with its own
+    scale, so single rowwise outputs move much further from one process than weight-only ones, whose only
+    difference is the summation order (docs/distributed.md quotes these numbers)."""
+    single = forward(aockpt.load_quantized(ran / "dynamic"), block_input())
+    ranks = [torch.load(ran / f"rank{r}.pt")["dynamic"] for r in range(2)]
+    for name in ("gate", "q"):  # colwise: the activation is whole on each rank, so outputs are exact
+        assert torch.equal(torch.cat([r[name] for r in ranks], dim=-1), single[name])
+    weight_only, dynamic = _rowwise_ulps(ran, "int8", "out"), _rowwise_ulps(ran, "dynamic", "dynamic")
+    for name in ("mlp", "attn_proj"):
+        print(f"rowwise {name}: weight-only {weight_only[name]}, dynamic {dynamic[name]} "
+              "(ulps of the largest output, of single elements)")
+        assert weight_only[name][0] <= 1 and dynamic[name][0] <= 2, (name, weight_only, dynamic)
+        assert dynamic[name][1] > 4 * weight_only[name][1], (name, weight_only, dynamic)

@@ -16,7 +16,7 @@ from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
 from aockpt import codec, legacy, sources
 from aockpt.codec import FlatTensor
-from aockpt.relayout import relayout
+from aockpt.relayout import cpu, relayout
 from conftest import assert_close_in_bf16_ulps, dequantize
 from mlp import run_mlp
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
@@ -76,8 +76,8 @@ def _on_this_machine(t: torch.Tensor, packer: str | None) -> torch.Tensor:
     if not isinstance(t, Int4OpaqueTensor):
         return t
     flat = codec.flatten("w", t)
-    type_name, parts, attrs, _ = relayout("Int4OpaqueTensor", flat.parts, flat.attrs, packer=packer, target_device="cpu")
-    return codec.rebuild(FlatTensor(type_name, flat.shape, flat.dtype, parts, attrs), "w")
+    parts, attrs, _ = relayout(cpu, cpu, flat.parts, flat.attrs, packer=packer, build_on="cpu")
+    return codec.rebuild(FlatTensor("Int4OpaqueTensor", flat.shape, flat.dtype, parts, attrs), "w")
 
 
 @pytest.mark.parametrize("path", _params([p for p in PICKLES if p.stem not in CUDA_PINNED]))

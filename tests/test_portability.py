@@ -110,7 +110,7 @@ def test_pack_for_cpu_then_back_for_cuda_is_exact(tmp_path):
 
     first, second = open_source(source), open_source(tmp_path / "cuda")
     for layer in ("0.weight", "2.weight"):
-        a, b = first.flat(layer, None), second.flat(layer, None)
+        a, b = first.flat(layer), second.flat(layer)
         for part in ("qdata", "scale_and_zero"):
             assert torch.equal(a.parts[part].view(torch.uint8), b.parts[part].view(torch.uint8)), (layer, part)
     assert {t.name for t in original.tensors} == set(again)
@@ -147,8 +147,7 @@ def test_cpu_int4_packed_for_another_instruction_set_is_refused_then_relaid_out(
 
     original = CASES["int4-opaque"][1]()
     names, attrs = original.__tensor_flatten__()
-    canon = relayout.to_canonical("Int4OpaqueTensor", {n: getattr(original, n) for n in names}, attrs,
-                                  packer=relayout.cpu_packer())
+    canon = cpu.to_canonical({n: getattr(original, n) for n in names}, attrs, relayout.cpu_packer())
     other = next(p for p in cpu.PACKINGS if p != relayout.cpu_packer())
     parts, new_attrs, packer = cpu.from_canonical(canon, packer=other)
     foreign = type(original)(parts["qdata"], parts["scale_and_zero"], new_attrs["block_size"], new_attrs["shape"])

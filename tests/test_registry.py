@@ -3,6 +3,7 @@ is flattened and rebuilt, unpickled, judged for portability, inspected and liste
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,27 @@ class ToyInt8Tensor(TorchAOBaseTensor):
 
 
 TOY = registry.TensorType(
-    "ToyInt8Tensor", ToyInt8Tensor, registry.Family.INT8, registry.Portability.PORTABLE, None, frozenset({"cpu"}),
-    False, "a throwaway int8 type (tests/test_registry.py)",
+    name="ToyInt8Tensor", cls=ToyInt8Tensor, family=registry.Family.INT8, portability=registry.Portability.PORTABLE,
+    packed_for=None, kernels=frozenset({"cpu"}), stock_loadable=False,
+    note="a throwaway int8 type (tests/test_registry.py)",
     tp=(registry.TpSplit.DIRECT, registry.TpSplit.DIRECT),
     tp_axes=(("qdata", (0, registry.Along.VALUES), (1, registry.Along.VALUES)),
              ("scale", (0, registry.Along.BLOCKS), (1, registry.Along.BLOCKS))),
     part_dtypes={"qdata": frozenset({"int8"}), "scale": registry.OUTER_DTYPES}, part_rules=part_sizes.BYTE_QDATA,
 )
+
+
+def test_a_row_checks_its_own_consistency():
+    """A direct split must say how every required part follows it; a relayout split and a pinned type need
+    their converter and packer: a row that forgets is refused when it is written, naming what is missing."""
+    with pytest.raises(TypeError, match=r"ToyInt8Tensor: a direct split of dim 1 must say how parts \['scale'\]"):
+        dataclasses.replace(TOY, tp_axes=(TOY.tp_axes[0], ("scale", (0, registry.Along.BLOCKS), None)))
+    with pytest.raises(TypeError, match="a relayout split of dim 0 needs a converter"):
+        dataclasses.replace(TOY, tp=(registry.TpSplit.RELAYOUT, registry.TpSplit.NONE))
+    with pytest.raises(TypeError, match="a pinned type must say which device"):
+        dataclasses.replace(TOY, portability=registry.Portability.PINNED)
+    with pytest.raises(TypeError):
+        registry.TensorType("ToyInt8Tensor", ToyInt8Tensor)  # keyword-only: no fact is passed by position
 
 
 def _toy() -> ToyInt8Tensor:
@@ -98,6 +113,14 @@ def test_inspect_and_a_packed_round_trip_list_it(toy, tmp_path):
     assert info.to_dict()["tensors"][0]["devices"] == {  # verdicts become text only at the edge (--json)
         "cpu": "runs: portable", "cuda": "loads: portable; no cuda kernel in torchao 0.18 (data only)"}
     _assert_same(aockpt.load_quantized(tmp_path / "p")["w"], toy)
+
+
+def test_its_row_says_how_tensor_parallelism_slices_it(toy, tmp_path):
+    aockpt.save({"m.weight": toy}, tmp_path / "p")
+    rows = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard({"m": "colwise"}, 1, 2))["m.weight"]
+    _assert_same(rows, ToyInt8Tensor(toy.qdata[2:], toy.scale[2:], [1, 8], torch.bfloat16))
+    cols = aockpt.load_quantized(tmp_path / "p", shard=aockpt.TPShard({"m": "rowwise"}, 1, 2))["m.weight"]
+    _assert_same(cols, ToyInt8Tensor(toy.qdata[:, 4:].contiguous(), toy.scale, [1, 4], torch.bfloat16))
 
 
 def test_the_docs_table_lists_it(toy):

@@ -20,8 +20,8 @@ from torchao.quantization.quant_primitives import (
 )
 from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-from aockpt.errors import PortabilityError, UnsupportedTensorError
-from aockpt.relayout import Int4Canonical, cpu, cpu_packer, dequantize, from_canonical, relayout, tinygemm, to_canonical
+from aockpt.errors import PortabilityError
+from aockpt.relayout import Int4Canonical, cpu, cpu_packer, dequantize, relayout, tinygemm
 from aockpt.relayout import xpu as xpu_layout
 
 CUDA_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cuda"
@@ -86,22 +86,19 @@ def test_tile_unpack_matches_bytes_packed_on_h100(ik: int) -> None:
 def test_cpu_opaque_to_tile_and_back_is_bit_identical(n: int, k: int, group: int, ik: int) -> None:
     opaque = _opaque(n, k, group, seed=n + k + ik)
     parts, attrs = _flat(opaque)
-    canon = to_canonical("Int4OpaqueTensor", parts, attrs, packer=cpu_packer())
+    canon = cpu.to_canonical(parts, attrs, cpu_packer())
     codes, sz = tinygemm.padded(canon, torch.device("cpu"))
     tile_parts = {"qdata": tinygemm.pack_tiles(codes, ik), "scale_and_zero": sz}
     tile_attrs = {"block_size": [1, group], "shape": torch.Size((n, k))}
-    back_type, back_parts, back_attrs, _ = relayout(
-        "Int4TilePackedTo4dTensor", tile_parts, tile_attrs, packer="cuda-tinygemm", target_device="cpu"
-    )
-    assert back_type == "Int4OpaqueTensor"
+    back_parts, back_attrs, _ = relayout(tinygemm, cpu, tile_parts, tile_attrs, packer="cuda-tinygemm", build_on="cpu")
     assert _bytes_equal(back_parts["qdata"], parts["qdata"])
     assert _bytes_equal(back_parts["scale_and_zero"], parts["scale_and_zero"])
-    again = to_canonical(back_type, back_parts, back_attrs, packer=cpu_packer())
+    again = cpu.to_canonical(back_parts, back_attrs, cpu_packer())
     assert _bytes_equal(dequantize(again), dequantize(canon))
 
 
 def test_canonical_dequantize_is_torchaos_tinygemm_math() -> None:
-    canon = to_canonical("Int4OpaqueTensor", *_flat(_opaque(64, 256, 32, seed=7)), packer=cpu_packer())
+    canon = cpu.to_canonical(*_flat(_opaque(64, 256, 32, seed=7)), cpu_packer())
     sz = canon.scale_and_zero
     ref = _dequantize_affine_tinygemm(canon.values.to(torch.int32), (1, 32), sz[..., 0].t(), sz[..., 1].t(),
                                       torch.int32, 0, 15, output_dtype=torch.float32).to(torch.bfloat16)
@@ -119,7 +116,7 @@ def test_tile_padding_reproduces_torchaos(n: int, k: int, group: int) -> None:
     q = _quantize_affine_tinygemm(hp, (1, group), s, z, torch.int32, 0, 15).to(torch.uint8)
     sz = pack_tinygemm_scales_and_zeros(s.reshape(n_pad, -1), z.reshape(n_pad, -1), torch.bfloat16)
     canon = Int4Canonical(q[:n, :k].contiguous(), sz[: -(-k // group), :n].contiguous(), group, (n, k), torch.bfloat16)
-    parts, attrs, packer = from_canonical(canon, "Int4TilePackedTo4dTensor", "cpu")
+    parts, attrs, packer = tinygemm.from_canonical(canon, torch.device("cpu"))
     assert packer == "cuda-tinygemm" and attrs["shape"] == torch.Size((n, k))
     assert _bytes_equal(parts["qdata"], tinygemm.pack_tiles(q, 8))
     assert _bytes_equal(parts["scale_and_zero"], sz)
@@ -146,10 +143,11 @@ def test_cuda_made_int4_runs_on_cpu_after_relayout(name: str) -> None:
     h = expected["input"]
     for layer, act in (("0", torch.relu), ("2", lambda t: t)):
         type_name, parts, attrs, bias = layers[layer]
-        canon = to_canonical(type_name, parts, attrs, packer="cuda-tinygemm")
+        assert type_name == "Int4TilePackedTo4dTensor"
+        canon = tinygemm.to_canonical(parts, attrs, "cuda-tinygemm")
         assert _bytes_equal(dequantize(canon), expected[f"dequantized.{layer}.weight"])  # tinygemm's own weights
-        new_type, p, a, packer = relayout(type_name, parts, attrs, packer="cuda-tinygemm", target_device="cpu")
-        assert (new_type, packer) == ("Int4OpaqueTensor", cpu_packer())
+        p, a, packer = relayout(tinygemm, cpu, parts, attrs, packer="cuda-tinygemm", build_on="cpu")
+        assert packer == cpu_packer()
         weight = Int4OpaqueTensor(p["qdata"], p["scale_and_zero"], a["block_size"], a["shape"])
         h = act(torch.nn.functional.linear(h, weight, bias))
     gpu = expected["output"].float()
@@ -159,11 +157,9 @@ def test_cuda_made_int4_runs_on_cpu_after_relayout(name: str) -> None:
 def test_unknown_packers_are_refused() -> None:
     parts, attrs = _flat(_opaque(32, 64, 32, seed=3))
     with pytest.raises(PortabilityError, match="cpu-neon"):
-        to_canonical("Int4OpaqueTensor", parts, attrs, packer="cpu-neon")
+        cpu.to_canonical(parts, attrs, "cpu-neon")
     with pytest.raises(PortabilityError, match="rocm-tinygemm"):
-        to_canonical("Int4TilePackedTo4dTensor", {}, {}, packer="rocm-tinygemm")
-    with pytest.raises(UnsupportedTensorError, match="Int8Tensor"):
-        relayout("Int8Tensor", {}, {}, packer="", target_device="cpu")
+        tinygemm.to_canonical({}, {}, "rocm-tinygemm")
 
 
 def _xpu_friendly(seed: int, exact: bool) -> Int4Canonical:
@@ -182,13 +178,13 @@ def _xpu_friendly(seed: int, exact: bool) -> Int4Canonical:
 
 def test_xpu_layout_is_exact_only_for_integer_zero_points() -> None:
     exact = _xpu_friendly(1, exact=True)
-    parts, attrs, err = xpu_layout.from_canonical(exact, torch.device("cpu"))
+    parts, attrs, err = xpu_layout.measured_from_canonical(exact, torch.device("cpu"))
     assert err == 0.0 and parts["qdata"].dtype == torch.int32 and parts["qdata"].shape == (32, 16)
-    back, err = xpu_layout.to_canonical(parts, attrs)
+    back, err = xpu_layout.measured_to_canonical(parts, attrs)
     assert err == 0.0 and _bytes_equal(back.values, exact.values)
     assert _bytes_equal(dequantize(back), dequantize(exact))
     inexact = _xpu_friendly(2, exact=False)
     with pytest.raises(PortabilityError, match="allow_inexact"):
-        from_canonical(inexact, "Int4PlainInt32Tensor", "xpu")
-    _, _, err = xpu_layout.from_canonical(inexact, torch.device("cpu"), allow_inexact=True)
+        xpu_layout.from_canonical(inexact, torch.device("cpu"))
+    _, _, err = xpu_layout.measured_from_canonical(inexact, torch.device("cpu"), allow_inexact=True)
     assert 0.0 < err < 0.1

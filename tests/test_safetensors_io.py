@@ -19,8 +19,9 @@ import torch
 import aockpt
 from aockpt import format as fmt
 from aockpt.errors import AockptError, CorruptCheckpointError, UnsupportedTensorError
+from aockpt.fetch import MAX_HEADER_BYTES
 from aockpt.registry import STORAGE_CODES, TENSOR_TYPES, Portability
-from aockpt.safetensors_io import MAX_HEADER_BYTES, SafetensorsFile
+from aockpt.safetensors_io import SafetensorsFile
 from aockpt.typed_json import MAX_FILE_BYTES
 from conftest import CASES
 from hostile import mutate_record, raw_file, rewrite_header

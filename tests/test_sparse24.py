@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from aockpt import sparse24
+from aockpt.legacy import sparse24
 from aockpt.errors import CorruptCheckpointError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

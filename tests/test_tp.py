@@ -15,7 +15,9 @@ from aockpt import codec, relayout, tp
 from aockpt.cli import main
 from aockpt.errors import KeyMismatchError, PortabilityError, UnsupportedTensorError, UsageError
 from aockpt.registry import TENSOR_TYPES, TpSplit
+from aockpt.plan import Split
 from conftest import CASES, assert_same_tensor, dequantize
+from tp_worker import read_counted
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -34,16 +36,14 @@ def test_every_rank_slice_equals_the_full_tensors_slice(case, style, dim, world,
         return
     full = dequantize(tensor)
     for rank in range(world):
-        ckpt = tp.open_sliceable(tmp_path / "p")
-        local = tp.read_shard(ckpt, tp.TPShard({"m": style}, rank, world))
-        start, stop = tp.chunk(tensor.shape[dim], rank, world)
+        local, read, total = read_counted(tmp_path / "p", tp.TPShard({"m": style}, rank, world))
+        cut = Split(dim, rank, world).cut(tensor.shape[dim])
+        start, stop = cut.start, cut.stop
         assert type(local["m.weight"]) is type(tensor)
         want = full.narrow(dim, start, stop - start)
         assert torch.equal(_bytes(dequantize(local["m.weight"])), _bytes(want))
         bias = torch.arange(tensor.shape[0], dtype=torch.bfloat16)
         assert torch.equal(local["m.bias"], bias[start:stop] if dim == 0 else bias)
-        read, total = tp.bytes_read(ckpt), tp.shard_bytes(ckpt)
-        ckpt.close()
         if split is TpSplit.DIRECT:
             assert read <= total * (1 / world + 0.05), (read, total)
         else:
@@ -99,10 +99,15 @@ def test_torch_styles_patterns_and_bad_plans(tmp_path):
         tp.load_shard(tmp_path / "p", shard=tp.TPShard(plan, 0, 2), keys=["nope"])
 
 
-def test_a_pickle_is_refused_with_the_pack_command(tmp_path):
-    torch.save({"m.weight": torch.ones(2, 2)}, tmp_path / "model.pt")
-    with pytest.raises(UsageError, match="aockpt pack .*model.pt packed/"):
-        tp.load_shard(tmp_path / "model.pt", shard=tp.TPShard({"m": "colwise"}, 0, 2))
+def test_a_pickle_is_sliced_like_its_packed_folder(tmp_path):
+    state = {"m.weight": CASES["int8-weight-only"][1](), "n.weight": CASES["float8-weight-only"][1]()}
+    torch.save(state, tmp_path / "model.pt")
+    aockpt.save(state, tmp_path / "p")
+    shard = tp.TPShard({"m": "colwise", "n": "rowwise"}, 1, 2)
+    from_pickle, from_packed = (tp.load_shard(tmp_path / src, shard=shard) for src in ("model.pt", "p"))
+    for name in state:
+        assert_same_tensor(from_pickle[name], from_packed[name])
+    assert from_pickle.slices == from_packed.slices
 
 
 def test_a_torchao_written_file_is_sliced_too(tmp_path):
@@ -126,15 +131,14 @@ def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_
     canon = relayout.Int4Canonical(codes, scale_and_zero, g, (n, k), torch.bfloat16)
 
     def tile_tensor(c: relayout.Int4Canonical) -> torch.Tensor:
-        parts, attrs, _ = relayout.from_canonical(c, "Int4TilePackedTo4dTensor", "cpu")
+        parts, attrs, _ = relayout.tinygemm.from_canonical(c, torch.device("cpu"))
         return codec.rebuild(codec.FlatTensor("Int4TilePackedTo4dTensor", c.shape, torch.bfloat16, parts, attrs), "w")
 
     aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
     for rank in range(world):
-        start, stop = tp.chunk(n, rank, world)
-        ckpt = tp.open_sliceable(tmp_path / "p")
-        local = tp.read_shard(ckpt, tp.TPShard({"m": "colwise"}, rank, world))["m.weight"]
-        ckpt.close()
+        cut = Split(0, rank, world).cut(n)
+        start, stop = cut.start, cut.stop
+        local = read_counted(tmp_path / "p", tp.TPShard({"m": "colwise"}, rank, world))[0]["m.weight"]
         cut = relayout.Int4Canonical(canon.values[start:stop].contiguous(),
                                      canon.scale_and_zero[:, start:stop].contiguous(), g, (stop - start, k),
                                      torch.bfloat16)
@@ -152,5 +156,5 @@ def test_device_rules_apply_to_slices(tmp_path):
     assert type(local).__name__ == "Int4OpaqueTensor"
     got = dequantize(local)
     assert torch.equal(_bytes(got), _bytes(dequantize(tensor)[32:]))
-    with pytest.raises(UsageError, match="verify=True checks whole tensors"):
-        aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, verify=True)
+    verified = aockpt.load_quantized(tmp_path / "p", "cpu", shard=shard, relayout=True, verify=True)["m.weight"]
+    assert_same_tensor(verified, local)

@@ -13,7 +13,8 @@ import aockpt
 from aockpt import format as fmt
 from aockpt.errors import OutputError, UnsupportedTensorError, UsageError
 from aockpt.safetensors_io import SafetensorsFile
-from aockpt.writer import release_mapped, write_packed
+from aockpt.fetch import release_mapped
+from aockpt.writer import write_packed
 from aockpt.api import state_items
 
 
@@ -131,13 +132,13 @@ def test_per_tensor_work_does_not_grow_with_the_tensor_count(tmp_path, monkeypat
     """/proc/self/maps was read once per tensor (100k empty tensors took minutes); now once per shard."""
     from safetensors.torch import save_file
 
-    from aockpt import writer
+    from aockpt import fetch
 
     save_file({f"t{i}": torch.full((2,), float(i)) for i in range(3000)} | {f"e{i}": torch.empty(0) for i in range(3000)},
               str(tmp_path / "many.safetensors"))
     reads = []
-    real = writer._file_mappings
-    monkeypatch.setattr(writer, "_file_mappings", lambda: reads.append(1) or real())
+    real = fetch._file_mappings
+    monkeypatch.setattr(fetch, "_file_mappings", lambda: reads.append(1) or real())
     aockpt.pack(tmp_path / "many.safetensors", tmp_path / "out")
     assert len(reads) == 1
     assert torch.equal(aockpt.load_quantized(tmp_path / "out", keys=["t2999"])["t2999"], torch.full((2,), 2999.0))

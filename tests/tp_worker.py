@@ -23,6 +23,7 @@ PLAN = {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "
         "self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}
 HIDDEN, INTERMEDIATE, HEADS = 64, 128, 4
 NORM = "input_layernorm.weight"  # plain, replicated by the plan; the DCP steps hold it as a sharded DTensor
+COPY_CONFIGS = ("int8", "intx", "float8", "dynamic", "nvfp4")  # checkpoints the copied-slice saves try
 
 
 def tiny_llama_block_state(config) -> dict[str, torch.Tensor]:
@@ -67,15 +68,81 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return acc.to(t.dtype)
 
 
+class CountingFile:
+    """The local file through aockpt's fetch interface, unmapped (so every byte goes through read_into), counted."""
+
+    def __init__(self, path: Path):
+        from aockpt.fetch import LocalFile
+
+        self.file = LocalFile(path)
+        self.where, self.size, self.version = self.file.where, self.file.size, self.file.version
+        self.read = 0
+
+    def read_into(self, reads) -> None:
+        self.read += sum(len(view) for _, view in reads)
+        self.file.read_into(reads)
+
+    def mapped(self):
+        return None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_counted(path: Path, shard, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int, int]:
+    """This rank's slices exactly as stored (no device rules), the tensor bytes read, and all stored bytes."""
+    from aockpt import load, sources
+    from aockpt.reader import open_checkpoint
+
+    files: list[CountingFile] = []
+    ckpt = open_checkpoint(path, opener=lambda p: files.append(CountingFile(p)) or files[-1])
+    with sources.from_checkpoint(ckpt, "counted") as source:
+        for f in files:
+            f.read = 0  # headers are not tensor bytes
+        placement_of = shard.placement_of(torch.device(device))
+        built = load.load_from(source, {n: placement_of(n) for n in source.names}, relayout=None)
+        total = sum(s.end - s.begin for shard_file in ckpt.shards.values() for s in shard_file.slots.values())
+        return built.tensors, sum(f.read for f in files), total
+
+
 def _forward_rank(rank: int, world: int, out: Path) -> None:
     """Load this rank's slices from disk, run the block, save outputs and bytes read."""
     from aockpt import tp
 
-    opened = tp.open_sliceable(out / "int8")
-    local = tp.read_shard(opened, tp.TPShard(PLAN, rank, world))
-    torch.save({"out": forward(local, block_input(), _all_reduce), "bytes_read": tp.bytes_read(opened),
-                "total": tp.shard_bytes(opened)}, out / f"rank{rank}.pt")
-    opened.close()
+    local, read, total = read_counted(out / "int8", tp.TPShard(PLAN, rank, world))
+    dynamic = tp.load_shard(out / "dynamic", shard=tp.TPShard(PLAN, rank, world))
+    torch.save({"out": forward(local, block_input(), _all_reduce), "bytes_read": read, "total": total,
+                "dynamic": forward(dynamic, block_input(), _all_reduce)}, out / f"rank{rank}.pt")
+
+
+def _copies(local: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """What users do to slices before saving them: clone, move (.to), wrap as parameters."""
+    return {"clone": {k: v.clone() for k, v in local.items()},
+            "moved": {k: v.to(torch.device("cpu")) for k, v in local.items()},  # torchao builds a new wrapper
+            "parameter": {k: torch.nn.Parameter(v, requires_grad=False) for k, v in local.items()}}
+
+
+def _dcp_copies_rank(rank: int, world: int, out: Path) -> None:
+    """Save copied slices through DCP: without their Shards each save must be refused naming the split
+    tensors; with them (intx, every kind of copy; the other types, clones) the folder must be the stored one."""
+    import torch.distributed.checkpoint as dcp
+
+    from aockpt import dcp as adcp, tp
+
+    results = {}
+    for config in COPY_CONFIGS:
+        local = tp.load_shard(out / config, shard=tp.TPShard(PLAN, rank, world))
+        for kind, copied in _copies(local).items():
+            dst = out / f"copies-{config}-{kind}"
+            try:
+                dcp.save(copied, storage_writer=adcp.AockptStorageWriter(dst), planner=adcp.AockptSavePlanner())
+                results[(config, kind, "refused")] = ""
+            except BaseException as e:  # noqa: BLE001 - DCP wraps each rank's error (a BaseException); read its text
+                results[(config, kind, "refused")] = f"{type(e).__name__}: {e}"
+            if config == "intx" or kind == "clone":
+                dcp.save(copied, storage_writer=adcp.AockptStorageWriter(dst / "saved"),
+                         planner=adcp.AockptSavePlanner(slices=local))
+    torch.save(results, out / f"copies{rank}.pt")
 
 
 def run_ranks(world: int, out: Path, timeout: float = 180) -> None:
@@ -106,7 +173,7 @@ def _dcp_save_rank(rank: int, world: int, out: Path) -> None:
 
     local = tp.load_shard(out / "intx", shard=tp.TPShard(PLAN, rank, world))
     local[NORM] = _sharded(local[NORM], rank, world)
-    dcp.save(local, storage_writer=adcp.AockptStorageWriter(out / "saved"), planner=adcp.AockptSavePlanner())
+    dcp.save(local, storage_writer=adcp.AockptStorageWriter(out / "saved"), planner=adcp.AockptSavePlanner(local))
 
 
 def _dcp_load_rank(rank: int, world: int, out: Path) -> None:
@@ -117,7 +184,7 @@ def _dcp_load_rank(rank: int, world: int, out: Path) -> None:
 
     template = tp.load_shard(out / "zeros", shard=tp.TPShard(PLAN, rank, world))
     template[NORM] = _sharded(torch.zeros_like(template[NORM]), rank, world)
-    dcp.load(template, storage_reader=adcp.AockptStorageReader(out / "int8"), planner=adcp.AockptLoadPlanner())
+    dcp.load(template, storage_reader=adcp.AockptStorageReader(out / "int8"), planner=adcp.AockptLoadPlanner(template))
     expected = tp.load_shard(out / "int8", shard=tp.TPShard(PLAN, rank, world))
     template[NORM] = template[NORM].full_tensor()
     torch.save({"loaded": template, "expected": expected}, out / f"loaded{rank}.pt")
@@ -150,7 +217,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for step in (_forward_rank, _dcp_save_rank, _dcp_load_rank, _dtensor_rank):
+        for step in (_forward_rank, _dcp_save_rank, _dcp_load_rank, _dtensor_rank, _dcp_copies_rank):
             step(rank, world, out)
             dist.barrier()
     finally:

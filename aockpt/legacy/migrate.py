@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .. import registry, sparse24
+from .. import registry
+from . import sparse24
 from ..errors import CorruptCheckpointError, UnsupportedTensorError
 from ..registry import TensorType
 from .record import Weight, checked, plain_field, read_field

@@ -123,7 +123,7 @@ def torch_pack_cpu(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
-def to_canonical(parts: dict[str, torch.Tensor], attrs: dict, *, packer: str) -> Int4Canonical:
+def to_canonical(parts: dict[str, torch.Tensor], attrs: dict, packer: str, allow_inexact: bool = False) -> Int4Canonical:
     """Unpack an Int4OpaqueTensor (A16W4 tinygemm path) packed by `packer` to the canonical form."""
     if attrs.get("act_mapping_type") is not None or parts.get("act_pre_scale") is not None:
         raise UnsupportedTensorError("Int4OpaqueTensor of the DA8W4 path or with act_pre_scale cannot be re-laid out")
@@ -133,8 +133,10 @@ def to_canonical(parts: dict[str, torch.Tensor], attrs: dict, *, packer: str) ->
     return Int4Canonical(codes, sz.contiguous(), int(attrs["block_size"][-1]), (n, k), sz.dtype)
 
 
-def from_canonical(canon: Int4Canonical, *, packer: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """Parts, attributes and packer of an Int4OpaqueTensor packed as `packer` (default: this machine's)."""
+def from_canonical(canon: Int4Canonical, device: torch.device | None = None, allow_inexact: bool = False, *,
+                   packer: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Parts, attributes and packer of an Int4OpaqueTensor packed as `packer` (default: this machine's), on
+    the CPU, the only device its kernel runs on (exact)."""
     n, k = canon.shape
     if n % ROW_ALIGN or k % 2:
         raise UnsupportedTensorError(f"int4 weight of shape {(n, k)} cannot be CPU-packed: N must be a multiple of 16")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsupportedTensorError
+from ..errors import CorruptCheckpointError, PortabilityError, UnsupportedTensorError
 from .canonical import Int4Canonical
 
 PACKER = "cuda-tinygemm"
@@ -62,8 +62,12 @@ def torch_pack_tiles(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(hi_even.contiguous(), inner_k_tiles)
 
 
-def to_canonical(parts: dict[str, torch.Tensor], attrs: dict) -> Int4Canonical:
-    """Unpack an Int4TilePackedTo4dTensor's parts (on any device, CPU included) to the canonical form."""
+def to_canonical(parts: dict[str, torch.Tensor], attrs: dict, packer: str = PACKER,
+                 allow_inexact: bool = False) -> Int4Canonical:
+    """Unpack an Int4TilePackedTo4dTensor's parts (on any device, CPU included) to the canonical form (exact)."""
+    if packer != PACKER:
+        raise PortabilityError(f"Int4TilePackedTo4dTensor was packed by {packer!r}; only {PACKER!r} is known "
+                               "(ROCm packs the same shape differently); re-quantize on the target device")
     if parts.get("act_pre_scale") is not None:
         raise UnsupportedTensorError("Int4TilePackedTo4dTensor with act_pre_scale cannot be re-laid out; re-quantize it")
     n, k = (int(d) for d in attrs["shape"])
@@ -123,11 +127,12 @@ def padded(canon: Int4Canonical, device: torch.device) -> tuple[torch.Tensor, to
     return codes, sz_pad
 
 
-def from_canonical(
-    canon: Int4Canonical, device: torch.device, *, inner_k_tiles: int = 8
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Parts and attributes of an Int4TilePackedTo4dTensor on `device`; torch's packer on CUDA, ours elsewhere."""
+def from_canonical(canon: Int4Canonical, device: torch.device, allow_inexact: bool = False, *,
+                   inner_k_tiles: int = 8) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Parts, attributes and packer of an Int4TilePackedTo4dTensor on `device`; torch's packer on CUDA, ours
+    elsewhere (exact)."""
+    device = torch.device(device)
     codes, sz = padded(canon, device)
     pack = torch_pack_tiles if device.type == "cuda" else pack_tiles
     parts = {"qdata": pack(codes, inner_k_tiles), "scale_and_zero": sz.contiguous()}
-    return parts, {"block_size": [1, canon.group_size], "shape": torch.Size(canon.shape)}
+    return parts, {"block_size": [1, canon.group_size], "shape": torch.Size(canon.shape)}, PACKER

@@ -9,6 +9,8 @@ dequantized weights and refuses unless they are bit-identical or the caller allo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..errors import CorruptCheckpointError, PortabilityError, UnsupportedTensorError
@@ -38,7 +40,30 @@ def _checked(exact: torch.Tensor, approx: torch.Tensor, allow_inexact: bool, wha
     return err
 
 
-def to_canonical(
+def to_canonical(parts: dict[str, torch.Tensor], attrs: dict, packer: str = PACKER,
+                 allow_inexact: bool = False) -> Int4Canonical:
+    """Canonical form of an Int4PlainInt32Tensor; an inexact one (allowed) warns with its error."""
+    canon, err = measured_to_canonical(parts, attrs, allow_inexact=allow_inexact)
+    _warn_if_inexact(err)
+    return canon
+
+
+def from_canonical(canon: Int4Canonical, device: torch.device, allow_inexact: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Parts, attributes and packer of an Int4PlainInt32Tensor on `device`; an inexact one (allowed) warns."""
+    parts, attrs, err = measured_from_canonical(canon, torch.device(device), allow_inexact=allow_inexact)
+    _warn_if_inexact(err)
+    return parts, attrs, PACKER
+
+
+def _warn_if_inexact(err: float) -> None:
+    """Say by how much an allowed inexact conversion changed the dequantized weights."""
+    if err:
+        warnings.warn(f"Int4PlainInt32Tensor re-layout changed dequantized weights by up to {err:.3g} "
+                      "(allow_inexact=True)")
+
+
+def measured_to_canonical(
     parts: dict[str, torch.Tensor], attrs: dict, *, allow_inexact: bool = False
 ) -> tuple[Int4Canonical, float]:
     """Canonical form of an Int4PlainInt32Tensor and the max abs dequantization error that introduced."""
@@ -57,7 +82,7 @@ def to_canonical(
     return canon, err
 
 
-def from_canonical(
+def measured_from_canonical(
     canon: Int4Canonical, device: torch.device, *, allow_inexact: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict, float]:
     """Parts and attributes of an Int4PlainInt32Tensor, and the max abs dequantization error introduced."""

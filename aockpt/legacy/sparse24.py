@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 
 # cuSPARSELt (0.8, measured on an H100 against torch._cslt_compress: fixtures/cuda/cslt): the kept
 # values row-major, then 4-bit position codes (first index | second << 2), two per byte, in tiles of
