@@ -121,6 +121,13 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
         OutputError: the destination cannot be written (full disk, permissions, a file in the way);
             nothing was written.
     """
+    from .object_files import output_url, staged_upload
+
+    bucket = output_url(dst)
+    if bucket is not None:  # an object-store prefix: staged locally, uploaded with its commit marker last
+        with staged_upload(bucket, force=force, folder=folder) as tmp:
+            yield tmp
+        return
     dst = Path(dst)
     if source is not None:
         check_no_overlap(source, dst)

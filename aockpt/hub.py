@@ -72,8 +72,10 @@ def _card_section(info: Any, repo_id: str) -> str:
     lines += ["", "Load with stock transformers (needs torchao installed):", "", "```python",
               "from transformers import AutoModelForCausalLM", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", "",
-              "or with aockpt, which checks every digest and the target device first:", "", "```python",
-              "import aockpt", "", f'model = aockpt.load_pretrained("{repo_id}", device="cpu")', "```", "",
+              "or with aockpt (`pip install aockpt`), which refuses a tensor the device cannot hold before "
+              "reading any, and with `verify=True` checks every tensor's sha256 digest:", "", "```python",
+              "import aockpt", "",
+              f'model = aockpt.load_pretrained("{repo_id}", device="cpu", verify=True)', "```", "",
               "| software | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in sorted(info.producer.items())]
     return "\n".join(lines) + "\n"

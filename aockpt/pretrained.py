@@ -46,7 +46,8 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
                     dtype: torch.dtype | None = None, model_class: type | None = None,
-                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None) -> Any:
+                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None,
+                    verify: bool = False) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
@@ -57,15 +58,17 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     missing, unexpected or mis-shaped weights are an error listing each name. `cpu_packer` names the CPU
     packer of int4 weights the folder does not record (as for `pack`). `device_map` ("auto", "balanced",
     "sequential" or a dict of module name -> device, accelerate's conventions) spreads the model over
-    several devices instead of `device`.
+    several devices instead of `device`. `path` may name a Hub repo or an object-store prefix
+    (docs/remote.md). `verify` checks every tensor's recorded digest as its bytes are read.
 
     Raises:
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError.
     """
     from transformers import AutoConfig
 
+    from .remote_sources import model_folder
 
-    folder = Path(path)
+    folder, weights = model_folder(path)
     if not member(folder, CONFIG_NAME).is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
     load_file(folder / CONFIG_NAME)  # size-checked and strict before transformers reads it
@@ -83,10 +86,11 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if device_map is None:
         mapping = {"": parse_device(device)}
     else:  # placing needs every name and size first, so a mismatch is reported before anything is read
-        sizes = stored_bytes(folder, cpu_packer)
+        sizes = stored_bytes(weights, cpu_packer)
         _check_names(model, set(sizes), tied, folder)
         mapping = dm.resolve(device_map, model, sizes, tied)
-    state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer)
+    state = load_placed(weights, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer,
+                        verify=verify)
     tied = _stored_ties(model, state, tied)
     _check_names(model, set(state), tied, folder)
     _attach(model, state, tied, mapping, folder)

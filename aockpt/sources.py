@@ -177,12 +177,17 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix == ".safetensors" or p.name in (fmt.INDEX_NAME, PICKLE_INDEX) or p.suffix in PICKLE_SUFFIXES
 
 
-def open_source(path: str | Path, cpu_packer: str | None = None) -> Source:
+def open_source(path: str | Path, cpu_packer: str | None = None, *, partial: bool = False) -> Source:
     """Open any supported input by what it is on disk, never by trusting its contents.
 
-    `cpu_packer` names the packer of CPU int4 tensors whose file does not record one (see `settle_packers`).
+    `path` may also name a Hub repo or an object-store URL (aockpt.locations); `partial` says only some of
+    its bytes will be read. `cpu_packer` names the packer of CPU int4 tensors whose file does not record
+    one (see `settle_packers`).
     """
-    source = _open(Path(path))
+    from .remote_sources import open_remote
+
+    opened = open_remote(path, partial=partial)
+    source = _open(opened) if isinstance(opened, Path) else opened
     try:
         source.types = settle_packers(source.types, lambda name: _rows(source.describe(name)), cpu_packer,
                                       str(source.path))
