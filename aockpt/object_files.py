@@ -71,7 +71,7 @@ def _errors(url: str) -> Iterator[None]:
         raise RemoteReadError(f"{url}: access denied ({safe(reason(e, 300))}); check the credentials in the "
                               "environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*)") from None
     except Exception as e:  # obstore's GenericError and transport errors carry the cause only in their text
-        text = safe(reason(e, 300))
+        text = safe(reason(str(e).split(" Debug source:", 1)[0], 300))
         if isinstance(e, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(e)):
             raise Transient(text) from None
         raise RemoteReadError(f"{url}: {text}") from None
