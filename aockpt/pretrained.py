@@ -32,6 +32,8 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
     model's config usually has none), and a tie the tensors no longer share is switched off.
     """
+    from .object_files import destination
+
     state = model.state_dict()
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state), tmp, max_shard_size=max_shard_size)
@@ -41,7 +43,7 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
             (tmp / CONFIG_NAME).write_text(text)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
-    return Path(dst)
+    return destination(dst)
 
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
@@ -72,7 +74,7 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if not member(folder, CONFIG_NAME).is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
     load_file(folder / CONFIG_NAME)  # size-checked and strict before transformers reads it
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(os.fspath(folder), trust_remote_code=False)  # a staged remote folder too
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model_class = model_class or _causal_lm_class(config)

@@ -49,6 +49,9 @@ class UrlPath(PosixPath):
     def __fspath__(self) -> str:
         return PosixPath.__str__(self)
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return UrlPath, (os.fspath(self), self.url)
+
     def __truediv__(self, name: Any) -> "UrlPath":
         return UrlPath(PosixPath(os.fspath(self)) / name, f"{self.url}/{name}")
 

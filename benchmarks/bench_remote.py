@@ -8,6 +8,7 @@ fault proxy of the tests (tests/fault_proxy.py) in front of the server.
 
     python benchmarks/bench_remote.py                        # ~1 GB, concurrency 4 8 16 32, 3 runs each
     python benchmarks/bench_remote.py --gb 0.2 --runs 1      # quick
+    python benchmarks/bench_remote.py --device cuda          # on a GPU machine: the same loads to cuda
 Needs: pip install -e ".[test]" s3fs runai-model-streamer runai-model-streamer-s3
 """
 
@@ -28,9 +29,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
-def _child(tool: str, url: str, concurrency: int) -> None:
+def _child(tool: str, url: str, concurrency: int, device: str) -> None:
     """One timed load in this fresh process; prints seconds, tensors, bytes and peak RSS as JSON."""
     import torch
+
+    if device != "cpu":
+        torch.empty(1, device=device)  # the CUDA context is set up before the clock starts
 
     shards = json.loads(os.environ["BENCH_SHARDS"])
     if tool == "aockpt":
@@ -38,15 +42,17 @@ def _child(tool: str, url: str, concurrency: int) -> None:
 
         os.environ["AOCKPT_CONCURRENCY"] = str(concurrency)
         start = time.perf_counter()
-        state = aockpt.load_quantized(url)
+        state = aockpt.load_quantized(url, device)
     elif tool == "runai":
         from runai_model_streamer import SafetensorsStreamer
 
         os.environ["RUNAI_STREAMER_CONCURRENCY"] = str(concurrency)
         with SafetensorsStreamer() as streamer:
             start = time.perf_counter()
-            streamer.stream_files([f"{url}/{s}" for s in shards])
+            streamer.stream_files([f"{url}/{s}" for s in shards], device=device)
             state = dict(streamer.get_tensors())  # views of its buffer (no memory limit set): no copy counted
+            if device != "cpu":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
     else:
         import s3fs
@@ -56,11 +62,13 @@ def _child(tool: str, url: str, concurrency: int) -> None:
         bucket_prefix = url.removeprefix("s3://")
         start = time.perf_counter()
         blobs = fs.cat([f"{bucket_prefix}/{s}" for s in shards])  # the shards concurrently, each one GET
-        state = {k: v for blob in blobs.values() for k, v in load(blob).items()}
+        state = {k: v.to(device) for blob in blobs.values() for k, v in load(blob).items()}
+        if device != "cpu":
+            torch.cuda.synchronize()
     if tool != "runai":
         seconds = time.perf_counter() - start
     nbytes = sum(_stored_bytes(t) for t in state.values())
-    print(json.dumps({"tool": tool, "concurrency": concurrency, "seconds": seconds, "tensors": len(state),
+    print(json.dumps({"tool": tool, "device": device, "concurrency": concurrency, "seconds": seconds, "tensors": len(state),
                       "bytes": nbytes, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "torch": torch.__version__}))
 
@@ -90,9 +98,10 @@ def _checkpoint(folder: Path, gb: float) -> Path:
     return aockpt.save(model.state_dict(), folder / "packed", max_shard_size="200MB")
 
 
-def _run(tool: str, url: str, concurrency: int, env: dict[str, str]) -> dict:
+def _run(tool: str, url: str, concurrency: int, env: dict[str, str], device: str) -> dict:
     """One fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--child", tool, "--url", url, "--concurrency", str(concurrency)],
+    out = subprocess.run([sys.executable, __file__, "--child", tool, "--url", url, "--concurrency", str(concurrency),
+                          "--device", device],
                          env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{tool} at concurrency {concurrency} failed:\n{out.stderr[-3000:]}")
@@ -124,11 +133,12 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--child")
     parser.add_argument("--url")
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.url, args.concurrency[0])
+        _child(args.child, args.url, args.concurrency[0], args.device)
         return
     from s3_server import S3Server
 
@@ -143,12 +153,13 @@ def main() -> None:
         for run in range(args.runs):  # interleaved, so drift hits every tool alike
             for concurrency in args.concurrency:
                 for tool in ("aockpt", "runai"):
-                    rows.append(_run(tool, url, concurrency, env))
-            rows.append(_run("s3fs", url, 0, env))
+                    rows.append(_run(tool, url, concurrency, env, args.device))
+            rows.append(_run("s3fs", url, 0, env, args.device))
         summary = {}
         for row in rows:
             summary.setdefault((row["tool"], row["concurrency"]), []).append(row)
-        print(f"checkpoint: {stored / 1e9:.3f} GB in {len(shards)} shards; median of {args.runs} fresh processes")
+        print(f"checkpoint: {stored / 1e9:.3f} GB in {len(shards)} shards to {args.device}; median of {args.runs} "
+              "fresh processes")
         print("| tool | concurrency | seconds | GB/s | peak RSS MB |\n|---|---:|---:|---:|---:|")
         for (tool, concurrency), group in summary.items():
             seconds = statistics.median(r["seconds"] for r in group)

