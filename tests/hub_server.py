@@ -170,14 +170,10 @@ class HubServer:
         repo = self._repo(repo_id)
         _, files = self._tree(repo, revision)
         prefix = f"{folder.strip('/')}/" if folder else ""
-        entries = []
-        for path, data in sorted(files.items()):
-            if path.startswith(prefix):
-                entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
-                if path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE:
-                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                    "pointerSize": 134}
-                entries.append(entry)
+        entries = [{"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data),
+                    **({"lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+                       if path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE else {})}
+                   for path, data in sorted(files.items()) if path.startswith(prefix)]
         return 200, entries, {}
 
     def resolve(self, body: bytes, repo_id: str, revision: str, path: str, *, method: str,
@@ -319,7 +315,6 @@ _NO_AUTH = {"lfs_put"}  # presigned storage URLs carry no token
 @dataclass
 class RawBody:
     """File bytes to send as they are (a HEAD answer sends only their length)."""
-
     data: bytes
     head_only: bool
 
