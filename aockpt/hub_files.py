@@ -1,4 +1,5 @@
-"""Hub repos as aockpt reads them: one commit per load, whole through the cache or by range request.
+"""Hub repos as aockpt reads them: one commit per load, whole through the cache or by range request; and the
+huggingface_hub helpers reads and uploads (aockpt.hub) share: its transport errors and its progress bars.
 
 The revision is resolved to one commit when a load opens, and every later request names that commit, so
 a push in the middle of a load cannot mix two versions. Full loads go through huggingface_hub's
@@ -17,6 +18,7 @@ from urllib.parse import quote
 
 from .errors import RemoteReadError, UsageError, reason
 from .locations import HubRepo, HubSettings, hub_settings
+from .progress import enabled
 from .remote_io import Changed, RemoteFile, Transient, safe
 
 # Weights in formats aockpt does not read: never downloaded for a load.
@@ -77,9 +79,7 @@ def snapshot(repo: HubRepo, files: dict[str, int] | None = None) -> Path:
     skip = list(OTHER_WEIGHTS)
     if files is not None and any(n.endswith(".safetensors") for n in files):
         skip += _PICKLES
-    from .hub import _progress_bars
-
-    with hub_errors(repo, settings), _progress_bars(True):
+    with hub_errors(repo, settings), progress_bars(True):
         folder = snapshot_download(repo.repo_id, revision=repo.revision, endpoint=settings.endpoint,
                                    token=settings.token, cache_dir=settings.cache_dir,
                                    local_files_only=settings.offline, allow_patterns=[f"{sub}*"],
@@ -97,15 +97,13 @@ def _ranges(http_url: str, where: str, size: int, commit: str, token: str | None
     def stream(start: int, end: int) -> Iterator[bytes]:
         from huggingface_hub.utils import build_hf_headers, get_session
 
-        from .hub import _transport_errors
-
         headers = {**build_hf_headers(token=token), "Range": f"bytes={start}-{end - 1}"}
         try:
             with get_session().stream("GET", http_url, headers=headers, follow_redirects=True) as response:
                 _check_status(response.status_code, start, end, where, size, commit,
                               response.headers.get("X-Repo-Commit"))
                 yield from response.iter_bytes()
-        except _transport_errors() as e:
+        except transport_errors() as e:
             raise Transient(f"{type(e).__name__}: {reason(e)}") from None
 
     return stream
@@ -172,3 +170,31 @@ def open_hub(repo: HubRepo) -> HubFolder:
     settings = hub_settings()
     commit, files = pin(repo, settings)
     return HubFolder(repo, commit, files, settings)
+
+
+def transport_errors() -> tuple[type, ...]:
+    """The HTTP clients' error base classes: huggingface_hub 2.x talks through httpx2, 1.x through httpx."""
+    import importlib
+
+    errors = []
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+@contextmanager
+def progress_bars(wanted: bool) -> Iterator[None]:
+    """huggingface_hub's bars only when asked for and a person is watching (aockpt.progress rules)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    silence = not (wanted and enabled()) and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if silence:
+            enable_progress_bars()

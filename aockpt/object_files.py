@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import RemoteReadError, UsageError, reason
+from .format import INDEX_NAME, WEIGHTS_NAME
 from .locations import ObjectUrl, locate
 from .remote_io import Changed, RemoteFile, Transient, safe
 
@@ -171,8 +172,6 @@ def staged_upload(dst: ObjectUrl, *, force: bool, folder: bool) -> Iterator[Path
     a reader refuses a prefix without its marker, so it never sees a half-written checkpoint."""
     import shutil
     import tempfile
-
-    from .format import INDEX_NAME, WEIGHTS_NAME
 
     target = open_folder(dst if folder else ObjectUrl(dst.url.rsplit("/", 1)[0]))
     name = None if folder else dst.url.rsplit("/", 1)[1]

@@ -17,7 +17,9 @@ from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorE
 from .hf_config import CONFIG_NAME, model_class as _causal_lm_class, rewritten_config
 from .portability import parse_device
 from .writer import write_packed
+from .object_files import destination
 from .paths import member
+from .remote_sources import model_folder
 from .typed_json import load_file
 
 PathLike = str | os.PathLike
@@ -32,8 +34,6 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
     config.json's quantization_config is derived from the tensors written (after ``quantize_`` the
     model's config usually has none), and a tie the tensors no longer share is switched off.
     """
-    from .object_files import destination
-
     state = model.state_dict()
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state), tmp, max_shard_size=max_shard_size)
@@ -67,8 +67,6 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError.
     """
     from transformers import AutoConfig
-
-    from .remote_sources import model_folder
 
     folder, weights = model_folder(path)
     if not member(folder, CONFIG_NAME).is_file():

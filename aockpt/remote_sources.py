@@ -25,6 +25,7 @@ from .hub_files import HubFolder, OTHER_WEIGHTS, open_hub, snapshot
 from .locations import HubRepo, Location, ObjectUrl, hub_settings, locate
 from .object_files import ObjectFolder, open_folder
 from .remote_io import concurrency
+from .reader import Checkpoint, _assemble as join_shards
 from .remote_shards import RemoteShard, fetch_parts
 
 SMALL_FILE_LIMIT = 64 * 1024 * 1024  # a non-weight file larger than this is not staged
@@ -75,8 +76,9 @@ def model_folder(where: Any) -> tuple[Path, Any]:
     return root, location
 
 
-def open_remote(where: Any, *, partial: bool) -> Any:
-    """A local Path for local inputs and whole Hub loads (the cache), else an opened remote source.
+def open_remote(where: Any, *, partial: bool) -> Path | Checkpoint:
+    """A local Path for local inputs, whole Hub loads (the cache) and staged pickle folders, else a remote
+    safetensors checkpoint for aockpt.sources to make a Source of.
 
     `partial`: only some bytes will be read (inspect, keys=, slices), so a Hub repo is read by range.
     """
@@ -105,8 +107,8 @@ def _parent(location: ObjectUrl) -> ObjectUrl:
     return ObjectUrl(location.url.rsplit("/", 1)[0])
 
 
-def _remote_source(folder: HubFolder | ObjectFolder, single: str | None = None) -> Any:
-    """Stage the small files, open the shards by range, and assemble a Source as a local folder would."""
+def _remote_source(folder: HubFolder | ObjectFolder, single: str | None = None) -> Checkpoint | UrlPath:
+    """Stage the small files and open the shards by range: the checkpoint (a pickle folder: staged whole)."""
     if isinstance(folder, HubFolder) and folder.repo.subfolder and _names_file(folder.repo.subfolder):
         sub, single = folder.repo.subfolder.rsplit("/", 1) if "/" in folder.repo.subfolder else ("", folder.repo.subfolder)
         folder = open_hub(HubRepo(folder.repo.repo_id, folder.commit, sub))
@@ -114,23 +116,21 @@ def _remote_source(folder: HubFolder | ObjectFolder, single: str | None = None) 
     staging = tempfile.mkdtemp(prefix="aockpt-remote-")
     root = UrlPath(staging, folder.url)
     try:
-        source = _assemble(folder, listing, root, single)
+        opened = _assemble(folder, listing, root, single)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    weakref.finalize(source, shutil.rmtree, staging, True)
-    return source
+    weakref.finalize(opened, shutil.rmtree, staging, True)  # the staging folder lives as long as what holds it
+    return opened
 
 
-def _assemble(folder: HubFolder | ObjectFolder, listing: dict[str, int], root: UrlPath, single: str | None) -> Any:
-    """The Source: a pickle folder staged whole, or safetensors shards opened by range."""
-    from . import sources
-    from .reader import Flavor, _assemble as join_shards
-
+def _assemble(folder: HubFolder | ObjectFolder, listing: dict[str, int], root: UrlPath,
+              single: str | None) -> Checkpoint | UrlPath:
+    """Safetensors shards opened by range beside the staged small files, or a pickle folder staged whole."""
     weights = _shard_names(folder.url, listing, single)
     if weights is None:  # pickles are read whole anyway: stage them and open the folder as on disk
         _stage(folder, root, [n for n in listing if not _other_weights(n)])
-        return sources._open(root)
+        return root
     shard_names, weight_map = weights
     _stage(folder, root, [n for n in listing if _small(n, listing[n])])
     if weight_map is not None:
@@ -140,15 +140,7 @@ def _assemble(folder: HubFolder | ObjectFolder, listing: dict[str, int], root: U
         if missing:
             raise CorruptCheckpointError(f"{root / INDEX_NAME} names shard {missing[0]!r}, which is not under "
                                          f"{folder.url}; the upload is incomplete: re-upload the folder")
-    shards = open_shards(folder, root, shard_names)
-    ckpt = join_shards(root / single if single else root, shards, weight_map)
-    kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor is Flavor.PACKED else ckpt.flavor.value
-    source = sources.from_checkpoint(ckpt, kind)
-    if single is None:
-        source.extra_files = sorted((root / n for n in os.listdir(os.fspath(root))
-                                     if n not in (INDEX_NAME,) and not n.startswith(".")), key=lambda p: p.name)
-    sources._restore_ties(source, root)
-    return source
+    return join_shards(root / single if single else root, open_shards(folder, root, shard_names), weight_map)
 
 
 def _shard_names(url: str, listing: dict[str, int], single: str | None) -> tuple[list[str], Any] | None:
