@@ -87,16 +87,6 @@ def locate(where: str | os.PathLike[str] | Location) -> Location:
     return HubRepo(match.group(1), match.group(2))
 
 
-def is_remote(where: Any) -> bool:
-    """Whether `where` names a Hub repo or an object URL rather than an existing local path."""
-    if isinstance(where, (str, HubRepo, ObjectUrl)):
-        try:
-            return not isinstance(locate(where), Path)
-        except UsageError:
-            return False
-    return False
-
-
 @dataclass(frozen=True)
 class HubSettings:
     """huggingface_hub's settings, read when a load starts (so a process can change them between loads)."""
