@@ -19,6 +19,7 @@ from .plan import Placement
 from .registry import tensor_type_named
 from .report import CheckpointInfo, TensorInfo, VerifyReport, inspect, verify  # noqa: F401 - re-exported
 from .sources import Source, from_state_dict, merge_stored_ties, open_source
+from .object_files import destination
 from .writer import SourceTensor, write_packed
 
 
@@ -58,7 +59,7 @@ def pack(src: PathLike, dst: PathLike, *, force: bool = False, max_shard_size: i
         items = source_tensors(source, layout_for)
         write_packed(items, tmp, max_shard_size=max_shard_size, workers=workers, release_pages=True)
         _copy_extra_files(source, tmp, {i.name: i.tensor for i in items})
-    return Path(dst)
+    return destination(dst)
 
 
 def _copy_extra_files(source: Source, dst: Path, state: dict[str, torch.Tensor]) -> None:
@@ -88,7 +89,7 @@ def save(state_dict: dict[str, torch.Tensor], dst: PathLike, *, force: bool = Fa
     """Pack an in-memory state dict (e.g. ``model.state_dict()`` after ``quantize_``) into a folder."""
     with staged(dst, force=force) as tmp:
         write_packed(state_items(state_dict), tmp, max_shard_size=max_shard_size, workers=workers)
-    return Path(dst)
+    return destination(dst)
 
 
 def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str | None = None) -> Path:
@@ -107,7 +108,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
             _torch_save(state, tmp / PICKLE_WEIGHTS if as_folder else tmp, Path(dst))
             for extra in source.extra_files if as_folder else ():
                 shutil.copy2(extra, tmp / extra.name)
-    return Path(dst)
+    return destination(dst)
 
 
 def _check_weights_only_loadable(source: Source) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError, UsageError
+from .object_files import output_url, staged_upload
 from .paths import file_homes
 
 MARK = ".aockpt-"
@@ -261,6 +262,11 @@ def staged(dst: str | os.PathLike, *, force: bool = False, folder: bool = True,
         OutputError: the destination cannot be written (full disk, permissions, a file in the way);
             nothing was written.
     """
+    bucket = output_url(dst)
+    if bucket is not None:  # an object-store prefix: staged locally, uploaded with its commit marker last
+        with staged_upload(bucket, force=force, folder=folder) as tmp:
+            yield tmp
+        return
     dst = Path(dst)
     if source is not None:
         check_no_overlap(source, dst)

@@ -37,6 +37,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     errors.UnsupportedTensorError: (6, "a tensor type or legacy layout aockpt has no codec for"),
     errors.HubError: (7, "the Hub refused the upload or could not be reached"),
     errors.OutputError: (8, "the output could not be written (disk full, permissions)"),
+    errors.RemoteReadError: (9, "a remote checkpoint could not be read (unreachable, refused, or changed)"),
     errors.AockptError: (1, "any other error aockpt raises on purpose"),
     KeyboardInterrupt: (130, "interrupted (Ctrl-C); nothing was left at the destination"),
     Terminated: (143, "terminated (SIGTERM); nothing was left at the destination"),

@@ -80,5 +80,9 @@ class OutputError(AockptError, OSError):
     """An output could not be written (disk full, size limit, permissions); nothing was left behind."""
 
 
+class RemoteReadError(AockptError, OSError):
+    """A remote checkpoint could not be read: unreachable, refused, cut short, or changed while loading."""
+
+
 class HubError(AockptError):
     """An upload to the Hugging Face Hub failed; the message says whether anything was uploaded."""

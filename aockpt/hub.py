@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import HubError, UnsafeCheckpointError, UsageError
+from .hub_files import progress_bars, transport_errors
 from .paths import member
 from .publish_rules import find_problems, publishable_files
 
@@ -72,8 +73,10 @@ def _card_section(info: Any, repo_id: str) -> str:
     lines += ["", "Load with stock transformers (needs torchao installed):", "", "```python",
               "from transformers import AutoModelForCausalLM", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", "",
-              "or with aockpt, which checks every digest and the target device first:", "", "```python",
-              "import aockpt", "", f'model = aockpt.load_pretrained("{repo_id}", device="cpu")', "```", "",
+              "or with aockpt (`pip install aockpt`), which refuses a tensor the device cannot hold before "
+              "reading any, and with `verify=True` checks every tensor's sha256 digest:", "", "```python",
+              "import aockpt", "",
+              f'model = aockpt.load_pretrained("{repo_id}", device="cpu", verify=True)', "```", "",
               "| software | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in sorted(info.producer.items())]
     return "\n".join(lines) + "\n"
@@ -118,7 +121,7 @@ def push(path: PathLike, repo_id: str, *, revision: str | None = None, private: 
         existing = card_file.read_text(encoding="utf-8", errors="replace") if card_file else None
         card = model_card(existing, inspect(folder, devices=CARD_DEVICES), repo_id).encode("utf-8")
         files = {name: folder / name for name in names if name != CARD_NAME}
-        with _progress_bars(progress):
+        with progress_bars(progress):
             return _commit(files, card, repo_id, endpoint=endpoint, token=token, revision=revision,
                            private=private, create_pr=create_pr,
                            commit_message=commit_message or f"Upload {src.name} with aockpt")
@@ -168,7 +171,7 @@ def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
     """Turn huggingface_hub and transport errors into one-line HubErrors saying nothing was committed."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    transport = _transport_errors()
+    transport = transport_errors()
     tail = "no commit was made; re-run the same command to retry (files already uploaded are skipped)"
     try:
         yield
@@ -185,19 +188,6 @@ def _hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
         raise HubError(f"push to {repo_id} failed: {why}; {tail}") from e
 
 
-def _transport_errors() -> tuple[type, ...]:
-    """The HTTP clients' error base classes: huggingface_hub 2.x talks through httpx2, 1.x through httpx."""
-    import importlib
-
-    errors = []
-    for client in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(client).HTTPError)
-        except ImportError:
-            continue
-    return tuple(errors)
-
-
 def _root_cause(exc: BaseException, wanted: tuple[type, ...]) -> BaseException:
     """The first exception of a wanted type along the cause chain, else the innermost one."""
     seen = exc
@@ -209,23 +199,6 @@ def _root_cause(exc: BaseException, wanted: tuple[type, ...]) -> BaseException:
 def _first_line(exc: BaseException) -> str:
     """An exception's message on one line."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-@contextmanager
-def _progress_bars(wanted: bool) -> Iterator[None]:
-    """huggingface_hub's bars only when asked for and a person is watching (aockpt.progress rules)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    from .progress import enabled
-
-    silence = not (wanted and enabled()) and not are_progress_bars_disabled()
-    if silence:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if silence:
-            enable_progress_bars()
 
 
 if __name__ == "__main__":  # hooks installed by aockpt 0.1 run `python -m aockpt.hub pre-push`

@@ -22,6 +22,7 @@ from .errors import CorruptCheckpointError, KeyMismatchError, UsageError
 from .plan import Placement, TensorPlan, plan
 from .progress import track
 from .registry import tensor_type_named
+from .remote_sources import fetch_ahead
 from .safetensors_io import sha256_hex
 from .sources import Source, open_source
 
@@ -99,13 +100,16 @@ def load_quantized(path: PathLike, device: str | torch.device = "cpu", *, relayo
     """
     target = portability.parse_device(device)
     placement_of = shard.placement_of(target) if shard is not None else (lambda _: Placement(target))
-    return load_placed(path, placement_of, relayout=relayout, keys=keys, verify=verify, cpu_packer=cpu_packer)
+    return load_placed(path, placement_of, relayout=relayout, keys=keys, verify=verify, cpu_packer=cpu_packer,
+                       partial=shard is not None)
 
 
 def load_placed(path: PathLike, placement_of: Callable[[str], Placement | torch.device], *, relayout: bool = False,
-                keys: KeyFilter = None, verify: bool = False, cpu_packer: str | None = None) -> dict[str, torch.Tensor]:
-    """`load_quantized` with each tensor placed on its own device (device maps), or cut (tensor parallelism)."""
-    with open_source(path, cpu_packer) as source:
+                keys: KeyFilter = None, verify: bool = False, cpu_packer: str | None = None,
+                partial: bool = False) -> dict[str, torch.Tensor]:
+    """`load_quantized` with each tensor placed on its own device (device maps), or cut (tensor parallelism);
+    `partial`: cuts will read only some bytes (a Hub repo is then read by range, not downloaded)."""
+    with open_source(path, cpu_packer, partial=partial or keys is not None) as source:
         names = select(source, keys)
         portability.require_known_packers({n: source.types[n] for n in source.real_names(names)}, str(source.path))
         placements = {n: _placement(placement_of(n)) for n in names}
@@ -156,8 +160,11 @@ def load_from(source: Source, placements: dict[str, Placement], *, relayout: boo
     request_of = _requests(source, placements)
     plans = plan(source, {r: placements[r] for r in dict.fromkeys(request_of.values())}, relayout=relayout,
                  rules_for=rules_for)
-    if verify:
-        verify_digests(source, list(dict.fromkeys(source.aliases.get(n, n) for n in plans)))
+    stored = list(dict.fromkeys(source.aliases.get(n, n) for n in plans))
+    host = stored if verify else [source.aliases.get(r, r) for r, p in plans.items() if p.cut is None and
+                                  (p.canonical or p.converter is not None or p.device.type == "cpu")]
+    if not fetch_ahead(source, host, verify) and verify:  # remote: read concurrently, digests checked on arrival
+        verify_digests(source, stored)
     parts, loading = _place(source, plans)
     try:
         tensors, packers = _build(source, plans, parts)
@@ -256,6 +263,6 @@ def verify_digests(source: Source, names: list[str]) -> list[str]:
 
 def stored_bytes(path: PathLike, cpu_packer: str | None = None) -> dict[str, int]:
     """Bytes each tensor stores (tied names share their target's), read from headers alone."""
-    with open_source(path, cpu_packer) as source:
+    with open_source(path, cpu_packer, partial=True) as source:
         sizes = {n: sum(p.numel() * p.element_size() for p in source.describe(n).parts.values()) for n in source.types}
         return {**sizes, **{a: sizes[t] for a, t in source.aliases.items()}}

@@ -22,7 +22,9 @@ from .portability import parse_device
 from .sources import open_source
 from .api import state_items
 from .writer import write_packed
+from .object_files import destination
 from .paths import member
+from .remote_sources import model_folder
 
 PathLike = str | os.PathLike
 
@@ -53,12 +55,13 @@ def save_pretrained(model: Any, dst: PathLike, *, force: bool = False,
             (tmp / CONFIG_NAME).write_text(text)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
-    return Path(dst)
+    return destination(dst)
 
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relayout: bool = False,
                     dtype: torch.dtype | None = None, model_class: type | None = None,
-                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None) -> Any:
+                    cpu_packer: str | None = None, device_map: str | dict[str, Any] | None = None,
+                    verify: bool = False) -> Any:
     """A transformers causal LM with aockpt-loaded weights on `device`, for every type aockpt can load.
 
     Works where stock ``from_pretrained`` cannot: CPU ``Int4OpaqueTensor``, legacy torchao folders, and
@@ -71,15 +74,15 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     listing each name. `dtype` defaults to config.json's (which aockpt derives from the weights). `cpu_packer`
     names the CPU packer of int4 weights the folder does not record (as for `pack`). `device_map`
     ("auto", "balanced", "sequential" or a dict of module name -> device, accelerate's conventions)
-    spreads the model over several devices instead of `device`.
+    spreads the model over several devices instead of `device`. `path` may name a Hub repo or an object-store
+    prefix (docs/remote.md). `verify` checks every tensor's recorded digest as its bytes are read.
 
     Raises:
         KeyMismatchError, PortabilityError, CorruptCheckpointError, UnsafeCheckpointError, UsageError,
         UnsupportedTensorError (a model type transformers does not know, and no `model_class`).
     """
-
-    folder = Path(path)
-    model_class, config, backing = _checked_config(folder, model_class, cpu_packer)
+    folder, weights = model_folder(path)
+    model_class, config, backing = _checked_config(folder, weights, model_class, cpu_packer)
     with _parameters_on_meta():
         model = bounded_build(lambda: model_class._from_config(
             config, dtype=dtype or getattr(config, "dtype", None) or torch.bfloat16), backing,
@@ -89,10 +92,11 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     if device_map is None:
         mapping = {"": parse_device(device)}
     else:  # placing needs every name and size first, so a mismatch is reported before anything is read
-        sizes = stored_bytes(folder, cpu_packer)
+        sizes = stored_bytes(weights, cpu_packer)
         _check_names(model, set(sizes), tied, folder)
         mapping = dm.resolve(device_map, model, sizes, tied)
-    state = load_placed(folder, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer)
+    state = load_placed(weights, lambda n: dm.device_of(n, mapping), relayout=relayout, cpu_packer=cpu_packer,
+                        verify=verify)
     tied = _stored_ties(model, state, tied)
     _check_names(model, set(state), tied, folder)
     _attach(model, state, tied, mapping, folder)
@@ -101,14 +105,16 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu", *, relay
     return model.eval()
 
 
-def _checked_config(folder: Path, model_class: type | None, cpu_packer: str | None) -> tuple[type, Any, Backing]:
+def _checked_config(folder: Path, weights: Any, model_class: type | None,
+                    cpu_packer: str | None) -> tuple[type, Any, Backing]:
     """The model class and transformers config for a folder, from its config.json read once and checked
-    (types, ranges, and a meta-device build within what the stored tensors back) before the real build."""
+    (types, ranges, and a meta-device build within what the stored tensors back, read from the headers of
+    `weights`: the folder, or where a remote folder's weights are) before the real build."""
     path = member(folder, CONFIG_NAME)
     if not path.is_file():
         raise CorruptCheckpointError(f"{folder} has no {CONFIG_NAME}; load_pretrained needs a model folder")
     raw = read_config(path)
-    with open_source(folder, cpu_packer) as source:
+    with open_source(weights, cpu_packer, partial=True) as source:
         backing = Backing.of_source(source)
     check_config(raw, backing, path)
     if config_class(raw) is None and model_class is None:

@@ -13,6 +13,7 @@ from .load import PathLike, verify_digests
 from .plan import check_records
 from .reader import check_torchao_records
 from .registry import DTYPE_NAMES, tensor_type_named
+from .remote_sources import fetch_ahead
 from .sources import Source, open_source
 
 
@@ -90,7 +91,7 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
 
     A CPU int4 tensor whose packer neither the file nor `cpu_packer` states lists its `packer_candidates`.
     """
-    with open_source(path, cpu_packer, foreign_ok=True) as source:
+    with open_source(path, cpu_packer, foreign_ok=True, partial=True) as source:
         ckpt = source.checkpoint
         tensors = []
         for name, (type_name, packer) in source.types.items():
@@ -145,6 +146,7 @@ def verify(path: PathLike) -> VerifyReport:
     """Check structure, every digest, and that torchao's records agree with aockpt's; name what is wrong."""
     with open_source(path) as source:
         names = list(source.types)
+        fetch_ahead(source, names, verify=True)  # a remote source: every byte read concurrently, hashed on arrival
         verify_digests(source, names)
         check_records(source, names)
         check_torchao_records(source.checkpoint)

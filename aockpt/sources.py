@@ -22,6 +22,7 @@ from .paths import member
 from .portability import TensorKind, assumed_packer, settle_packers
 from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
 from .registry import tensor_type_of
+from .remote_sources import open_remote
 from .unpickle import safe_load, storage_devices
 
 
@@ -171,9 +172,24 @@ def _pickle_folder(path: Path) -> Source:
 
 def _safetensors_source(path: Path) -> Source:
     """A packed, torchao or plain safetensors file or folder."""
-    ckpt = open_checkpoint(path, omitted_ok=True)
+    return _checkpoint_source(open_checkpoint(path, omitted_ok=True))
+
+
+def _checkpoint_source(ckpt: Checkpoint) -> Source:
+    """An opened safetensors checkpoint as a source, named for the writer that made it."""
     kind = f"aockpt packed checkpoint {ckpt.format_version}" if ckpt.flavor is Flavor.PACKED else ckpt.flavor.value
     return from_checkpoint(ckpt, kind)
+
+
+def _remote(ckpt: Checkpoint) -> Source:
+    """A remote checkpoint (aockpt.remote_sources): shards read by range, its small files staged in a folder."""
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    source = _checkpoint_source(ckpt)
+    if ckpt.path.is_dir():
+        source.extra_files = [member(folder, p.name) for p in sorted(folder.iterdir())
+                              if p.is_file() and not p.name.startswith(".") and not _is_weight_file(p)]
+    _restore_ties(source, folder)
+    return source
 
 
 def _is_weight_file(p: Path) -> bool:
@@ -181,13 +197,17 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix == ".safetensors" or p.name in (fmt.INDEX_NAME, PICKLE_INDEX) or p.suffix in PICKLE_SUFFIXES
 
 
-def open_source(path: str | Path, cpu_packer: str | None = None, *, foreign_ok: bool = False) -> Source:
+def open_source(path: str | Path, cpu_packer: str | None = None, *, foreign_ok: bool = False,
+                partial: bool = False) -> Source:
     """Open any supported input by what it is on disk, never by trusting its contents.
 
-    `cpu_packer` names the packer of CPU int4 tensors whose file does not record one (see `settle_packers`).
-    A checkpoint quantized by another library is refused (ForeignCheckpointError) unless `foreign_ok`.
+    `path` may also name a Hub repo or an object-store URL (aockpt.locations); `partial` says only some of
+    its bytes will be read. `cpu_packer` names the packer of CPU int4 tensors whose file does not record
+    one (see `settle_packers`). A checkpoint quantized by another library is refused
+    (ForeignCheckpointError) unless `foreign_ok`.
     """
-    source = _open(Path(path))
+    opened = open_remote(path, partial=partial)
+    source = _open(opened) if isinstance(opened, Path) else _remote(opened)
     try:
         source.foreign = foreign.checked(source, refuse=not foreign_ok)
         source.types = settle_packers(source.types, lambda name: _rows(source.describe(name)), cpu_packer,

@@ -5,10 +5,14 @@ Speaks, as huggingface_hub's ``hf_api.py``, ``_commit_api.py`` and ``lfs.py`` se
 ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/preupload/{rev}``,
 ``POST /{repo}.git/info/lfs/objects/batch`` (basic transfer), ``PUT /lfs-objects/{oid}`` (the "S3" upload,
 no auth, like a presigned URL), ``POST /{repo}.git/info/lfs/objects/verify`` and the NDJSON
-``POST /api/models/{repo}/commit/{rev}``. Commits are atomic: a commit that does not complete changes
+``POST /api/models/{repo}/commit/{rev}``; and for downloads, as ``file_download.py`` and
+``snapshot_download`` (1.33 and 2.4) ask: ``GET /api/models/{repo}/tree/{rev}[/{path}]`` and
+``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` at a branch or a
+commit, with X-Repo-Commit, ETag, X-Linked-Etag/X-Linked-Size and single ``Range`` requests (206). Commits are atomic: a commit that does not complete changes
 nothing. Xet is not spoken: clients must run with ``HF_HUB_DISABLE_XET=1`` (docs/hub.md).
 
-Every request is recorded; ``repos`` holds each repo's branches as {path: bytes}. ``go_away_on`` makes the
+Every request is recorded (with the file bytes it sent back); ``repos`` holds each repo's branches as
+{path: bytes} and every commit's files. ``go_away_on`` makes the
 server drop the connection of a matching request without answering and stop, like a host that dies.
 The server stops itself after ``lifetime_s`` so a failing test cannot leave it running.
 """
@@ -44,6 +48,7 @@ class Seen:
     path: str
     status: int
     body_size: int
+    sent: int = 0  # file bytes sent back (resolve answers)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Repo:
     heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})
     commits: list[dict[str, Any]] = field(default_factory=list)
     pull_requests: list[dict[str, bytes]] = field(default_factory=list)
+    snapshots: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"0" * 40: {}})  # commit -> files
 
 
 class _GoneAway(Exception):
@@ -145,12 +151,56 @@ class HubServer:
         self.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
         return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
 
+    def _tree(self, repo: Repo, revision: str) -> tuple[str, dict[str, bytes]]:
+        """The commit and files a branch name or a commit id names."""
+        if revision in repo.snapshots:
+            return revision, repo.snapshots[revision]
+        branch = self._branch(repo, revision)
+        return repo.heads[branch], repo.branches[branch]
+
     def repo_info(self, body: bytes, repo_id: str, revision: str | None) -> tuple[int, Any, dict]:
         repo = self._repo(repo_id)
-        branch = self._branch(repo, revision or "main")
-        siblings = [{"rfilename": p, "size": len(b)} for p, b in sorted(repo.branches[branch].items())]
-        return 200, {"id": repo_id, "modelId": repo_id, "sha": repo.heads[branch], "private": repo.private,
+        commit, files = self._tree(repo, revision or "main")
+        siblings = [{"rfilename": p, "size": len(b)} for p, b in sorted(files.items())]
+        return 200, {"id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.private,
                      "siblings": siblings, "tags": []}, {}
+
+    def tree(self, body: bytes, repo_id: str, revision: str, folder: str | None) -> tuple[int, Any, dict]:
+        """``GET /api/models/{repo}/tree/{rev}[/{path}]``: every file under a folder (recursive, one page)."""
+        repo = self._repo(repo_id)
+        _, files = self._tree(repo, revision)
+        prefix = f"{folder.strip('/')}/" if folder else ""
+        entries = [{"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data),
+                    **({"lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+                       if path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE else {})}
+                   for path, data in sorted(files.items()) if path.startswith(prefix)]
+        return 200, entries, {}
+
+    def resolve(self, body: bytes, repo_id: str, revision: str, path: str, *, method: str,
+                range_header: str | None) -> tuple[int, Any, dict]:
+        """A file at a branch or commit, as ``/{repo}/resolve/{rev}/{path}`` serves it: X-Repo-Commit, ETag
+        (sha256 for LFS files, with X-Linked-Etag/X-Linked-Size; the git blob id otherwise), and a Range
+        of one ``bytes=a-b`` answered 206 with Content-Range."""
+        repo = self._repo(repo_id)
+        commit, files = self._tree(repo, revision)
+        if path not in files:
+            raise _HttpError(404, f"Entry {path} not found", {"X-Error-Code": "EntryNotFound"})
+        data = files[path]
+        lfs = path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE
+        etag = f'"{hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)}"'
+        headers = {"X-Repo-Commit": commit, "ETag": etag, "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if lfs:
+            headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))})
+        status, start, end = 200, 0, len(data)
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header or "")
+        if match:
+            start, end = int(match.group(1)), min(len(data), int(match.group(2) or len(data) - 1) + 1)
+            if start >= len(data) and len(data):
+                return 416, {"error": "range not satisfiable"}, {"Content-Range": f"bytes */{len(data)}"}
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        return status, RawBody(data[start:end], method == "HEAD"), headers
 
     def validate_yaml(self, body: bytes) -> tuple[int, Any, dict]:
         content = json.loads(body)["content"]
@@ -238,6 +288,7 @@ class HubServer:
                          "pullRequestUrl": f"{self.endpoint}/{repo_id}/discussions/{number}"}, {}
         repo.branches[branch] = tree
         repo.heads[branch] = oid
+        repo.snapshots[oid] = tree
         return 200, {"commitUrl": url, "commitOid": oid, "pullRequestUrl": None}, {}
 
 
@@ -253,9 +304,19 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("PUT", r"/lfs-objects/([0-9a-f]{64})", "lfs_put"),
         ("POST", rf"/{_REPO}\.git/info/lfs/objects/verify", "lfs_verify"),
         ("POST", rf"/api/models/{_REPO}/commit/([^/]+)", "commit"),
+        ("GET", rf"/api/models/{_REPO}/tree/([^/]+)(?:/(.+))?", "tree"),
+        ("GET", rf"/{_REPO}/resolve/([^/]+)/(.+)", "resolve"),
+        ("HEAD", rf"/{_REPO}/resolve/([^/]+)/(.+)", "resolve"),
     ]
 ]
 _NO_AUTH = {"lfs_put"}  # presigned storage URLs carry no token
+
+
+@dataclass
+class RawBody:
+    """File bytes to send as they are (a HEAD answer sends only their length)."""
+    data: bytes
+    head_only: bool
 
 
 class _HttpError(Exception):
@@ -299,15 +360,18 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
             status, payload, headers = self._answer(handler, body, args, query)
             if status is None:
                 return
-            server.requests.append(Seen(self.command, path, status, len(body)))
-            data = json.dumps(payload).encode()
+            raw = isinstance(payload, RawBody)
+            server.requests.append(Seen(self.command, path, status, len(body),
+                                        len(payload.data) if raw and not payload.head_only else 0))
+            data = payload.data if raw else json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if not (raw and payload.head_only):
+                self.wfile.write(data)
 
         def _answer(self, handler: Callable, body: bytes, args: tuple, query: dict) -> tuple[Any, Any, dict]:
             """Run the route with auth and fault injection; (None, ...) means the connection was dropped."""
@@ -321,14 +385,16 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
             name = getattr(handler, "__name__", "")
             if name not in _NO_AUTH and self.headers.get("Authorization") != f"Bearer {server.token}":
                 return 401, {"error": BAD_TOKEN_MESSAGE}, {"X-Error-Message": BAD_TOKEN_MESSAGE}
-            kwargs = {"query": query} if name == "commit" else {}
+            kwargs: dict[str, Any] = {"query": query} if name == "commit" else {}
+            if name == "resolve":
+                kwargs = {"method": self.command, "range_header": self.headers.get("Range")}
             try:
                 with server._lock:
                     return handler(body, *args, **kwargs)
             except _HttpError as e:
                 return e.status, {"error": e.message}, {"X-Error-Message": e.message, **e.headers}
 
-        do_GET = do_POST = do_PUT = _serve
+        do_GET = do_POST = do_PUT = do_HEAD = _serve
 
     return Handler
 

@@ -1,0 +1,93 @@
+"""aockpt.locations: what a string names, decided without any network; and remote_io's retries and redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aockpt.errors import RemoteReadError, UsageError
+from aockpt.locations import HubRepo, ObjectUrl, locate
+from aockpt.remote_io import Changed, Retry, Transient, read_range, safe
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("org/name", HubRepo("org/name")),
+    ("org/name@v1.0", HubRepo("org/name", "v1.0")),
+    ("hf://org/name", HubRepo("org/name")),
+    ("hf://org/name@refs%2Fpr%2F1/sub/folder", HubRepo("org/name", "refs/pr/1", "sub/folder")),
+    ("hf://models/org/name@0123abcd", HubRepo("org/name", "0123abcd")),
+    ("s3://bucket/prefix/", ObjectUrl("s3://bucket/prefix")),
+    ("gs://bucket/a/model.safetensors", ObjectUrl("gs://bucket/a/model.safetensors")),
+    ("az://account/container/p", ObjectUrl("az://account/container/p")),
+    ("https://host.example/models/x", ObjectUrl("https://host.example/models/x")),
+])
+def test_remote_locations_parse(text, expected):
+    assert locate(text) == expected
+
+
+def test_an_existing_local_path_wins_over_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert locate("org/name") == Path("org/name")
+    assert locate(Path("missing/path")) == Path("missing/path")  # a Path object is always local
+
+
+@pytest.mark.parametrize("text,says", [
+    ("/no/such/folder", "does not exist; pass an existing file or folder"),
+    ("a/b/c", "does not exist"),
+    ("../org/name", "does not exist"),
+    ("ftp://host/x", "cannot read ftp:// URLs"),
+    ("s3://", "names no bucket or host"),
+    ("hf://justaname", "is not a Hub URL"),
+])
+def test_what_is_neither_is_one_usage_line(text, says):
+    with pytest.raises(UsageError, match=says) as error:
+        locate(text)
+    assert "\n" not in str(error.value)
+
+
+def test_a_hub_location_prints_as_the_url_that_names_it():
+    assert str(HubRepo("org/name", "refs/pr/1", "sub")) == "hf://org/name@refs%2Fpr%2F1/sub"
+    assert locate(str(HubRepo("org/name", "refs/pr/1", "sub"))) == HubRepo("org/name", "refs/pr/1", "sub")
+
+
+def _stream_of(answers: list):
+    """A ranged-read function answering from a script: bytes, or an exception to raise."""
+    calls = []
+
+    def stream(start: int, end: int):
+        calls.append((start, end))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        yield answer
+
+    return stream, calls
+
+
+def test_a_cut_body_resumes_where_it_stopped():
+    stream, calls = _stream_of([b"abc", Transient("reset"), b"defgh"])
+    buf = bytearray(8)
+    read_range(stream, memoryview(buf), 100, "s3://b/k", Retry(first_wait_s=0))
+    assert bytes(buf) == b"abcdefgh" and calls == [(100, 108), (103, 108), (103, 108)]
+
+
+def test_changed_and_persistent_failures_are_one_line_naming_the_url():
+    stream, _ = _stream_of([Changed("etag differs")])
+    with pytest.raises(RemoteReadError, match=r"^s3://b/k changed while it was being read"):
+        read_range(stream, memoryview(bytearray(4)), 0, "s3://b/k", Retry(first_wait_s=0))
+    stream, calls = _stream_of([Transient("HTTP 503")] * 3)
+    with pytest.raises(RemoteReadError, match=r"^s3://b/k: reading bytes 0-4 failed 3 times \(HTTP 503\)"):
+        read_range(stream, memoryview(bytearray(4)), 0, "s3://b/k", Retry(attempts=3, first_wait_s=0))
+    stream, _ = _stream_of([b"toolong"])
+    with pytest.raises(RemoteReadError, match="sent more than the 4 bytes"):
+        read_range(stream, memoryview(bytearray(4)), 0, "s3://b/k", Retry(first_wait_s=0))
+
+
+def test_messages_lose_signed_queries_tokens_and_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    text = safe("GET https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&X-Amz-Credential=AKIA failed; "
+                "Authorization: Bearer hf_abcdefgh; key s3cr3t-value; hf_abcdefgh1 printed")
+    assert text == ("GET https://b.s3.amazonaws.com/k?... failed; Authorization: Bearer ***; key ***; "
+                    "hf_*** printed")
