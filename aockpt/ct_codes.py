@@ -10,15 +10,15 @@ counterpart; ``reference`` is torchao's dequantized weight a lossy export is mea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import codec, ct_format, relayout
+from . import codec, ct_format
 from .ct_record import Codes, FP8_TENSOR_DYN, FP8_TOKEN, INT4_MID, INT8_TOKEN, INT8_TOKEN_ASYM, MXFP4_WEIGHTS, NVFP4_FORMAT, NVFP4_WEIGHTS
+from .registry import tensor_type_of
 from .relayout import xpu
-from .relayout.canonical import bytes_to_nibbles
+from .relayout.canonical import Int4Canonical, bytes_to_nibbles, dequantize
 
 
 def _int_args(bits: int, strategy: str, group: int | None, symmetric: bool) -> dict[str, Any]:
@@ -121,9 +121,14 @@ def int4_from_float_zero(values: torch.Tensor, scale: torch.Tensor, zero: torch.
                  None if symmetric else zp.to(torch.int8), shape=shape, dtype=dtype)
 
 
-def _int4_canonical(t: torch.Tensor, packer: str | None) -> Codes:
+def _canonical(t: torch.Tensor, packer: str | None) -> Int4Canonical:
+    """A device-packed int4 tensor in the canonical form, through its registry row's converter."""
     flat = codec.flatten("", t)
-    canon = relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer or "")
+    return tensor_type_of(t, "").relayout.to_canonical(flat.parts, flat.attrs, packer or "")
+
+
+def _int4_canonical(t: torch.Tensor, packer: str | None) -> Codes:
+    canon = _canonical(t, packer)
     _require(getattr(t, "act_pre_scale", None) is None, "it has an activation pre-scale")
     sz = canon.scale_and_zero.transpose(0, 1)  # [N, G, 2]
     _require(canon.shape[1] % canon.group_size == 0, "its input size is not a multiple of the group size")
@@ -233,8 +238,7 @@ def reference(t: torch.Tensor, packer: str | None) -> torch.Tensor:
     (tinygemm's (q - 8) * scale + zero, XPU's (q - zero) * scale) through aockpt's exact canonical forms."""
     name = type(t).__name__
     if name in ("Int4TilePackedTo4dTensor", "Int4OpaqueTensor"):
-        flat = codec.flatten("", t)
-        return relayout.dequantize(relayout.to_canonical(flat.type_name, flat.parts, flat.attrs, packer=packer or ""))
+        return dequantize(_canonical(t, packer))
     if name == "Int4PlainInt32Tensor":
         codes = bytes_to_nibbles(t.qdata.contiguous().view(torch.uint8)).view(t.shape)
         return xpu._xpu_dequantize(codes, t.scale, t.zero_point, t.block_size[-1])

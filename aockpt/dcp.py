@@ -49,7 +49,7 @@ from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError, UsageError
 from .load import Shards, SliceInfo
 from .plan import check_records
-from .registry import PLAIN, tensor_type_named
+from .registry import PLAIN
 from .sources import open_source
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torchao.core.config import AOBaseConfig
+from torchao.quantization import granularity as _g
 
 from .registry import DTYPES
 

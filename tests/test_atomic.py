@@ -419,8 +419,7 @@ def test_an_interrupted_swap_of_an_earlier_version_is_restored_never_deleted(tmp
 def test_an_empty_folder_is_a_destination_and_a_non_empty_one_needs_force(tmp_path, verb):
     from conftest import tiny_model
 
-    src = aockpt.save({"w": torch.arange(6, dtype=torch.float32)}, tmp_path / "src")
-    tiny_model(tie=False).config.save_pretrained(src)  # a model folder: unpack writes a folder
+    src = aockpt.save_pretrained(tiny_model(tie=False), tmp_path / "src")  # a model folder: unpack writes a folder
     write = {"pack": lambda d, **k: aockpt.pack(src, d, **k),
              "save": lambda d, **k: aockpt.save({"w": torch.ones(3)}, d, **k),
              "save_pretrained": lambda d, **k: aockpt.save_pretrained(tiny_model(tie=False), d, **k),

@@ -21,7 +21,7 @@ import aockpt
 from aockpt import ct_codes, ct_table, registry
 from aockpt.cli import main
 from aockpt.ct_source import IMPORTED_FORMATS, importable
-from aockpt.relayout import cpu_packer, from_canonical
+from aockpt.relayout import cpu_packer
 from aockpt.relayout.canonical import Int4Canonical
 
 ct = pytest.importorskip("compressed_tensors")
@@ -73,8 +73,8 @@ def _tile_int4(zero_steps: int | None) -> Callable[[torch.Tensor], torch.Tensor]
         q = (blocks / scale.float().unsqueeze(-1) - (zero.float() / scale.float()).unsqueeze(-1)).round()
         values = (q.clamp(-8, 7) + 8).to(torch.uint8).view(n, k)
         canon = Int4Canonical(values, torch.stack((scale.T, zero.T), -1).contiguous(), GROUP, (n, k), torch.bfloat16)
-        parts, attrs, _ = from_canonical(canon, "Int4TilePackedTo4dTensor", "cpu")
         row = T["Int4TilePackedTo4dTensor"]
+        parts, attrs, _ = row.relayout.from_canonical(canon, torch.device("cpu"))
         return row.build(row.cls, parts, attrs, torch.Size((n, k)))
     return make
 
