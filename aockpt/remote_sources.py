@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PosixPath
 from typing import Any
 
-from .errors import CorruptCheckpointError, UsageError
+from .errors import CorruptCheckpointError
 from .filenames import PICKLE_SUFFIXES
 from .format import INDEX_NAME, WEIGHTS_NAME, read_index
 from .hub_files import HubFolder, OTHER_WEIGHTS, open_hub, snapshot
