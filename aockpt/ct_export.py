@@ -21,7 +21,7 @@ import torch
 from . import ct_codes, ct_format, ct_table
 from .atomic import staged
 from .errors import UnsupportedTensorError, UsageError
-from .hf_config import CONFIG_NAME, Skeleton, read_config, skeleton, tied_partner
+from .hf_config import CONFIG_NAME, Skeleton, folder_skeleton, read_config, tied_partner
 from .registry import tensor_type_of
 from .safetensors_io import write_file
 from .sources import Source, open_source
@@ -169,8 +169,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "com
         tensors = _tensors(source)
         verdicts = [verdict_of(n, t, source.types[n].packer, lossy=lossy) for n, t in tensors.items()]
         _refuse(verdicts, source)
-        config = next((f for f in source.extra_files if f.name == CONFIG_NAME), None)
-        skel = skeleton(read_config(config)) if config else None
+        skel = folder_skeleton(source)
         with staged(dst, force=force, source=src) as tmp:
             state, groups = _state(verdicts, tensors, source.aliases, skel, source)
             _write_weights(state, tmp)

@@ -19,6 +19,7 @@ from . import codec, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .format import INDEX_NAME, WEIGHTS_NAME
 from .ct_table import IMPORTED_FORMATS, formats as _formats, imports
+from .config_rules import Backing
 from .hf_config import read_config, skeleton
 from .paths import member
 from .portability import TensorKind
@@ -132,7 +133,7 @@ def _modules(ckpt: Checkpoint, config: dict[str, Any], path: Path) -> dict[str, 
     except ValueError as e:
         raise CorruptCheckpointError(f"{path}: quantization_config is not a valid compressed-tensors config "
                                      f"({str(e).splitlines()[0]})") from e
-    skel = skeleton(config)
+    skel = skeleton(config, Backing.of_shapes(ckpt.part(k).shape for k in ckpt.key_to_shard), path)
     out = {}
     for key in ckpt.entries:
         module, _, leaf = key.rpartition(".")

@@ -266,22 +266,23 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
                   path: Path | str = CONFIG_NAME) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
 
-    The config is checked and its model built first (a config no model of these tensors has is refused
-    with CorruptCheckpointError); then stock's own checks decide, in the order stock meets them.
+    Another library's checkpoint gets that library's verdict (aockpt builds nothing from its config); for
+    the rest the config is checked and its model built first (a config no model of these tensors has is
+    refused with CorruptCheckpointError); then stock's own checks decide, in the order stock meets them.
 
     Args:
         types: stored tensor name -> registry type name (aliases excluded).
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
         backing: what the stored tensors back (the budget of the model the config describes).
     """
+    quantized = sorted({t for t in types.values() if not _is_plain(t)})
+    found = foreign.detect(config, types, torchao=bool(quantized))
+    if found is not None:  # another library's checkpoint: aockpt builds nothing from its config
+        return StockVerdict(*foreign.stock_outcome(found))
     skel = skeleton(config, backing, path)
     unknown = _unknown_model(config)
     if unknown:
         return StockVerdict(False, "refuses", unknown)
-    quantized = sorted({t for t in types.values() if not _is_plain(t)})
-    found = foreign.detect(config, types, torchao=bool(quantized))
-    if found is not None:
-        return StockVerdict(*foreign.stock_outcome(found))
     qc = config.get("quantization_config")
     if legacy:
         return StockVerdict(False, "refuses", "torchao <= 0.17 pickles: their classes no longer exist; "

@@ -203,7 +203,8 @@ def test_torchao_tensors_prove_a_contradicting_config_wrong_unless_foreign_tenso
     from conftest import CASES
     from foreign_writers import tiny_llama
 
-    config = {**tiny_llama().config.to_dict(), "quantization_config": HAND_WRITTEN["gptq"][0]}
+    config = {**tiny_llama().config.to_dict(), "quantization_config": HAND_WRITTEN["gptq"][0],
+              "intermediate_size": 128}  # sizes the one stored [64, 128] weight backs (config_rules)
     for name, extra in (("ours", {}), ("mixed", {"model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 8)})):
         src = aockpt.save({"model.layers.0.mlp.down_proj.weight": CASES["int8-weight-only"][1](), **extra},
                           tmp_path / name)
