@@ -99,7 +99,7 @@ def is_packed(path: str | Path) -> bool:
                    else (path / fmt.INDEX_NAME).is_file() or (path / fmt.WEIGHTS_NAME).is_file())
     if not has_weights:
         return False
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, omitted_ok=True)  # tied weights transformers omits do not change the answer
     ckpt.close()
     return ckpt.flavor is Flavor.PACKED
 
