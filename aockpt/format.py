@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
+from .filenames import INDEX_NAME, WEIGHTS_NAME  # noqa: F401 - the format's file names, read as fmt.*
 from .registry import DTYPES, Portability, tensor_type_named
 from .typed_json import dumps, fits_int64, load_file, loads_strict
 
 FORMAT_VERSION = "1.1.0"
 RECORD_KEY = "aockpt"  # no "." in it: transformers reads dotted metadata keys as parameter names
 DIGEST = "sha256"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"
 # Keys the format itself uses in a shard header (safetensors' metadata slot, transformers' and torchao's
 # metadata keys, aockpt's record): a tensor under one of these names would overwrite or be read as them.

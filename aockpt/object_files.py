@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import RemoteReadError, UsageError, reason
-from .format import INDEX_NAME, WEIGHTS_NAME
+from .filenames import INDEX_NAME, WEIGHTS_NAME
 from .locations import ObjectUrl, locate
 from .remote_io import Changed, RemoteFile, Transient, safe
 
