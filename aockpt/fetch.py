@@ -104,6 +104,29 @@ class LocalFile:
         self._file.close()
 
 
+class CountedFile:
+    """A local file through the fetch interface that counts the bytes asked of it: how tests and benchmarks
+    prove what a load (a tensor-parallel rank's, say) reads. `unmapped` sends every byte through read_into."""
+
+    def __init__(self, path: Path, *, unmapped: bool = False):
+        self.file = LocalFile(path)
+        self.where, self.size, self.version = self.file.where, self.file.size, self.file.version
+        self.unmapped, self.read = unmapped, 0
+
+    def read_into(self, reads: Sequence[tuple[int, memoryview]]) -> None:
+        """Count, then read through the local file."""
+        self.read += sum(len(view) for _, view in reads)
+        self.file.read_into(reads)
+
+    def mapped(self) -> memoryview | None:
+        """The local file's mapping, or None when every byte must be read (and counted)."""
+        return None if self.unmapped else self.file.mapped()
+
+    def close(self) -> None:
+        """Release the local file."""
+        self.file.close()
+
+
 def _open_regular(path: Path) -> BinaryIO:
     """Open a regular file for reading, with one clear error for anything else."""
     try:

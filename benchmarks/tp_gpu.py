@@ -35,27 +35,6 @@ PLAN = {
 }
 
 
-class _Counted:
-    """A local file through aockpt's fetch interface, counting the bytes read through it."""
-
-    def __init__(self, path: Path):
-        from aockpt.fetch import LocalFile
-
-        self.file = LocalFile(path)
-        self.where, self.size, self.version = self.file.where, self.file.size, self.file.version
-        self.read = 0
-
-    def read_into(self, reads) -> None:
-        self.read += sum(len(view) for _, view in reads)
-        self.file.read_into(reads)
-
-    def mapped(self):
-        return self.file.mapped()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _local_bytes(state: dict) -> int:
     from aockpt import codec
 
@@ -71,6 +50,7 @@ def _load(path: Path, rank: int, world: int, method: str) -> tuple[dict, dict]:
     """One timed load of this rank's slices onto its GPU: straight through pinned buffers ("pinned_slices"), or
     onto the CPU and then moved ("cpu_slices_then_to"); the timing and the tensors (as flat parts, on the CPU)."""
     from aockpt import codec, load, sources
+    from aockpt.fetch import CountedFile
     from aockpt.reader import open_checkpoint
     from aockpt.tp import TPShard
 
@@ -78,8 +58,8 @@ def _load(path: Path, rank: int, world: int, method: str) -> tuple[dict, dict]:
     torch.cuda.reset_peak_memory_stats()
     device = torch.device("cuda", rank)
     start = time.perf_counter()
-    files: list[_Counted] = []
-    ckpt = open_checkpoint(path, opener=lambda p: files.append(_Counted(p)) or files[-1])
+    files: list[CountedFile] = []
+    ckpt = open_checkpoint(path, opener=lambda p: files.append(CountedFile(p)) or files[-1])
     with sources.from_checkpoint(ckpt, "bench") as source:
         for f in files:
             f.read = 0

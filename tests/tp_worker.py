@@ -68,34 +68,14 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return acc.to(t.dtype)
 
 
-class CountingFile:
-    """The local file through aockpt's fetch interface, unmapped (so every byte goes through read_into), counted."""
-
-    def __init__(self, path: Path):
-        from aockpt.fetch import LocalFile
-
-        self.file = LocalFile(path)
-        self.where, self.size, self.version = self.file.where, self.file.size, self.file.version
-        self.read = 0
-
-    def read_into(self, reads) -> None:
-        self.read += sum(len(view) for _, view in reads)
-        self.file.read_into(reads)
-
-    def mapped(self):
-        return None
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def read_counted(path: Path, shard, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int, int]:
     """This rank's slices exactly as stored (no device rules), the tensor bytes read, and all stored bytes."""
     from aockpt import load, sources
+    from aockpt.fetch import CountedFile
     from aockpt.reader import open_checkpoint
 
-    files: list[CountingFile] = []
-    ckpt = open_checkpoint(path, opener=lambda p: files.append(CountingFile(p)) or files[-1])
+    files: list[CountedFile] = []
+    ckpt = open_checkpoint(path, opener=lambda p: files.append(CountedFile(p, unmapped=True)) or files[-1])
     with sources.from_checkpoint(ckpt, "counted") as source:
         for f in files:
             f.read = 0  # headers are not tensor bytes
