@@ -28,8 +28,8 @@ _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 @contextmanager
 def hub_errors(repo: HubRepo, settings: HubSettings) -> Iterator[None]:
-    """huggingface_hub's exceptions as one line: a missing repo or revision is a UsageError, the rest a
-    RemoteReadError naming the repo and endpoint."""
+    """huggingface_hub's exceptions (and its HTTP client's, for an endpoint it cannot reach) as one line: a
+    missing repo or revision is a UsageError, the rest a RemoteReadError naming the repo and endpoint."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -48,7 +48,7 @@ def hub_errors(repo: HubRepo, settings: HubSettings) -> Iterator[None]:
                                   "download it once online") from None
         raise RemoteReadError(f"{repo}: {settings.endpoint} could not be read "
                               f"({safe(reason(e.__cause__ or e))})") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except (HfHubHTTPError, OSError, ValueError, *transport_errors()) as e:  # unreachable: the client's own errors
         raise RemoteReadError(f"{repo}: {settings.endpoint} could not be read ({safe(reason(e))})") from None
 
 

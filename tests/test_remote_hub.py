@@ -163,3 +163,25 @@ def test_what_is_neither_a_path_nor_a_repo_is_one_usage_line(server, tmp_path, w
         with pytest.raises(UsageError, match=says) as error:
             call(where)
         assert "\n" not in str(error.value) and not re.search("corrupt", str(error.value), re.I)
+
+
+def test_a_hub_that_cannot_be_reached_is_one_remote_read_line(tmp_path, monkeypatch):
+    """No server at HF_ENDPOINT (a closed port on 127.0.0.1): the HTTP client's connection error becomes one
+    RemoteReadError line naming the repo and endpoint, exit 9 in the CLI, never an internal error."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from aockpt.cli import EXIT_CODES, main
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for call in (aockpt.load_quantized, aockpt.inspect):
+        with pytest.raises(RemoteReadError, match=rf"^hf://me/unreachable: {re.escape(endpoint)} could not be read"):
+            call("me/unreachable")
+    result = CliRunner().invoke(main, ["inspect", "me/unreachable"])
+    assert result.exit_code == EXIT_CODES[RemoteReadError][0] and len(result.stderr.strip().splitlines()) == 1
