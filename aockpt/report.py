@@ -118,7 +118,7 @@ def _stock(source: Source) -> StockVerdict | None:
     config = next((f for f in source.extra_files if f.name == CONFIG_NAME), None)
     if config is None:
         return None
-    types = {n: kind.row.name for n, kind in source.types.items()}
+    types = {n: kind.row for n, kind in source.types.items()}
     return stock_verdict(read_config(config), types, legacy=bool(source.origins),
                          backing=Backing.of_source(source), path=config)
 
