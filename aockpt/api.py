@@ -16,7 +16,6 @@ from .filenames import PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .hf_config import CONFIG_NAME, rewritten_config
 from .load import CPU, PathLike, load_from, load_placed, load_quantized, stored_bytes  # noqa: F401 - re-exported
 from .plan import Placement
-from .registry import tensor_type_named
 from .report import CheckpointInfo, TensorInfo, VerifyReport, inspect, verify  # noqa: F401 - re-exported
 from .sources import Source, from_state_dict, merge_stored_ties, open_source
 from .object_files import destination
@@ -80,7 +79,7 @@ def state_items(state_dict: dict[str, torch.Tensor]) -> list[SourceTensor]:
         kind = source.types[source.aliases.get(name, name)]
         tensor = state_dict[name]
         items.append(SourceTensor(name, tensor, tensor.device.type,
-                                  portability.packer_here(kind.type) or kind.packer))
+                                  portability.packer_here(kind.row) or kind.packer))
     return items
 
 
@@ -113,7 +112,7 @@ def unpack(src: PathLike, dst: PathLike, *, force: bool = False, cpu_packer: str
 
 def _check_weights_only_loadable(source: Source) -> None:
     """Refuse to unpack tensor types that ``torch.load(weights_only=True)`` refuses even after ``import torchao``."""
-    refused = sorted({k.type for k in source.types.values() if not tensor_type_named(k.type, k.type).weights_only})
+    refused = sorted({k.row.name for k in source.types.values() if not k.row.weights_only})
     if refused:
         raise UnsupportedTensorError(
             f"{source.path} holds {', '.join(refused)}, which torch.load(weights_only=True) refuses even after "

@@ -18,15 +18,16 @@ import torch
 
 from . import part_sizes
 from .errors import CorruptCheckpointError, UnsupportedTensorError, reason
-from .registry import DTYPE_NAMES, PLAIN_PART, STORAGE_CODES, VALUE_TYPES, tensor_type_named, tensor_type_of
+from .registry import DTYPE_NAMES, PLAIN_PART, STORAGE_CODES, VALUE_TYPES, tensor_type_of
+from .tensor_type import TensorType
 from .typed_json import fits_int64
 
 
 @dataclass
 class FlatTensor:
-    """A tensor taken apart: its type, outer shape/dtype, plain inner tensors and attribute values."""
+    """A tensor taken apart: its registry row, outer shape/dtype, plain inner tensors and attribute values."""
 
-    type_name: str
+    row: TensorType
     shape: tuple[int, ...] | None  # None where a foreign file does not declare it
     dtype: torch.dtype | None
     parts: dict[str, torch.Tensor]
@@ -86,22 +87,22 @@ def flatten(name: str, tensor: torch.Tensor) -> FlatTensor:
             )
         check_storable(inner, name if inner is tensor else f"{name} part {part!r}")
         parts[part] = inner.detach()
-    return FlatTensor(entry.name, tuple(tensor.shape), tensor.dtype, parts, dict(attrs))
+    return FlatTensor(entry, tuple(tensor.shape), tensor.dtype, parts, dict(attrs))
 
 
 def check_names(flat: FlatTensor, where: str) -> None:
     """Refuse parts or attributes that the type does not declare, before any constructor runs."""
-    entry = tensor_type_named(flat.type_name, where)
+    entry = flat.row
     required, optional, attr_names = entry.inner_names()
     missing = set(required) - set(flat.parts)
     unknown = set(flat.parts) - set(required) - set(optional)
     if missing or unknown:
         raise CorruptCheckpointError(
-            f"{where}: {flat.type_name} parts are missing {sorted(missing)} / unexpected {sorted(unknown)}"
+            f"{where}: {flat.row.name} parts are missing {sorted(missing)} / unexpected {sorted(unknown)}"
         )
     if set(flat.attrs) != set(attr_names):
         raise CorruptCheckpointError(
-            f"{where}: {flat.type_name} attributes are {sorted(flat.attrs)}, expected {sorted(attr_names)}"
+            f"{where}: {flat.row.name} attributes are {sorted(flat.attrs)}, expected {sorted(attr_names)}"
         )
     hints = _attribute_hints(entry.cls) if flat.attrs else {}
     for name, value in flat.attrs.items():
@@ -175,23 +176,23 @@ def _conforms(value: Any, hint: Any) -> bool:
 def check_invariants(flat: FlatTensor, where: str) -> None:
     """What a record must satisfy before any converter or constructor reads it: a float outer dtype, each
     part's dtype from its registry entry, sizes torch can address, and (int4) the geometry of its parts."""
-    entry = tensor_type_named(flat.type_name, where)
+    entry = flat.row
     outer = entry.outer_dtypes
     if flat.dtype is not None and outer is not None and DTYPE_NAMES.get(flat.dtype) not in outer:
-        raise CorruptCheckpointError(f"{where}: a {flat.type_name} dequantizes to a float dtype "
+        raise CorruptCheckpointError(f"{where}: a {flat.row.name} dequantizes to a float dtype "
                                      f"({', '.join(sorted(outer))}), not {DTYPE_NAMES.get(flat.dtype)}")
     for name, part in flat.parts.items():
         allowed = entry.part_dtypes.get(name)
         if allowed and DTYPE_NAMES.get(part.dtype) not in allowed:
             raise CorruptCheckpointError(
-                f"{where}: {flat.type_name} part {name!r} is {DTYPE_NAMES.get(part.dtype, part.dtype)}, but it is "
+                f"{where}: {flat.row.name} part {name!r} is {DTYPE_NAMES.get(part.dtype, part.dtype)}, but it is "
                 f"stored as {' or '.join(sorted(allowed))}; the file is corrupt or crafted"
             )
     shape = flat.attrs.get("shape")
     if shape is not None and not fits_int64(shape):
         raise CorruptCheckpointError(f"{where}: shape {str(list(shape))[:80]} has more elements than torch can address")
     if entry.geometry is not None:
-        entry.geometry.check(flat.type_name, flat.parts, flat.attrs, where)
+        entry.geometry.check(entry.name, flat.parts, flat.attrs, where)
 
 
 def check_record(flat: FlatTensor, where: str) -> None:
@@ -209,19 +210,19 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None, *,
         check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
     attrs = {k: _on(v, device) for k, v in flat.attrs.items()} if device is not None else dict(flat.attrs)
-    entry = tensor_type_named(flat.type_name, where)
+    entry = flat.row
     try:
         tensor = entry.build(entry.cls, parts, attrs, flat.shape and torch.Size(flat.shape))
     except Exception as e:
-        raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.type_name} from its parts ({reason(e)})") from e
+        raise CorruptCheckpointError(f"{where}: cannot rebuild {flat.row.name} from its parts ({reason(e)})") from e
     if entry.outer_dtypes is not None and DTYPE_NAMES.get(tensor.dtype) not in entry.outer_dtypes:
-        raise CorruptCheckpointError(f"{where}: rebuilt {flat.type_name} has dtype {tensor.dtype}; a quantized "
+        raise CorruptCheckpointError(f"{where}: rebuilt {flat.row.name} has dtype {tensor.dtype}; a quantized "
                                      f"tensor dequantizes to {', '.join(sorted(entry.outer_dtypes))}")
-    part_sizes.check(entry.part_rules, flat.type_name, flat.parts, flat.attrs, tuple(tensor.shape), where)
+    part_sizes.check(entry.part_rules, entry.name, flat.parts, flat.attrs, tuple(tensor.shape), where)
     declared = (flat.shape, flat.dtype) if flat.shape is not None else (tuple(tensor.shape), tensor.dtype)
     if (tuple(tensor.shape), tensor.dtype) != (tuple(declared[0]), declared[1]):
         raise CorruptCheckpointError(
-            f"{where}: rebuilt {flat.type_name} is {DTYPE_NAMES.get(tensor.dtype)} {list(tensor.shape)}, "
+            f"{where}: rebuilt {flat.row.name} is {DTYPE_NAMES.get(tensor.dtype)} {list(tensor.shape)}, "
             f"but the file declares {DTYPE_NAMES.get(flat.dtype)} {list(flat.shape)}"
         )
     return tensor

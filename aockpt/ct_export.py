@@ -142,7 +142,7 @@ def serving_verdicts(path: str | os.PathLike, *, lossy: bool = True, cpu_packer:
         for v in out:
             v.codes = None  # a report, not an export: nothing keeps the converted weights alive
         for alias, target in source.aliases.items():
-            out.append(ServingVerdict(alias, source.types[target].type, "tied", f"tied to {target}"))
+            out.append(ServingVerdict(alias, source.types[target].row.name, "tied", f"tied to {target}"))
         return out
 
 

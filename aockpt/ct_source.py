@@ -23,6 +23,7 @@ from .hf_config import read_config, skeleton
 from .paths import member
 from .portability import TensorKind
 from .reader import Checkpoint, is_packed, open_checkpoint, read_flat
+from .registry import PLAIN, TENSOR_TYPES
 
 CONFIG = "config.json"
 METHOD = "compressed-tensors"
@@ -85,9 +86,9 @@ def open_folder(path: Path) -> ImportedFolder:
         modules = _modules(ckpt, config, path)
         dtype = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), None)
         owned = {f"{m.module}.{local}" for m in modules.values() for local in _stored(ckpt, m)}
-        types = {n: TensorKind(ct_torchao.target_type(*ct_format.args_of(m.scheme), f"{path}: {n}"), None)
+        types = {n: TensorKind(TENSOR_TYPES[ct_torchao.target_type(*ct_format.args_of(m.scheme), f"{path}: {n}")], None)
                  for n, m in modules.items()}
-        types.update({k: TensorKind("Tensor", None) for k in ckpt.entries if k not in owned})
+        types.update({k: TensorKind(PLAIN, None) for k in ckpt.entries if k not in owned})
     except BaseException:
         ckpt.close()
         raise

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import codec, relayout
 from .errors import PortabilityError, UnsupportedTensorError
-from .registry import Along, TensorType
+from .registry import Along
 
 Span = tuple[int, int, int]  # (part dim, start, stop)
 
@@ -42,11 +42,11 @@ def _blocks(flat: codec.FlatTensor) -> list[int]:
 
 def refusal(name: str, cut: Cut, flat: codec.FlatTensor, why: str, fix: str) -> UnsupportedTensorError:
     """The one-line error for a slice that cannot be cut exactly."""
-    return UnsupportedTensorError(f"{name}: a {cut.style} split of this {flat.type_name} {list(flat.shape)} "
+    return UnsupportedTensorError(f"{name}: a {cut.style} split of this {flat.row.name} {list(flat.shape)} "
                                   f"({cut.start}:{cut.stop} of dim {cut.dim}) {why}; {fix}")
 
 
-def part_spans(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut) -> dict[str, Span | None]:
+def part_spans(name: str, flat: codec.FlatTensor, cut: Cut) -> dict[str, Span | None]:
     """Each part's span holding the slice (None: the part is read whole), for a record already checked whole."""
     block = _blocks(flat)[cut.dim]
     if not isinstance(block, int) or block < 0 or (block == 0 and cut.size):
@@ -57,7 +57,7 @@ def part_spans(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut) -
         raise refusal(name, cut, flat, f"would cut a quantization group of {block}",
                       f"use a world size that divides its {-(-cut.size // block)} groups, or re-quantize with a "
                       f"group size that divides {cut.stop - cut.start}")
-    axes = {part: axes[cut.dim] for part, *axes in entry.tp_axes}
+    axes = {part: axes[cut.dim] for part, *axes in flat.row.tp_axes}
     spans: dict[str, Span | None] = {}
     for inner, stored in flat.parts.items():
         axis = axes.get(inner)
@@ -109,10 +109,10 @@ def local_record(flat: codec.FlatTensor, cut: Cut, parts: dict[str, Any]) -> cod
         attrs["block_size"] = type(block)(resized)
     if "shape" in attrs:
         attrs["shape"] = type(attrs["shape"])(shape)
-    return codec.FlatTensor(flat.type_name, tuple(shape), flat.dtype, parts, attrs)
+    return codec.FlatTensor(flat.row, tuple(shape), flat.dtype, parts, attrs)
 
 
-def check_canonical_cut(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut) -> None:
+def check_canonical_cut(name: str, flat: codec.FlatTensor, cut: Cut) -> None:
     """Refuse, at plan time, a cut of device-packed int4 that would split a group (from its attributes)."""
     g = _blocks(flat)[1] if len(flat.shape) == 2 else 0
     if cut.dim == 1 and g > 0 and (cut.start % g or (cut.stop % g and cut.stop != cut.size)):
@@ -120,10 +120,10 @@ def check_canonical_cut(name: str, flat: codec.FlatTensor, entry: TensorType, cu
                       f"use a world size that divides its {-(-cut.size // g)} groups")
 
 
-def cut_canonical(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut, packer: str | None,
+def cut_canonical(name: str, flat: codec.FlatTensor, cut: Cut, packer: str | None,
                   build_on: Any) -> tuple[codec.FlatTensor, str]:
     """Device-packed int4: cut the whole tensor's exact canonical form and re-pack the slice for `build_on`."""
-    canon = entry.relayout.to_canonical(flat.parts, flat.attrs, packer)
+    canon = flat.row.relayout.to_canonical(flat.parts, flat.attrs, packer)
     g = canon.group_size
     if cut.dim == 1 and (cut.start % g or (cut.stop % g and cut.stop != cut.size)):
         raise refusal(name, cut, flat, f"would cut a quantization group of {g}",
@@ -135,10 +135,10 @@ def cut_canonical(name: str, flat: codec.FlatTensor, entry: TensorType, cut: Cut
     local = relayout.Int4Canonical(values.contiguous(), sz.contiguous(), g, (values.shape[0], values.shape[1]),
                                    canon.dtype)
     try:
-        parts, attrs, new_packer = entry.relayout.from_canonical(local, build_on)
+        parts, attrs, new_packer = flat.row.relayout.from_canonical(local, build_on)
     except PortabilityError as e:
         raise refusal(name, cut, flat, f"cannot be re-packed on {build_on.type} ({e})",
-                      f"load it on a {entry.packed_for.value} device") from e
+                      f"load it on a {flat.row.packed_for.value} device") from e
     shape = list(flat.shape)
     shape[cut.dim] = cut.stop - cut.start
-    return codec.FlatTensor(flat.type_name, tuple(shape), flat.dtype, parts, attrs), new_packer
+    return codec.FlatTensor(flat.row, tuple(shape), flat.dtype, parts, attrs), new_packer

@@ -49,7 +49,7 @@ from .atomic import staged
 from .errors import CorruptCheckpointError, KeyMismatchError, UnsupportedTensorError, UsageError
 from .load import Shards, SliceInfo
 from .plan import check_records
-from .registry import PLAIN
+from .registry import PLAIN, tensor_type_named
 from .sources import open_source
 from .safetensors_io import SafetensorsFile
 from .typed_json import loads_strict
@@ -115,9 +115,9 @@ def _pieces(name: str, tensor: Any, keys: dict[str, str] | None = None,
             raise UnsupportedTensorError(f"{name}: a re-laid-out int4 slice is not a piece of the stored tensor; "
                                          "save the whole tensor from one rank instead")
         offsets_of = info.parts
-    keys = keys or {inner: fmt.stored_key(flat.type_name, name, inner) for inner in flat.parts}
+    keys = keys or {inner: fmt.stored_key(flat.row, name, inner) for inner in flat.parts}
     if set(keys) != set(flat.parts):
-        raise UsageError(f"{name}: the state dict holds a {flat.type_name} with parts {sorted(flat.parts)}, but the "
+        raise UsageError(f"{name}: the state dict holds a {flat.row.name} with parts {sorted(flat.parts)}, but the "
                          f"checkpoint stores parts {sorted(keys)}; quantize the model with the checkpoint's config first")
     chunks = {}
     for inner, part in flat.parts.items():
@@ -129,8 +129,8 @@ def _pieces(name: str, tensor: Any, keys: dict[str, str] | None = None,
     sliced = info is not None and info.dim is not None
     shape = info.full_shape if sliced else tuple(flat.shape)
     attrs = info.full_attrs if sliced else flat.attrs
-    packer = portability.packer_here(flat.type_name) or portability.assumed_packer(flat.type_name)
-    return _Record(flat.type_name, shape, flat.dtype, attrs, keys, tensor.device.type, packer), chunks
+    packer = portability.packer_here(flat.row) or flat.row.assumed_packer
+    return _Record(flat.row.name, shape, flat.dtype, attrs, keys, tensor.device.type, packer), chunks
 
 
 def _several_ranks() -> bool:
@@ -141,7 +141,7 @@ def _several_ranks() -> bool:
 
 def _digest(flat: codec.FlatTensor) -> str:
     """What a whole value is, byte for byte: its type, shape, attributes and every part."""
-    h = hashlib.sha256(repr((flat.type_name, tuple(flat.shape), str(flat.dtype), sorted(flat.attrs.items(),
+    h = hashlib.sha256(repr((flat.row.name, tuple(flat.shape), str(flat.dtype), sorted(flat.attrs.items(),
                                                                                      key=str))).encode())
     for inner, part in sorted(flat.parts.items()):
         data = part.detach().cpu().contiguous()
@@ -289,7 +289,8 @@ def _source_items(records: dict[str, _Record], parts: dict[str, torch.Tensor]) -
     items = []
     for name, record in records.items():
         if record.alias_of is None:
-            flat = codec.FlatTensor(record.type_name, record.shape, record.dtype,
+            row = tensor_type_named(record.type_name, f"dcp save: {name}")  # records arrive from ranks by name
+            flat = codec.FlatTensor(row, record.shape, record.dtype,
                                     {inner: parts[key] for inner, key in record.parts.items()}, record.attrs)
             built[name] = codec.rebuild(flat, f"dcp save: {name}")
     for name, record in records.items():

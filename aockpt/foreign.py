@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from . import ct_table
 from .errors import ForeignCheckpointError
-from .registry import known_type, tensor_type_of
+from .registry import tensor_type_of
 from .typed_json import load_file
 
 # compressed-tensors also reads its config from "compression_config" (its utils/safetensors_load.py)
@@ -200,7 +200,7 @@ def refuse_if(found: Foreign | None, where: str | Path) -> None:
 def checked(source: Any, *, refuse: bool) -> Foreign | None:
     """What a just-opened source is, if foreign: refused when `refuse` (the caller closes it), else described in
     its `kind` for inspect."""
-    torchao = any(getattr(known_type(kind.type), "quantized", True) for kind in source.types.values())
+    torchao = any(kind.row.quantized for kind in source.types.values())
     found = of_folder(source.path, source.names, torchao=torchao)
     if refuse:
         refuse_if(found, source.path)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedTensorError
 from .filenames import INDEX_NAME, WEIGHTS_NAME  # noqa: F401 - the format's file names, read as fmt.*
-from .registry import DTYPES, Portability, tensor_type_named
+from .registry import DTYPES, Portability, TensorType, tensor_type_named
 from .typed_json import dumps, fits_int64, load_file, loads_strict
 
 FORMAT_VERSION = "1.1.0"
@@ -72,10 +72,10 @@ def part_key(name: str, inner: str) -> str:
     return f"{module}._{param}_{inner}" if module else f"_{param}_{inner}"
 
 
-def stored_key(type_name: str, name: str, inner: str) -> str:
+def stored_key(row: TensorType, name: str, inner: str) -> str:
     """The one key a part is stored under, the key stock torchao and transformers read it from: a plain
     tensor's own name, else ``part_key``."""
-    return name if tensor_type_named(type_name, name).own_key else part_key(name, inner)
+    return name if row.own_key else part_key(name, inner)
 
 
 def check_record_keys(record: Record, keys: list[str], where: str) -> None:
@@ -85,8 +85,9 @@ def check_record_keys(record: Record, keys: list[str], where: str) -> None:
     `keys` are what stock torchao scans, sorted and each once: every stored key and metadata key.
     """
     for name, entry in record.tensors.items():
-        for inner, part in ({} if entry.alias_of is not None else entry.parts).items():
-            expected = stored_key(entry.type, name, inner)
+        row = None if entry.alias_of is not None else tensor_type_named(entry.type, name)
+        for inner, part in ({} if row is None else entry.parts).items():
+            expected = stored_key(row, name, inner)
             if part.key != expected:
                 raise CorruptCheckpointError(
                     f"{where}: the record maps tensor {name!r} part {inner!r} to key {part.key!r}, but stock torchao "

@@ -16,7 +16,7 @@ from .config_rules import Backing, bounded_build, check_buffers, check_config
 from .errors import CorruptCheckpointError
 from .paths import member
 from .stock_configs import stock_refusal
-from .registry import TENSOR_TYPES, known_type, tensor_type_of
+from .registry import TensorType, tensor_type_of
 from .typed_json import load_file
 
 if TYPE_CHECKING:
@@ -255,13 +255,7 @@ class StockVerdict:
     reason: str
 
 
-def _is_plain(type_name: str) -> bool:
-    """Whether an on-disk type name is the plain tensor row."""
-    entry = known_type(type_name)
-    return entry is not None and not entry.quantized
-
-
-def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool, backing: Backing,
+def stock_verdict(config: dict[str, Any], types: dict[str, TensorType], *, legacy: bool, backing: Backing,
                   path: Path | str = CONFIG_NAME) -> StockVerdict:
     """Decide, from config.json and the stored tensor types, what stock from_pretrained does.
 
@@ -270,11 +264,12 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     with CorruptCheckpointError); then stock's own checks decide, in the order stock meets them.
 
     Args:
-        types: stored tensor name -> registry type name (aliases excluded).
+        types: stored tensor name -> its registry row (aliases excluded).
         legacy: the weights are torchao <= 0.17 pickles, which stock torch.load refuses.
         backing: what the stored tensors back (the budget of the model the config describes).
     """
-    quantized = sorted({t for t in types.values() if not _is_plain(t)})
+    rows = {r.name: r for r in types.values() if r.quantized}
+    quantized = sorted(rows)
     found = foreign.detect(config, types, torchao=bool(quantized))
     if found is not None:
         return StockVerdict(*foreign.stock_outcome(found))
@@ -301,7 +296,7 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     if is_legacy_config(qc):
         return StockVerdict(False, "refuses", "quantization_config holds torchao <= 0.17 (version 1) configs; "
                                               "run aockpt pack to rewrite it")
-    unreadable = [t for t in quantized if not TENSOR_TYPES[t].stock_loadable or TENSOR_TYPES[t].config is None]
+    unreadable = [t for t in quantized if not rows[t].stock_loadable or rows[t].config is None]
     if unreadable or AOCKPT_ONLY in json.dumps(qc):
         return StockVerdict(False, "refuses", f"stock torchao cannot read {', '.join(unreadable) or 'these tensors'}; "
                                               "load with aockpt.load_pretrained")
@@ -309,11 +304,11 @@ def stock_verdict(config: dict[str, Any], types: dict[str, str], *, legacy: bool
     if refusal:
         return StockVerdict(False, "refuses", f"stock TorchAoConfig.from_dict fails: {refusal}; run aockpt pack")
     twice = [(t, s) for t, s in (skel.ties.items() if skel and config.get("tie_word_embeddings") else ())
-             if t in types and s in types and not all(_is_plain(types[n]) for n in (t, s))]
+             if t in types and s in types and any(types[n].quantized for n in (t, s))]
     if twice:
         return StockVerdict(False, "refuses", f"config.json ties {twice[0][0]} to {twice[0][1]} but both are stored, "
                                               f"and transformers' tie check (torch.equal) is not implemented for "
-                                              f"{types[twice[0][0]]}/{types[twice[0][1]]}; run aockpt pack")
+                                              f"{types[twice[0][0]].name}/{types[twice[0][1]].name}; run aockpt pack")
     return StockVerdict(True, "loads exactly", f"torchao {', '.join(quantized)} with a matching quantization_config")
 
 

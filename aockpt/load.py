@@ -21,7 +21,6 @@ from . import codec, cuts, device_load, portability
 from .errors import CorruptCheckpointError, KeyMismatchError, UsageError
 from .plan import Placement, TensorPlan, plan
 from .progress import track
-from .registry import tensor_type_named
 from .remote_sources import fetch_ahead
 from .safetensors_io import sha256_hex
 from .sources import Source, open_source
@@ -228,12 +227,11 @@ def _build(source: Source, plans: dict[str, TensorPlan], parts: dict[tuple[str, 
     built, packers = {}, {}
     for request, p in track(list(plans.items()), "loading", len(plans)):
         where = f"{source.path}: {request}"
-        local = codec.FlatTensor(p.record.type_name, p.record.shape, p.record.dtype,
+        local = codec.FlatTensor(p.record.row, p.record.shape, p.record.dtype,
                                  {inner: parts[(request, inner)] for inner in p.record.parts}, p.record.attrs)
         packers[request] = p.packer
         if p.canonical:
-            entry = tensor_type_named(p.record.type_name, where)
-            local, packers[request] = cuts.cut_canonical(request, local, entry, p.cut, p.packer, p.device)
+            local, packers[request] = cuts.cut_canonical(request, local, p.cut, p.packer, p.device)
         elif p.cut is not None:
             local = cuts.local_record(p.record, p.cut, local.parts)
         if p.converter is not None:

@@ -16,7 +16,7 @@ import torch
 
 from . import codec, cuts, portability
 from .errors import AockptError, CorruptCheckpointError, PortabilityError, UnsupportedTensorError
-from .registry import TpSplit, tensor_type_named
+from .registry import TpSplit
 from .sources import Source
 
 
@@ -74,7 +74,7 @@ def _checked(source: Source, name: str) -> codec.FlatTensor:
     """One record rebuilt on shape-only parts (no byte is read), so its outer shape and dtype are known."""
     record = source.describe(name)
     full = codec.rebuild(record, f"{source.path}: {name}")
-    return codec.FlatTensor(record.type_name, tuple(full.shape), full.dtype, record.parts, record.attrs)
+    return codec.FlatTensor(record.row, tuple(full.shape), full.dtype, record.parts, record.attrs)
 
 
 def raise_all(bad: dict[str, AockptError]) -> None:
@@ -113,15 +113,14 @@ def _plan_one(name: str, record: codec.FlatTensor, packer: str | None, placement
     if split is None or split.dim >= len(record.shape):  # e.g. a bias under a rowwise split: replicated
         return out
     out.cut = split.cut(record.shape[split.dim])
-    entry = tensor_type_named(record.type_name, name)
-    how = entry.tp[split.dim]
+    how = record.row.tp[split.dim]
     if how is TpSplit.DIRECT:
-        out.spans = cuts.part_spans(name, record, entry, out.cut)
+        out.spans = cuts.part_spans(name, record, out.cut)
     elif how is TpSplit.RELAYOUT:
-        cuts.check_canonical_cut(name, record, entry, out.cut)
+        cuts.check_canonical_cut(name, record, out.cut)
         out.canonical = True
     else:
-        raise cuts.refusal(name, out.cut, record, f"is not supported ({entry.note}: the layout cannot be cut "
+        raise cuts.refusal(name, out.cut, record, f"is not supported ({record.row.note}: the layout cannot be cut "
                            "exactly)", "leave it out of the plan to load it whole on every rank")
     return out
 
@@ -130,7 +129,7 @@ def _device_rules(plans: dict[str, TensorPlan], relayout: bool, rules_for: torch
     """load_quantized's device rules for every tensor, per device: a converter each, or one error naming all."""
     by_device: dict[torch.device, dict[str, portability.TensorKind]] = {}
     for name, p in plans.items():
-        by_device.setdefault(rules_for or p.device, {})[name] = portability.TensorKind(p.record.type_name, p.packer)
+        by_device.setdefault(rules_for or p.device, {})[name] = portability.TensorKind(p.record.row, p.packer)
     stuck = []
     for device, kinds in by_device.items():
         try:

@@ -10,16 +10,16 @@ import torch
 from . import relayout
 from .codec import FlatTensor
 from .errors import PortabilityError, UsageError
-from .registry import Device, Portability, known_type, relayout_target, tensor_type_named
+from .registry import Device, Portability, TensorType, relayout_target
 from .relayout import cpu
 
 DEVICE_TYPES = tuple(d.value for d in Device)
 
 
 class TensorKind(NamedTuple):
-    """What a stored tensor is: its registry type name and the packer that wrote it (None: unknown or none)."""
+    """What a stored tensor is: its registry row and the packer that wrote it (None: unknown or none)."""
 
-    type: str
+    row: TensorType
     packer: str | None
 
 
@@ -34,22 +34,14 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def packer_here(type_name: str) -> str | None:
+def packer_here(row: TensorType) -> str | None:
     """The packer this process's kernel for a pinned type writes and reads (None for a portable type)."""
-    entry = known_type(type_name)
-    return entry.packer_here() if entry is not None and entry.packer_here is not None else None
+    return row.packer_here() if row.packer_here is not None else None
 
 
-def assumed_packer(type_name: str) -> str | None:
-    """The packer to assume for a pinned tensor whose file does not say (docs/portability.md); None: unknown."""
-    entry = known_type(type_name)
-    return entry.assumed_packer if entry is not None else None
-
-
-def _pinned_to_cpu(type_name: str) -> bool:
+def _pinned_to_cpu(row: TensorType) -> bool:
     """Whether a type's bytes are in a CPU packing, which depends on the ISA of the machine that packed them."""
-    entry = known_type(type_name)
-    return entry is not None and entry.portability is Portability.PINNED and entry.packed_for is Device.CPU
+    return row.portability is Portability.PINNED and row.packed_for is Device.CPU
 
 
 def settle_packers(types: dict[str, TensorKind], rows: Callable[[str], int | None], choice: str | None,
@@ -59,14 +51,14 @@ def settle_packers(types: dict[str, TensorKind], rows: Callable[[str], int | Non
     stated = cpu.chosen_packer(choice)
     agreed = cpu.cpu_packer() if cpu.cpu_packer() in cpu.PACKINGS else next(iter(cpu.PACKINGS))
     settled = {}
-    for name, (type_name, packer) in types.items():
-        if _pinned_to_cpu(type_name):
+    for name, (row, packer) in types.items():
+        if _pinned_to_cpu(row):
             if packer is not None and stated is not None and packer != stated:
                 raise UsageError(f"{where}: {name} records that {packer} packed it, but cpu_packer={choice!r} says "
                                  f"{stated}; drop cpu_packer (the file's record is used)")
             if packer is None:
                 packer = stated or (agreed if _agree(rows(name)) else None)
-        settled[name] = TensorKind(type_name, packer)
+        settled[name] = TensorKind(row, packer)
     return settled
 
 
@@ -75,9 +67,9 @@ def _agree(n: int | None) -> bool:
     return n is not None and cpu.packings_agree(n)
 
 
-def packer_candidates(type_name: str, packer: str | None) -> list[str]:
+def packer_candidates(row: TensorType, packer: str | None) -> list[str]:
     """The packers that may have written a CPU int4 tensor whose packer is unknown; [] where it is known."""
-    return list(cpu.PACKINGS) if packer is None and _pinned_to_cpu(type_name) else []
+    return list(cpu.PACKINGS) if packer is None and _pinned_to_cpu(row) else []
 
 
 _CHOOSE = (f"state it with cpu_packer= (CLI: --cpu-packer): {', '.join(cpu.PACKINGS)}, or {cpu.NATIVE} "
@@ -86,7 +78,7 @@ _CHOOSE = (f"state it with cpu_packer= (CLI: --cpu-packer): {', '.join(cpu.PACKI
 
 def require_known_packers(types: dict[str, TensorKind], where: str) -> None:
     """Refuse CPU int4 tensors whose packer is unknown: read with the wrong one, their rows come out permuted."""
-    unknown = [name for name, (type_name, packer) in types.items() if packer_candidates(type_name, packer)]
+    unknown = [name for name, (row, packer) in types.items() if packer_candidates(row, packer)]
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise PortabilityError(
@@ -110,18 +102,17 @@ class Verdict:
         return f"{'runs' if self.runs else 'loads' if self.loads else 'no'}: {self.reason}"
 
 
-def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
+def verdict(entry: TensorType, packer: str | None, device_type: str) -> Verdict:
     """Decide one tensor's fate on one device type."""
-    entry = tensor_type_named(type_name, type_name)
     runs = device_type in entry.kernels
     if entry.portability is Portability.PORTABLE:
         kernel = "" if runs else f"; no {device_type} kernel in torchao 0.18 (data only)"
         return Verdict(True, runs, f"portable{kernel}")
-    if packer_candidates(type_name, packer):
+    if packer_candidates(entry, packer):
         return Verdict(False, False, f"CPU packer unknown ({' | '.join(cpu.PACKINGS)}): state it with "
                                      "cpu_packer= (CLI: --cpu-packer)")
     if entry.packed_for == device_type:
-        expected = packer_here(type_name)
+        expected = packer_here(entry)
         if packer != expected:
             return Verdict(False, False, f"{entry.note}, packed by {packer} but this machine's {device_type} "
                                          f"kernel reads the {expected} packing")
@@ -132,20 +123,20 @@ def verdict(type_name: str, packer: str | None, device_type: str) -> Verdict:
 Converter = Callable[[FlatTensor, torch.device], tuple[FlatTensor, str]]
 
 
-def _converter(type_name: str, packer: str | None, device_type: str) -> Converter | None:
+def _converter(entry: TensorType, packer: str | None, device_type: str) -> Converter | None:
     """An exact re-layout of a pinned int4 tensor into `device_type`'s layout, or None where none exists.
 
     The converter takes the device to build the new parts on (the target itself when loading, the CPU
     when packing for a device this machine lacks) and returns the new flat tensor and its packer.
     """
-    entry, target = known_type(type_name), relayout_target(device_type)
-    if packer is None or entry is None or entry.relayout is None or target is None:
+    target = relayout_target(device_type)
+    if packer is None or entry.relayout is None or target is None:
         return None
 
     def convert(flat: FlatTensor, build_on: torch.device) -> tuple[FlatTensor, str]:
         parts, attrs, new_packer = relayout.relayout(entry.relayout, target.relayout, flat.parts, flat.attrs,
                                                      packer=packer, build_on=build_on)
-        return FlatTensor(target.name, flat.shape, flat.dtype, parts, attrs), new_packer
+        return FlatTensor(target, flat.shape, flat.dtype, parts, attrs), new_packer
 
     return convert
 
@@ -155,13 +146,13 @@ def plan_loading(types: dict[str, TensorKind], device: torch.device, *,
     """Check every tensor before any is built: converters for those that need a re-layout, or one error."""
     stuck = {}
     converters: dict[str, Converter] = {}
-    for name, (type_name, packer) in types.items():
-        v = verdict(type_name, packer, device.type)
+    for name, (row, packer) in types.items():
+        v = verdict(row, packer, device.type)
         if v.loads:
             continue
-        conv = _converter(type_name, packer, device.type) if relayout else None
+        conv = _converter(row, packer, device.type) if relayout else None
         if conv is None:
-            stuck[name] = (type_name, v.reason)
+            stuck[name] = (row.name, v.reason)
         else:
             converters[name] = conv
     if stuck:

@@ -16,7 +16,6 @@ import torch
 from . import codec, format as fmt
 from .errors import CorruptCheckpointError
 from .paths import member
-from .portability import assumed_packer
 from .registry import DTYPE_NAMES, DTYPES, PLAIN, known_type, tensor_type_named
 from .fetch import ByteFile, LocalFile
 from .safetensors_io import SafetensorsFile
@@ -240,7 +239,7 @@ def _torchao_entry(name: str, record: Any, shard: SafetensorsFile, where: str) -
     parts = {i: fmt.PartEntry(fmt.part_key(name, i), "", [], "") for i in inner}
     portability = entry_type.portability.value
     return fmt.TensorEntry(entry_type.name, [], "", "unknown", portability,
-                           assumed_packer(entry_type.name), parts, record["_data"])
+                           entry_type.assumed_packer, parts, record["_data"])
 
 
 def _torchao_014_entry(name: str, record: Any, keys: set[str], where: str) -> fmt.TensorEntry:
@@ -255,7 +254,7 @@ def _torchao_014_entry(name: str, record: Any, keys: set[str], where: str) -> fm
     required, optional, _ = entry_type.inner_names()
     parts = {i: fmt.PartEntry(f"{name}:{i}", "", [], "") for i in (*required, *optional) if f"{name}:{i}" in keys}
     return fmt.TensorEntry(entry_type.name, [], "", "unknown", entry_type.portability.value,
-                           assumed_packer(entry_type.name), parts, record["_data"])
+                           entry_type.assumed_packer, parts, record["_data"])
 
 
 def _plain_entry(name: str, key: str | None = None) -> fmt.TensorEntry:
@@ -312,13 +311,14 @@ def read_flat(ckpt: Checkpoint, name: str, part: Callable[[str], torch.Tensor] |
     entry = ckpt.entries[ckpt.resolve(name)]
     where = f"{ckpt.path}: {name}"
     parts = {inner: (part or ckpt.part)(p.key) for inner, p in entry.parts.items()}
-    if tensor_type_named(entry.type, where).own_key:  # its one part is the tensor: its shape and dtype
-        codec.check_names(codec.FlatTensor(entry.type, None, None, parts, entry.attrs), where)
+    row = tensor_type_named(entry.type, where)  # the on-disk name, resolved once here
+    if row.own_key:  # its one part is the tensor: its shape and dtype
+        codec.check_names(codec.FlatTensor(row, None, None, parts, entry.attrs), where)
         tensor = parts[codec.PLAIN_PART]
-        return codec.FlatTensor(entry.type, tuple(tensor.shape), tensor.dtype, parts, {})
+        return codec.FlatTensor(row, tuple(tensor.shape), tensor.dtype, parts, {})
     attrs = {k: decode(v, where) for k, v in entry.attrs.items()}
     dtype = DTYPES[entry.dtype][0] if entry.dtype else None
-    return codec.FlatTensor(entry.type, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)
+    return codec.FlatTensor(row, tuple(entry.shape) if entry.dtype else None, dtype, parts, attrs)
 
 
 def check_torchao_records(ckpt: Checkpoint) -> None:

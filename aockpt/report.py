@@ -94,15 +94,15 @@ def inspect(path: PathLike, *, devices: Iterable[str] = (), cpu_packer: str | No
     with open_source(path, cpu_packer, foreign_ok=True, partial=True) as source:
         ckpt = source.checkpoint
         tensors = []
-        for name, (type_name, packer) in source.types.items():
+        for name, (row, packer) in source.types.items():
             flat = source.describe(name)
             if flat.shape is None:  # a foreign record: its outer shape is learnt by rebuilding it (shapes only)
                 flat = check_records(source, [name])[name]
-            verdicts = {d: portability.verdict(type_name, packer, portability.parse_device(d).type) for d in devices}
-            tensors.append(TensorInfo(name, type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
-                                      source.made_on[name], _portability(type_name), packer, None, verdicts,
-                                      source.origins.get(name), portability.packer_candidates(type_name, packer),
-                                      _tp_split(type_name)))
+            verdicts = {d: portability.verdict(row, packer, portability.parse_device(d).type) for d in devices}
+            tensors.append(TensorInfo(name, row.name, list(flat.shape), DTYPE_NAMES[flat.dtype], flat.nbytes,
+                                      source.made_on[name], row.portability.value, packer, None, verdicts,
+                                      source.origins.get(name), portability.packer_candidates(row, packer),
+                                      row.tp_text()))
         by_name = {t.name: t for t in tensors}
         for alias, target in source.aliases.items():
             t = by_name[target]
@@ -118,19 +118,9 @@ def _stock(source: Source) -> StockVerdict | None:
     config = next((f for f in source.extra_files if f.name == CONFIG_NAME), None)
     if config is None:
         return None
-    types = {n: kind.type for n, kind in source.types.items()}
+    types = {n: kind.row for n, kind in source.types.items()}
     return stock_verdict(read_config(config), types, legacy=bool(source.origins),
                          backing=Backing.of_source(source), path=config)
-
-
-def _portability(type_name: str) -> str:
-    """The portability class of a type name."""
-    return tensor_type_named(type_name, type_name).portability.value
-
-
-def _tp_split(type_name: str) -> str:
-    """How tensor parallelism slices a type (registry `TensorType.tp`)."""
-    return tensor_type_named(type_name, type_name).tp_text()
 
 
 @dataclass

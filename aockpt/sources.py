@@ -19,9 +19,9 @@ from .fetch import release_mapped
 from .filenames import PICKLE_INDEX, PICKLE_SUFFIXES, PICKLE_WEIGHTS
 from .hf_config import folder_skeleton, tied_partner
 from .paths import member
-from .portability import TensorKind, assumed_packer, settle_packers
+from .portability import TensorKind, settle_packers
 from .reader import Checkpoint, Flavor, open_checkpoint, read_flat
-from .registry import tensor_type_of
+from .registry import tensor_type_named, tensor_type_of
 from .remote_sources import open_remote
 from .unpickle import safe_load, storage_devices
 
@@ -82,7 +82,7 @@ def from_checkpoint(ckpt: Checkpoint, kind: str) -> Source:
         if entry.alias_of is not None:
             aliases[name] = entry.alias_of
             continue
-        types[name] = TensorKind(entry.type, entry.packer)
+        types[name] = TensorKind(tensor_type_named(entry.type, f"{ckpt.path}: {name}"), entry.packer)
         made_on[name] = entry.device
 
     def digests(name: str) -> list[tuple[str, str, memoryview]]:
@@ -104,8 +104,8 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
     types = {}
     for name, tensor in tensors.items():
         if name not in aliases:
-            type_name = tensor_type_of(tensor, name).name
-            types[name] = TensorKind(type_name, assumed_packer(type_name))
+            row = tensor_type_of(tensor, name)
+            types[name] = TensorKind(row, row.assumed_packer)
     made_on = dict.fromkeys(types, made_on)
     return Source(path, kind, types, aliases, made_on, lambda n: codec.flatten(n, tensors[n]), origins=origins)
 
@@ -113,7 +113,7 @@ def from_state_dict(state_dict: dict[str, Any], path: Path, kind: str, made_on: 
 def _shape_only(flat: codec.FlatTensor) -> codec.FlatTensor:
     """A flat tensor whose parts are meta tensors of the same shapes and dtypes."""
     parts = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in flat.parts.items()}
-    return codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, parts, flat.attrs)
+    return codec.FlatTensor(flat.row, flat.shape, flat.dtype, parts, flat.attrs)
 
 
 def _current_tensors(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -294,7 +294,7 @@ def merge_stored_ties(source: Source) -> None:
 
 def _same_stored(a: codec.FlatTensor, b: codec.FlatTensor) -> bool:
     """Same type, outer shape and dtype, attributes, and every part byte for byte."""
-    if (a.type_name, a.shape, a.dtype, a.attrs, list(a.parts)) != (b.type_name, b.shape, b.dtype, b.attrs, list(b.parts)):
+    if (a.row, a.shape, a.dtype, a.attrs, list(a.parts)) != (b.row, b.shape, b.dtype, b.attrs, list(b.parts)):
         return False
     return all(p.dtype == b.parts[k].dtype and p.shape == b.parts[k].shape and
                torch.equal(p.reshape(-1).view(torch.uint8), b.parts[k].reshape(-1).view(torch.uint8))

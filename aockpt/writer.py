@@ -17,7 +17,7 @@ from . import __version__, codec, format as fmt
 from .errors import AockptError, UnsupportedTensorError, UsageError
 from .progress import track
 from .fetch import page_releaser
-from .registry import DTYPE_NAMES, tensor_type_named
+from .registry import DTYPE_NAMES
 from .safetensors_io import aligned_order, write_file
 from .typed_json import encode
 
@@ -43,14 +43,13 @@ def producer() -> dict[str, str]:
 
 def _entry(item: SourceTensor, flat: codec.FlatTensor) -> fmt.TensorEntry:
     """The aockpt record entry of one tensor, digests still empty."""
-    entry = tensor_type_named(flat.type_name, item.name)
     parts = {}
     for inner, part in flat.parts.items():
-        key = fmt.stored_key(flat.type_name, item.name, inner)
+        key = fmt.stored_key(flat.row, item.name, inner)
         parts[inner] = fmt.PartEntry(key, DTYPE_NAMES[part.dtype], list(part.shape), "")
     attrs = {k: encode(v) for k, v in flat.attrs.items()}
-    return fmt.TensorEntry(flat.type_name, list(flat.shape), DTYPE_NAMES[flat.dtype], item.device,
-                           entry.portability.value, item.packer, parts, attrs)
+    return fmt.TensorEntry(flat.row.name, list(flat.shape), DTYPE_NAMES[flat.dtype], item.device,
+                           flat.row.portability.value, item.packer, parts, attrs)
 
 
 @dataclass

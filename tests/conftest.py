@@ -202,10 +202,9 @@ def _int4_xpu(t: torch.Tensor) -> torch.Tensor:
 def _canonical(t: torch.Tensor, packer: str) -> torch.Tensor:
     """A device-packed int4 tensor through aockpt's canonical form, read as `packer` wrote it."""
     from aockpt import codec, relayout
-    from aockpt.registry import tensor_type_named
 
     flat = codec.flatten("w", t)
-    layout = tensor_type_named(flat.type_name, "w").relayout
+    layout = flat.row.relayout
     return relayout.dequantize(layout.to_canonical(flat.parts, flat.attrs, packer)).to(t.dtype)
 
 

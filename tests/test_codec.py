@@ -33,7 +33,7 @@ def test_every_value_type_field_hint_resolves(value_type):
 def test_flatten_rebuild_is_exact(case):
     _, type_name, tensor = case
     flat = codec.flatten("layer.weight", tensor)
-    assert flat.type_name == type_name
+    assert flat.row is registry.TENSOR_TYPES[type_name]
     assert all(type(p) is torch.Tensor for p in flat.parts.values())
     assert_same_tensor(codec.rebuild(flat, "layer.weight"), tensor)
 
@@ -59,7 +59,7 @@ def test_rebuild_runs_no_op_on_the_parts(case, device):
     type's rebuild may run any op on them, or it could read bytes that have not arrived."""
     _, _, tensor = case
     flat = codec.flatten("w", tensor)
-    flat = codec.FlatTensor(flat.type_name, flat.shape, flat.dtype, {k: v.to(device) for k, v in flat.parts.items()},
+    flat = codec.FlatTensor(flat.row, flat.shape, flat.dtype, {k: v.to(device) for k, v in flat.parts.items()},
                             flat.attrs)
     with _Ops() as seen:
         codec.rebuild(flat, "w", torch.device(device))
@@ -79,7 +79,7 @@ def test_flatten_does_not_copy(case):
 def test_plain_tensor_round_trip():
     t = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     flat = codec.flatten("b", t)
-    assert flat.type_name == registry.PLAIN.name and set(flat.parts) == {codec.PLAIN_PART}
+    assert flat.row is registry.PLAIN and set(flat.parts) == {codec.PLAIN_PART}
     assert codec.rebuild(flat, "b") is flat.parts[codec.PLAIN_PART]
 
 

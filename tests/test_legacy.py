@@ -77,7 +77,7 @@ def _on_this_machine(t: torch.Tensor, packer: str | None) -> torch.Tensor:
         return t
     flat = codec.flatten("w", t)
     parts, attrs, _ = relayout(cpu, cpu, flat.parts, flat.attrs, packer=packer, build_on="cpu")
-    return codec.rebuild(FlatTensor("Int4OpaqueTensor", flat.shape, flat.dtype, parts, attrs), "w")
+    return codec.rebuild(FlatTensor(flat.row, flat.shape, flat.dtype, parts, attrs), "w")
 
 
 @pytest.mark.parametrize("path", _params([p for p in PICKLES if p.stem not in CUDA_PINNED]))

@@ -84,7 +84,7 @@ def test_without_the_entry_the_type_is_refused(tmp_path):
 
 def test_codec_flattens_and_rebuilds_it_byte_exact(toy):
     flat = codec.flatten("w", toy)
-    assert flat.type_name == "ToyInt8Tensor" and set(flat.parts) == {"qdata", "scale"}
+    assert flat.row is TOY and set(flat.parts) == {"qdata", "scale"}
     _assert_same(codec.rebuild(flat, "w"), toy)
     flat.parts["scale"] = flat.parts["scale"][:2]  # the row's part rules apply: one scale per row
     with pytest.raises(aockpt.CorruptCheckpointError, match="part 'scale' holds 2 values"):
@@ -97,8 +97,8 @@ def test_the_unpickling_allowlist_takes_it(toy, tmp_path):
 
 
 def test_portability_verdicts_read_its_row(toy):
-    assert portability.verdict("ToyInt8Tensor", None, "cpu") == portability.Verdict(True, True, "portable")
-    cuda = portability.verdict("ToyInt8Tensor", None, "cuda")
+    assert portability.verdict(TOY, None, "cpu") == portability.Verdict(True, True, "portable")
+    cuda = portability.verdict(TOY, None, "cuda")
     assert (cuda.loads, cuda.runs) == (True, False) and "no cuda kernel" in cuda.reason
 
 

@@ -132,7 +132,8 @@ def test_tile_packed_rows_read_directly_equal_the_re_laid_out_slices(world, tmp_
 
     def tile_tensor(c: relayout.Int4Canonical) -> torch.Tensor:
         parts, attrs, _ = relayout.tinygemm.from_canonical(c, torch.device("cpu"))
-        return codec.rebuild(codec.FlatTensor("Int4TilePackedTo4dTensor", c.shape, torch.bfloat16, parts, attrs), "w")
+        tile = TENSOR_TYPES["Int4TilePackedTo4dTensor"]
+        return codec.rebuild(codec.FlatTensor(tile, c.shape, torch.bfloat16, parts, attrs), "w")
 
     aockpt.save({"m.weight": tile_tensor(canon)}, tmp_path / "p")
     for rank in range(world):
