@@ -22,14 +22,13 @@ from . import ct_codes, ct_format, ct_table
 from .api import source_tensors
 from .atomic import staged
 from .errors import UnsupportedTensorError, UsageError
-from .hf_config import CONFIG_NAME, Skeleton, folder_skeleton, read_config, tied_partner
+from .filenames import CONFIG_NAME, INDEX_NAME
+from .hf_config import Skeleton, folder_skeleton, read_config, tied_partner
 from .registry import tensor_type_of
 from .safetensors_io import write_file
 from .sources import Source, open_source
 
 FORMATS = ("compressed-tensors",)
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -222,7 +221,7 @@ def _write_weights(state: dict[str, torch.Tensor], dst: Path) -> None:
         write_file(dst / filename, [(k, state[k].contiguous()) for k in keys], lambda _: {"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (dst / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (dst / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_files(source: Source, dst: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from . import codec, ct_format, ct_torchao
 from .errors import CorruptCheckpointError, UnsupportedTensorError
-from .format import INDEX_NAME, WEIGHTS_NAME
+from .filenames import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from .config_rules import Backing
 from .ct_table import IMPORTED_FORMATS, formats as _formats, imports
 from .hf_config import read_config, skeleton
@@ -25,7 +25,6 @@ from .portability import TensorKind
 from .reader import Checkpoint, is_packed, open_checkpoint, read_flat
 from .registry import PLAIN, TENSOR_TYPES
 
-CONFIG = "config.json"
 METHOD = "compressed-tensors"
 _ROOTS = ("weight_packed", "weight")  # the first parameter compressed-tensors stores per quantized weight
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -47,9 +46,9 @@ def imports_folder(path: Path) -> bool:
     """Whether a folder is read by this importer: safetensors weights not in aockpt's own format (whose names
     aockpt.foreign judges) and a config.json (read size-checked) that aockpt imports; aockpt.foreign refuses
     other compressed-tensors formats."""
-    if not (path / CONFIG).is_file() or not ((path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file()):
+    if not (path / CONFIG_NAME).is_file() or not ((path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file()):
         return False
-    return importable(read_config(member(path, CONFIG))) and not is_packed(path)
+    return importable(read_config(member(path, CONFIG_NAME))) and not is_packed(path)
 
 
 @dataclass
@@ -73,7 +72,7 @@ class _Module:
 
 def open_folder(path: Path) -> ImportedFolder:
     """Open a compressed-tensors folder: quantized module weights become torchao tensors, the rest stay plain."""
-    config = read_config(member(path, CONFIG))
+    config = read_config(member(path, CONFIG_NAME))
     if not importable(config):
         qc = _quantization_config(config) or {}
         raise UnsupportedTensorError(
@@ -136,7 +135,7 @@ def _modules(ckpt: Checkpoint, config: dict[str, Any], path: Path) -> dict[str, 
         raise CorruptCheckpointError(f"{path}: quantization_config is not a valid compressed-tensors config "
                                      f"({str(e).splitlines()[0]})") from e
     stored = [ckpt.shards[shard].slots[key].shape for key, shard in ckpt.key_to_shard.items()]
-    skel = skeleton(config, Backing.of_shapes(stored), path / CONFIG)
+    skel = skeleton(config, Backing.of_shapes(stored), path / CONFIG_NAME)
     out = {}
     for key in ckpt.entries:
         module, _, leaf = key.rpartition(".")

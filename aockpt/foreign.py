@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 from . import ct_table
 from .errors import ForeignCheckpointError
+from .filenames import CONFIG_NAME
 from .registry import tensor_type_of
 from .typed_json import load_file
 
@@ -166,7 +167,7 @@ def detect(config: dict[str, Any] | None, names: Iterable[str], *, torchao: bool
 
 def of_folder(path: Path, names: Iterable[str], *, torchao: bool) -> Foreign | None:
     """`detect` for an input path: a folder's config.json and the tensor names (a file: its names alone)."""
-    config_path = path / "config.json" if path.is_dir() else None
+    config_path = path / CONFIG_NAME if path.is_dir() else None
     config = load_file(config_path) if config_path is not None and config_path.is_file() else None
     return detect(config if isinstance(config, dict) else None, names, torchao=torchao)
 

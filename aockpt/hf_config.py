@@ -14,6 +14,7 @@ import torch
 from . import foreign
 from .config_rules import Backing, bounded_build, check_buffers, check_config
 from .errors import CorruptCheckpointError
+from .filenames import CONFIG_NAME
 from .paths import member
 from .stock_configs import stock_refusal
 from .registry import TensorType, tensor_type_of
@@ -22,7 +23,6 @@ from .typed_json import load_file
 if TYPE_CHECKING:
     from .sources import Source
 
-CONFIG_NAME = "config.json"
 # The `_type` of a torchao config record that no torchao module defines: stock transformers refuses the
 # folder with "Failed to find class ...", instead of loading the weights it cannot read as random ones.
 AOCKPT_ONLY = "LoadWithAockptLoadPretrained"

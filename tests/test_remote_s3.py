@@ -168,7 +168,7 @@ def test_an_object_replaced_between_two_ranges_is_an_error_naming_it(s3, packed,
     with FaultProxy(s3.endpoint, [None, None, None, None, None, replace]) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setenv("AOCKPT_CONCURRENCY", "1")
-        with pytest.raises(RemoteReadError, match=rf"s3://models/swap/model-0000.-of-00002\.safetensors changed "
+        with pytest.raises(RemoteReadError, match=r"s3://models/swap/model-0000.-of-00002\.safetensors changed "
                                                   r"while it was being read"):
             aockpt.load_quantized(url)
 
