@@ -209,7 +209,7 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None, *,
     if not checked:
         check_record(flat, where)
     parts = {k: v.to(device) if device is not None else v for k, v in flat.parts.items()}
-    attrs = {k: _on(v, device) for k, v in flat.attrs.items()} if device is not None else dict(flat.attrs)
+    attrs = {k: on_device(v, device) for k, v in flat.attrs.items()} if device is not None else dict(flat.attrs)
     entry = flat.row
     try:
         tensor = entry.build(entry.cls, parts, attrs, flat.shape and torch.Size(flat.shape))
@@ -228,12 +228,18 @@ def rebuild(flat: FlatTensor, where: str, device: torch.device | None = None, *,
     return tensor
 
 
-def _on(value: Any, device: torch.device) -> Any:
-    """An attribute value with every device in it set to `device` (the one place a load sets the device)."""
+def on_device(value: Any, device: torch.device) -> Any:
+    """An attribute value with every device in it set to `device`, also inside kwargs dataclasses and named
+    tuples (NF4's ``tensor_meta``): the one place a load sets the device."""
     if isinstance(value, torch.device):
         return device
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_on(v, device) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(on_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_device(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: on_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 

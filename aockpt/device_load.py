@@ -2,7 +2,7 @@
 
 Each (shard, accelerator) pair gets one allocation (a ``Block``; on the CPU each part its own, which keeps
 tensors ``torch.save``-able); parts are ALIGN-aligned views into it. The reads are chunks of file byte
-ranges (a strided slice's rows batched together), each split into the pieces that go to their blocks; the fetch
+ranges (a strided slice's rows as one strided read), each split into the pieces that go to their blocks; the fetch
 stage (aockpt.fetch) runs them through whatever byte source holds the file. The same code runs with a CPU
 "device" (plain buffers, synchronous copies), which is how tests check it without a GPU.
 """
@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import DeviceMemoryError
-from .fetch import CHUNK_BYTES, THREADS, Chunk, Loading, Piece, fetch
+from .fetch import CHUNK_BYTES, THREADS, Chunk, Loading, Piece, Read, fetch
 from .safetensors_io import SafetensorsFile, TensorSlot
 
 ALIGN = 256  # bytes: every part starts where a fresh CUDA allocation would, so kernels see aligned pointers
@@ -38,19 +38,18 @@ class Want:
         dim, start, stop = self.span
         return (*slot.shape[:dim], stop - start, *slot.shape[dim + 1:])
 
-    def segments(self, slot: TensorSlot) -> Iterator[tuple[int, int, int]]:
-        """(begin, end, offset in the placed part) of each run of bytes it reads, in file order."""
+    def segments(self, slot: TensorSlot) -> tuple[int, int, int, int]:
+        """What it reads: (begin, nbytes, rows, stride): `rows` runs of `nbytes` bytes, `stride` apart in the
+        file from `begin`, landing back to back in the placed part (one row when the bytes are contiguous)."""
         if self.span is None:
-            yield slot.begin, slot.end, 0
-            return
+            return slot.begin, slot.end - slot.begin, 1, 0
         dim, start, stop = self.span
         inner = math.prod(slot.shape[dim + 1:]) * slot.dtype.itemsize
         run, stride = (stop - start) * inner, slot.shape[dim] * inner
-        runs = math.prod(slot.shape[:dim])
-        if run == stride:
-            runs, run = 1, runs * run
-        for i in range(runs if run else 0):
-            yield slot.begin + start * inner + i * stride, slot.begin + start * inner + i * stride + run, i * run
+        rows = math.prod(slot.shape[:dim])
+        if run == stride or rows == 1:
+            return slot.begin + start * inner, rows * run, 1, 0
+        return slot.begin + start * inner, run, rows, stride
 
 
 @dataclass
@@ -98,8 +97,8 @@ def plan_reads(shards: dict[str, SafetensorsFile], wants: dict[str, Want], chunk
             block.parts, block.nbytes = back_to_back((k, _nbytes(mine[k], shard)) for k in group)
             where.update(dict.fromkeys(block.parts, len(blocks)))
             blocks.append(block)
-        segments = sorted((begin, end, where[k], blocks[where[k]].parts[k] + at, i)
-                          for i, (k, w) in enumerate(mine.items()) for begin, end, at in w.segments(shard.slots[w.key]))
+        segments = sorted((*w.segments(shard.slots[w.key]), where[k], blocks[where[k]].parts[k])
+                          for k, w in mine.items())
         chunks.extend(_chunks(shard_name, shard.data_start, segments, chunk_bytes))
     return Plan(blocks, chunks, where)
 
@@ -123,30 +122,48 @@ def _nbytes(want: Want, shard: SafetensorsFile) -> int:
     return math.prod(want.shape(slot)) * slot.dtype.itemsize
 
 
-def _chunks(shard_name: str, data_start: int, segments: list[tuple[int, int, int, int, int]],
+def _chunks(shard_name: str, data_start: int, segments: list[tuple[int, int, int, int, int, int]],
             chunk_bytes: int) -> Iterator[Chunk]:
-    """Segments (file begin, end, block, offset there, part; in file order) batched into chunks of at most
-    `chunk_bytes` read bytes: back-to-back bytes are one read, a part's consecutive bytes one copy, a
-    segment split where a chunk fills. One pass, so thousands of parts or strided rows cost little."""
-    reads: list[tuple[int, int]] = []
+    """Segments (file begin, row bytes, rows, stride, block, offset there; in file order) batched into chunks of
+    at most `chunk_bytes` read bytes: back-to-back bytes are one read, a strided slice's rows one strided read
+    whose whole extent fits a chunk too (a local file reads it at once), a longer run split. One step per
+    segment or chunk, so thousands of parts or strided rows cost little."""
+    reads: list[Read] = []
     pieces: list[Piece] = []
-    size, last_part = 0, None
-    for begin, end, block, dst, part in segments:
-        while begin < end:
-            take = min(end - begin, chunk_bytes - size)
-            if reads and sum(reads[-1]) == data_start + begin:
-                reads[-1] = (reads[-1][0], reads[-1][1] + take)
+    size = 0
+    for begin, nbytes, rows, stride, block, dst in segments:
+        todo = [(begin, nbytes, rows, stride, dst)]
+        while todo:
+            begin, nbytes, rows, stride, dst = todo.pop()
+            if rows > 1 and nbytes > chunk_bytes:  # rows longer than a chunk: each row split like a whole part
+                todo.extend((begin + i * stride, nbytes, 1, 0, dst + i * nbytes) for i in reversed(range(rows)))
+                continue
+            room = chunk_bytes - size
+            take = min(rows, room // nbytes, (chunk_bytes - nbytes) // stride + 1) if rows > 1 else min(nbytes, room)
+            if not take:  # the rows do not fit what is left of this chunk
+                yield Chunk(shard_name, tuple(reads), tuple(pieces))
+                reads, pieces, size = [], [], 0
+                todo.append((begin, nbytes, rows, stride, dst))
+                continue
+            got = take * nbytes if rows > 1 else take
+            last = reads[-1] if reads else None
+            if rows == 1 and last is not None and last.rows == 1 and last.offset + last.nbytes == data_start + begin:
+                reads[-1] = Read(last.offset, last.nbytes + take)
             else:
-                reads.append((data_start + begin, take))
+                reads.append(Read(data_start + begin, nbytes, take, stride) if rows > 1 else Read(data_start + begin, take))
             prev = pieces[-1] if pieces else None
-            if prev is not None and last_part == part and prev.dst + prev.nbytes == dst and prev.src + prev.nbytes == size:
-                pieces[-1] = Piece(block, prev.src, prev.dst, prev.nbytes + take)
+            if prev is not None and prev.block == block and prev.dst + prev.nbytes == dst and prev.src + prev.nbytes == size:
+                pieces[-1] = Piece(block, prev.src, prev.dst, prev.nbytes + got)
             else:
-                pieces.append(Piece(block, size, dst, take))
-            size, begin, dst, last_part = size + take, begin + take, dst + take, part
+                pieces.append(Piece(block, size, dst, got))
+            size += got
+            if rows > 1 and take < rows:
+                todo.append((begin + take * stride, nbytes, rows - take, stride, dst + got))
+            elif rows == 1 and take < nbytes:
+                todo.append((begin + take, nbytes - take, 1, 0, dst + take))
             if size == chunk_bytes:
                 yield Chunk(shard_name, tuple(reads), tuple(pieces))
-                reads, pieces, size, last_part = [], [], 0, None
+                reads, pieces, size = [], [], 0
     if reads:
         yield Chunk(shard_name, tuple(reads), tuple(pieces))
 

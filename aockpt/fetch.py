@@ -39,7 +39,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Protocol, Sequence
+from typing import BinaryIO, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -165,19 +165,28 @@ class Piece:
     nbytes: int
 
 
+class Read(NamedTuple):
+    """`rows` runs of `nbytes` bytes, `stride` apart in a file from `offset` (one run: contiguous bytes)."""
+
+    offset: int
+    nbytes: int
+    rows: int = 1
+    stride: int = 0
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """One batch of reads from file `file`, filling a staging buffer back to back ((offset, nbytes) each: the
-    rows of a strided slice go in one batch), then a copy per piece."""
+    """One batch of reads from file `file`, filling a staging buffer back to back (a strided slice's rows
+    packed), then a copy per piece."""
 
     file: str
-    reads: tuple[tuple[int, int], ...]
+    reads: tuple[Read, ...]
     pieces: tuple[Piece, ...]
 
     @property
     def nbytes(self) -> int:
-        """Bytes the chunk reads."""
-        return sum(n for _, n in self.reads)
+        """Bytes the chunk keeps."""
+        return sum(r.nbytes * r.rows for r in self.reads)
 
 
 @dataclass
@@ -221,8 +230,10 @@ def fetch(files: Mapping[str, ByteFile], chunks: Sequence[Chunk], blocks: Sequen
         return loading
     pinned = any(b.device.type == "cuda" for b in blocks)
     staging_bytes = min(chunk_bytes, max(c.nbytes for c in chunks))
+    extent_bytes = max(((r.rows - 1) * r.stride + r.nbytes for c in chunks for r in c.reads), default=0)
     todo = iter(chunks)
     lock = threading.Lock()
+    local = {name: f.mapped() is not None for name, f in files.items()}  # gaps cost less than a read per row
 
     def next_chunk() -> Chunk | None:
         with lock:
@@ -232,17 +243,27 @@ def fetch(files: Mapping[str, ByteFile], chunks: Sequence[Chunk], blocks: Sequen
         try:  # each thread pins its own buffers, so the first reads start before the last buffer is pinned
             staging = torch.empty(2 * staging_bytes, dtype=torch.uint8, pin_memory=pinned)
             buffers = [staging[:staging_bytes], staging[staging_bytes:]]
+            extents = None  # a local file's strided extents land here first, made on first use
             copier = _Copier(blocks)
             turn = 0
             while (chunk := next_chunk()) is not None:
                 buf = buffers[turn]
                 copier.wait(turn)
-                view = memoryview((ctypes.c_char * chunk.nbytes).from_address(buf.data_ptr())).cast("B")
+                file = files[chunk.file]
                 at, reads = 0, []
-                for offset, nbytes in chunk.reads:
-                    reads.append((offset, view[at:at + nbytes]))
-                    at += nbytes
-                files[chunk.file].read_into(reads)
+                for r in chunk.reads:
+                    if r.rows > 1 and local[chunk.file]:  # one read of the whole extent, then the rows packed
+                        if extents is None:
+                            extents = torch.empty(extent_bytes, dtype=torch.uint8)
+                        file.read_into([(r.offset, _bytes_of(extents, (r.rows - 1) * r.stride + r.nbytes))])
+                        buf[at:at + r.rows * r.nbytes].view(r.rows, r.nbytes).copy_(
+                            extents.as_strided((r.rows, r.nbytes), (r.stride, 1)))
+                    else:  # exact bytes: a run, or each row (a remote source reads them concurrently)
+                        view = _bytes_of(buf[at:], r.rows * r.nbytes)
+                        reads.extend((r.offset + i * r.stride, view[i * r.nbytes:(i + 1) * r.nbytes])
+                                     for i in range(r.rows))
+                    at += r.rows * r.nbytes
+                file.read_into(reads)
                 with lock:
                     loading.read += chunk.nbytes
                 copier.copy(turn, buf, chunk.pieces)
@@ -257,6 +278,11 @@ def fetch(files: Mapping[str, ByteFile], chunks: Sequence[Chunk], blocks: Sequen
     for w in loading.workers:
         w.start()
     return loading
+
+
+def _bytes_of(tensor: torch.Tensor, nbytes: int) -> memoryview:
+    """The first `nbytes` of a host uint8 tensor as a writable memoryview (what ``read_into`` fills)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class _Copier:

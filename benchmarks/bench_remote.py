@@ -9,6 +9,7 @@ fault proxy of the tests (tests/fault_proxy.py) in front of the server.
     python benchmarks/bench_remote.py                        # ~1 GB, concurrency 4 8 16 32, 3 runs each
     python benchmarks/bench_remote.py --gb 0.2 --runs 1      # quick
     python benchmarks/bench_remote.py --device cuda          # on a GPU machine: the same loads to cuda
+    python benchmarks/bench_remote.py --tools aockpt runai   # without s3fs (where it is not installed)
 Needs: pip install -e ".[test]" s3fs runai-model-streamer runai-model-streamer-s3
 """
 
@@ -35,6 +36,7 @@ def _child(tool: str, url: str, concurrency: int, device: str) -> None:
     if device != "cpu":
         torch.empty(1, device=device)  # the CUDA context is set up before the clock starts
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS counts from here (what the imports hold stays in)
+    start_rss = _rss_mb("VmRSS")
 
     shards = json.loads(os.environ["BENCH_SHARDS"])
     if tool == "aockpt":
@@ -69,13 +71,15 @@ def _child(tool: str, url: str, concurrency: int, device: str) -> None:
         seconds = time.perf_counter() - start
     nbytes = sum(_stored_bytes(t) for t in state.values())
     print(json.dumps({"tool": tool, "device": device, "concurrency": concurrency, "seconds": seconds, "tensors": len(state),
-                      "bytes": nbytes, "max_rss_mb": _peak_rss_mb(),
+                      "bytes": nbytes, "max_rss_mb": _rss_mb("VmHWM"),
+                      "peak_rss_above_start_mb": round(_rss_mb("VmHWM") - start_rss, 1),
+                      "largest_tensor_mb": round(max(_stored_bytes(t) for t in state.values()) / 2**20, 1),
                       "torch": torch.__version__}))
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec on Linux)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+def _rss_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (now) of this process (ru_maxrss would carry the parent's peak across exec on Linux)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
     return int(line.split()[1]) / 1024
 
 
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--tools", nargs="+", default=["aockpt", "runai", "s3fs"], choices=["aockpt", "runai", "s3fs"])
     parser.add_argument("--child")
     parser.add_argument("--url")
     args = parser.parse_args()
@@ -158,19 +163,22 @@ def main() -> None:
         rows = []
         for run in range(args.runs):  # interleaved, so drift hits every tool alike
             for concurrency in args.concurrency:
-                for tool in ("aockpt", "runai"):
+                for tool in [t for t in args.tools if t != "s3fs"]:
                     rows.append(_run(tool, url, concurrency, env, args.device))
-            rows.append(_run("s3fs", url, 0, env, args.device))
+            if "s3fs" in args.tools:
+                rows.append(_run("s3fs", url, 0, env, args.device))
         summary = {}
         for row in rows:
             summary.setdefault((row["tool"], row["concurrency"]), []).append(row)
         print(f"checkpoint: {stored / 1e9:.3f} GB in {len(shards)} shards to {args.device}; median of {args.runs} "
               "fresh processes")
-        print("| tool | concurrency | seconds | GB/s | peak RSS MB (imports included) |\n|---|---:|---:|---:|---:|")
+        print("| tool | concurrency | seconds | GB/s | peak RSS MB (imports included) | peak RSS MB above the start |"
+              "\n|---|---:|---:|---:|---:|---:|")
         for (tool, concurrency), group in summary.items():
             seconds = statistics.median(r["seconds"] for r in group)
-            rss = max(r["max_rss_mb"] for r in group)
-            print(f"| {tool} | {concurrency or '-'} | {seconds:.2f} | {stored / seconds / 1e9:.2f} | {rss:.0f} |")
+            rss, above = max(r["max_rss_mb"] for r in group), max(r["peak_rss_above_start_mb"] for r in group)
+            print(f"| {tool} | {concurrency or '-'} | {seconds:.2f} | {stored / seconds / 1e9:.2f} | {rss:.0f} | {above:.0f} |")
+        print(f"largest tensor: {rows[0]['largest_tensor_mb']} MB")
         transfers = _transfers(s3, url, env)
         print("| operation | bytes transferred | share of the tensor bytes |\n|---|---:|---:|")
         for label, n in transfers.items():

@@ -137,8 +137,9 @@ def row(model_id: str, config, folder: Path, device: str) -> dict:
                 logits = loaded(ids).logits
                 tokens = loaded.generate(ids, max_new_tokens=16, do_sample=False)
             weights = loaded.state_dict()
-            same = [torch.equal(weights[n], w) for n, w in dequantized.items() if n in weights]
+            same = [torch.equal(weights[n].to(w.device), w) for n, w in dequantized.items() if n in weights]
             out[mode] = {"weights_equal_torchao_dequantize": f"{sum(same)}/{len(same)}",
+                         "weight_devices": sorted({str(weights[n].device) for n in dequantized if n in weights}),
                          "logits_equal_dequantized_twin": bool(torch.equal(logits, twin_logits)),
                          "max_diff_vs_dequantized_twin": _diff(logits, twin_logits),
                          "max_diff_vs_torchao_kernels": _diff(logits, ao_logits),

@@ -4,6 +4,7 @@ the same slices read onto the CPU and then moved (what sharded GPU loads did bef
     python benchmarks/tp_gpu.py generate DIR [--shape llama-8b]       # an 8B-shaped int8 aockpt folder
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         torchrun --nproc-per-node 2 benchmarks/tp_gpu.py run DIR --json out.json
+    python benchmarks/tp_gpu.py run DIR --one-gpu 2 --json out.json        # one GPU: the ranks' loads in turn
 
 Per rank and per method (alternated B, A, B, A on a warm page cache; the second of each is reported):
 seconds to have every local tensor on the rank's GPU, bytes read through the fetch interface, and peak GPU
@@ -46,7 +47,7 @@ def _local_bytes(state: dict) -> int:
     return total
 
 
-def _load(path: Path, rank: int, world: int, method: str) -> tuple[dict, dict]:
+def _load(path: Path, rank: int, world: int, method: str, gpu: int) -> tuple[dict, dict]:
     """One timed load of this rank's slices onto its GPU: straight through pinned buffers ("pinned_slices"), or
     onto the CPU and then moved ("cpu_slices_then_to"); the timing and the tensors (as flat parts, on the CPU)."""
     from aockpt import codec, load, sources
@@ -56,7 +57,7 @@ def _load(path: Path, rank: int, world: int, method: str) -> tuple[dict, dict]:
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    device = torch.device("cuda", rank)
+    device = torch.device("cuda", gpu)
     start = time.perf_counter()
     files: list[CountedFile] = []
     ckpt = open_checkpoint(path, opener=lambda p: files.append(CountedFile(p)) or files[-1])
@@ -137,7 +138,7 @@ def run(path: Path, json_out: Path | None, forward_only: bool = False) -> None:
     parts = {}
     for label in ("cpu_slices_then_to", "pinned_slices", "cpu_slices_then_to", "pinned_slices") * (not forward_only):
         dist.barrier()
-        results[label], parts[label] = _load(path, rank, world, label)
+        results[label], parts[label] = _load(path, rank, world, label, rank)
     if parts:
         results["same_bytes"] = _same_bytes(parts["cpu_slices_then_to"], parts["pinned_slices"])
         del parts
@@ -152,6 +153,32 @@ def run(path: Path, json_out: Path | None, forward_only: bool = False) -> None:
         if json_out:
             json_out.write_text(text)
     dist.destroy_process_group()
+
+
+def run_one_gpu(path: Path, json_out: Path | None, world: int) -> None:
+    """Every rank's slices loaded in turn onto GPU 0 by both methods (no process group, no forward check), and
+    the whole checkpoint by ``load_quantized`` for scale: for a machine with one GPU."""
+    import aockpt
+
+    results: dict = {"gpu": torch.cuda.get_device_name(0), "world": world, "ranks": []}
+    for rank in range(world):
+        row, parts = {"rank": rank}, {}
+        for label in ("cpu_slices_then_to", "pinned_slices") * 2:
+            row[label], parts[label] = _load(path, rank, world, label, 0)
+        row["same_bytes"] = _same_bytes(parts["cpu_slices_then_to"], parts["pinned_slices"])
+        results["ranks"].append(row)
+        del parts
+    for _ in range(2):
+        torch.cuda.empty_cache()
+        start = time.perf_counter()
+        state = aockpt.load_quantized(path, "cuda:0")
+        torch.cuda.synchronize()
+        results["whole_load_quantized_seconds"] = round(time.perf_counter() - start, 3)
+        del state
+    text = json.dumps(results, indent=2)
+    print(text)
+    if json_out:
+        json_out.write_text(text)
 
 
 def generate(path: Path, shape: str, layers: int | None) -> None:
@@ -175,10 +202,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="generate: fewer decoder layers (same tensor shapes)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--forward-only", action="store_true", help="run: skip the timed loads")
+    parser.add_argument("--one-gpu", type=int, metavar="WORLD",
+                        help="run without torchrun on one GPU: each of WORLD ranks' loads in turn, no forward check")
     args = parser.parse_args()
     os.environ.setdefault("AOCKPT_NO_PROGRESS", "1")
     if args.command == "generate":
         generate(args.dir, args.shape, args.layers)
+    elif args.one_gpu:
+        run_one_gpu(args.dir, args.json, args.one_gpu)
     else:
         run(args.dir, args.json, args.forward_only)
 

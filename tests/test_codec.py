@@ -1,5 +1,6 @@
 """Flatten/rebuild is exact for every registry type, and refuses what a type does not declare."""
 
+import dataclasses
 import re
 
 import pytest
@@ -67,6 +68,28 @@ def test_rebuild_runs_no_op_on_the_parts(case, device):
     with _Ops() as seen:  # the recorder sees ops on the parts
         next(iter(flat.parts.values())).clone()
     assert seen.ops == ["aten.clone.default"]
+
+
+def _devices_in(value) -> list:
+    """Every torch.device anywhere in an attribute value (lists, tuples, named tuples, dataclasses)."""
+    if isinstance(value, torch.device):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [d for v in value for d in _devices_in(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [d for f in dataclasses.fields(value) for d in _devices_in(getattr(value, f.name))]
+    return []
+
+
+def test_every_recorded_device_is_set_to_the_target(case):
+    """A load sets the device of every attribute (NF4 keeps one inside its tensor_meta dataclass): a device
+    left at the CPU builds the tensor there however its parts were placed (found on a real GPU)."""
+    _, _, tensor = case
+    target = torch.device("cuda", 3)  # only a value here: nothing is allocated on it
+    for name, value in codec.flatten("w", tensor).attrs.items():
+        moved = codec.on_device(value, target)
+        assert all(d == target for d in _devices_in(moved)), name
+        assert len(_devices_in(moved)) == len(_devices_in(value))
 
 
 def test_flatten_does_not_copy(case):

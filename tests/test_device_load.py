@@ -8,6 +8,7 @@ import torch
 import aockpt
 from aockpt import codec, device_load, progress
 from aockpt.errors import CorruptCheckpointError
+from aockpt.fetch import CountedFile
 from aockpt.reader import open_checkpoint, read_flat
 from conftest import CASES, assert_same_tensor
 
@@ -86,16 +87,38 @@ def test_rebuilt_tensors_equal_what_was_saved(packed):
         assert_same_tensor(codec.rebuild(flat, name, CPU), expected[name])
 
 
+@pytest.mark.parametrize("chunk_bytes", [7, 40, 1 << 20])
+@pytest.mark.parametrize("unmapped", [False, True], ids=["local-extent", "exact-rows"])
 @pytest.mark.parametrize("dim", [0, 1, 2])
-def test_a_span_places_exactly_the_slice_of_the_stored_part(tmp_path, dim):
+def test_a_span_places_exactly_the_slice_of_the_stored_part(tmp_path, dim, unmapped, chunk_bytes):
+    """A strided slice is one strided read per chunk: a local file reads each extent at once and packs the
+    rows; a source that cannot be mapped (remote) reads exactly the rows' bytes. Rows longer than a chunk split."""
     whole = torch.arange(4 * 6 * 5, dtype=torch.int16).reshape(4, 6, 5)
     aockpt.save({"t": whole}, tmp_path / "p")
-    ckpt = open_checkpoint(tmp_path / "p")
+    files = []
+    ckpt = open_checkpoint(tmp_path / "p", opener=lambda p: files.append(CountedFile(p, unmapped=unmapped)) or files[-1])
     (shard,) = ckpt.shards
     wants = {f"{dim}:{a}:{b}": device_load.Want(shard, "t", CPU, (dim, a, b)) for a, b in [(0, 1), (1, 3), (2, 4)]}
-    parts = device_load.load_parts(ckpt.shards, wants, threads=2, chunk_bytes=7)
+    plan = device_load.plan_reads(ckpt.shards, wants, chunk_bytes=chunk_bytes)
+    assert all(c.nbytes <= chunk_bytes and (r.rows - 1) * r.stride + r.nbytes <= chunk_bytes
+               for c in plan.chunks for r in c.reads)
+    files[0].read = 0
+    parts = device_load.load_parts(ckpt.shards, wants, threads=2, chunk_bytes=chunk_bytes)
     for key, want in wants.items():
         assert torch.equal(parts[key], whole.narrow(dim, want.span[1], want.span[2] - want.span[1])), key
+    if unmapped:
+        assert files[0].read == plan.nbytes == sum(p.numel() * 2 for p in parts.values())
+
+
+def test_a_strided_slice_is_planned_in_steps_per_chunk_not_per_row(tmp_path):
+    """A rowwise slice of a [4096, 512] part is 4096 runs; the plan holds a few strided reads, not 4096."""
+    aockpt.save({"t": torch.zeros(4096, 512, dtype=torch.int8)}, tmp_path / "p")
+    ckpt = open_checkpoint(tmp_path / "p")
+    (shard,) = ckpt.shards
+    plan = device_load.plan_reads(ckpt.shards, {"t": device_load.Want(shard, "t", CPU, (1, 256, 512))},
+                                  chunk_bytes=1 << 20)
+    assert [len(c.reads) for c in plan.chunks] == [2]  # each extent fits a chunk: 2 x 2048 rows
+    assert [(r.nbytes, r.rows, r.stride) for c in plan.chunks for r in c.reads] == [(256, 2048, 512)] * 2
 
 
 def test_views_exist_at_once_and_cancel_stops_every_worker(packed):
