@@ -61,20 +61,34 @@ class TensorPlan:
 def check_records(source: Source, names: list[str]) -> dict[str, codec.FlatTensor]:
     """Every record checked against its stored shapes, with its outer shape known; one error names every bad one."""
     out, bad = {}, {}
+    verdicts: dict[tuple, tuple[tuple[int, ...], torch.dtype]] = {}
     for name in names:
         try:
-            out[name] = _checked(source, name)
+            out[name] = _checked(source, name, verdicts)
         except AockptError as e:
             bad[name] = e
     raise_all(bad)
     return out
 
 
-def _checked(source: Source, name: str) -> codec.FlatTensor:
-    """One record rebuilt on shape-only parts (no byte is read), so its outer shape and dtype are known."""
+def _checked(source: Source, name: str, verdicts: dict[tuple, tuple[tuple[int, ...], torch.dtype]]
+             ) -> codec.FlatTensor:
+    """One record rebuilt on shape-only parts (no byte is read), so its outer shape and dtype are known; a
+    record alike one already rebuilt (a model's layers repeat a few) takes its verdict, as the rebuild would."""
     record = source.describe(name)
-    full = codec.rebuild(record, f"{source.path}: {name}")
-    return codec.FlatTensor(record.row, tuple(full.shape), full.dtype, record.parts, record.attrs)
+    key = _signature(record)
+    if key not in verdicts:
+        full = codec.rebuild(record, f"{source.path}: {name}")
+        verdicts[key] = (tuple(full.shape), full.dtype)
+    shape, dtype = verdicts[key]
+    return codec.FlatTensor(record.row, shape, dtype, record.parts, record.attrs)
+
+
+def _signature(record: codec.FlatTensor) -> tuple:
+    """All a shape-only rebuild reads: the row, the declared shape and dtype, each part's shape and dtype,
+    the attributes (their repr tells 1 from True from 1.0, lists from tuples, enums from strings)."""
+    return (record.row, record.shape, record.dtype, repr(record.attrs),
+            tuple((k, tuple(p.shape), p.dtype) for k, p in record.parts.items()))
 
 
 def raise_all(bad: dict[str, AockptError]) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import CorruptCheckpointError
 from .filenames import PICKLE_SUFFIXES
@@ -40,6 +41,31 @@ class UrlPath(PosixPath):
         self = super().__new__(cls, local)
         self.url = url
         return self
+
+    def __init__(self, local: str | os.PathLike[str], url: str) -> None:
+        """Python 3.12+ builds a path in __init__ from every argument: give it the local folder alone."""
+        if sys.version_info >= (3, 12):
+            super().__init__(local)
+
+    def with_segments(self, *segments: str | os.PathLike[str]) -> PosixPath:
+        """Paths derived from it (Python 3.12+: parent, resolve, ...) are plain local paths, as on 3.11."""
+        return PosixPath(*segments)
+
+    def local(self) -> PosixPath:
+        """The staging folder as a plain path (what listing it must start from: 3.12+ lists from ``str``)."""
+        return PosixPath(os.fspath(self))
+
+    def iterdir(self) -> Iterator[Path]:
+        """The staged files, as local paths."""
+        return self.local().iterdir()
+
+    def glob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
+        """Staged files matching `pattern`, as local paths."""
+        return self.local().glob(pattern, **kwargs)
+
+    def rglob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
+        """Staged files matching `pattern` at any depth, as local paths."""
+        return self.local().rglob(pattern, **kwargs)
 
     def __str__(self) -> str:
         return self.url or super().__str__()

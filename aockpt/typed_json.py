@@ -30,6 +30,9 @@ MAX_ITEMS = 4_000_000
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _INT64_MAX = 2**63 - 1
 _MARKERS = frozenset({"_type", "_data"})
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIR = re.compile(r"\[\]|\{\}")
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 def fits_int64(shape: Any) -> bool:
@@ -44,11 +47,11 @@ def fits_int64(shape: Any) -> bool:
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json object hook that refuses duplicate keys instead of keeping the last one."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {duplicate!r}")
     return out
 
 
@@ -65,23 +68,9 @@ def _finite(text: str) -> float:
     return value
 
 
-def _depth(value: Any, where: str) -> None:
-    """Refuse nesting deeper than MAX_DEPTH without recursing on attacker-chosen depth."""
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise CorruptCheckpointError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-
-
-def _check_budget(text: str | bytes, where: str) -> None:
+def _check_budget(brackets: str, commas: int, where: str) -> None:
     """Refuse JSON that would build more than MAX_ITEMS objects, counted in C before anything is parsed."""
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", errors="replace")
-    bare = _STRING.sub('""', text)
-    items = bare.count("[") + bare.count("{") + bare.count(",")
+    items = len(brackets) // 2 + commas
     if items > MAX_ITEMS:
         raise CorruptCheckpointError(
             f"{where}: JSON with {items:,} arrays, objects and items, more than the {MAX_ITEMS:,} any real "
@@ -89,17 +78,34 @@ def _check_budget(text: str | bytes, where: str) -> None:
         )
 
 
+def _check_depth(brackets: str, where: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH: each pass drops the innermost bracket pairs, in C, never recursing."""
+    for _ in range(MAX_DEPTH):
+        brackets = _EMPTY_PAIR.sub("", brackets)
+        if not brackets:
+            return
+    raise CorruptCheckpointError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+
+
 def loads_strict(text: str | bytes, where: str, parse_int: Callable[[str], Any] = int) -> Any:
-    """Parse JSON from a file: bounded item count, no duplicate keys, no NaN/Infinity, no lone surrogates,
-    bounded nesting; `parse_int` turns each integer literal into a value (safetensors headers refuse `-0`)."""
-    _check_budget(text, where)
+    """Parse JSON from a file: UTF-8, bounded item count, no duplicate keys, no NaN/Infinity, no lone
+    surrogates, bounded nesting; `parse_int` turns each integer literal into a value (safetensors headers
+    refuse `-0`)."""
+    try:
+        text = bytes(text).decode("utf-8") if isinstance(text, (bytes, bytearray, memoryview)) else text
+    except UnicodeError as e:
+        raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
+    bare = _STRING.sub('""', text)
+    brackets = _NOT_BRACKET.sub("", bare)  # outside strings: each bracket pair is at most one Python object
+    _check_budget(brackets, bare.count(","), where)
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite,
                            parse_int=parse_int)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape cannot be written back
+        if _SURROGATE.search(text):  # a lone "\ud800" cannot be written back as UTF-8
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError, UnicodeError) as e:
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
-    _depth(value, where)
+    _check_depth(brackets, where)
     return value
 
 

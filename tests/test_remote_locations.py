@@ -91,3 +91,24 @@ def test_messages_lose_signed_queries_tokens_and_secrets(monkeypatch):
                 "Authorization: Bearer hf_abcdefgh; key s3cr3t-value; hf_abcdefgh1 printed")
     assert text == ("GET https://b.s3.amazonaws.com/k?... failed; Authorization: Bearer ***; key ***; "
                     "hf_*** printed")
+
+
+def test_a_staging_folder_names_its_url_and_reads_its_local_files(tmp_path):
+    """UrlPath prints the URL and opens local files, on every Python (3.12 builds paths in __init__ and lists
+    folders from str(): a staging root once became local/s3:/bucket/...; seen on the H200 image's 3.12)."""
+    import os
+    import pickle
+
+    from aockpt.remote_sources import UrlPath
+
+    (tmp_path / "config.json").write_text("{}")
+    root = UrlPath(tmp_path, "s3://bucket/model")
+    assert (os.fspath(root), str(root)) == (str(tmp_path), "s3://bucket/model")
+    child = root / "config.json"
+    assert (os.fspath(child), str(child)) == (str(tmp_path / "config.json"), "s3://bucket/model/config.json")
+    assert child.read_text() == "{}" and os.path.isdir(root)
+    assert [os.fspath(p) for p in root.iterdir()] == [str(tmp_path / "config.json")]
+    assert [os.fspath(p) for p in root.glob("*.json")] == [str(tmp_path / "config.json")]
+    assert os.fspath(root.parent) == str(tmp_path.parent)
+    back = pickle.loads(pickle.dumps(root))
+    assert (os.fspath(back), str(back)) == (os.fspath(root), str(root))
