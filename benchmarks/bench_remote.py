@@ -40,7 +40,11 @@ def _child(tool: str, url: str, concurrency: int, device: str) -> None:
 
     shards = json.loads(os.environ["BENCH_SHARDS"])
     if tool == "aockpt":
+        import obstore  # noqa: F401 - imports outside the clock, as for the other tools (aockpt imports lazily)
+
         import aockpt
+        import aockpt.load  # noqa: F401
+        import aockpt.remote_sources  # noqa: F401
 
         os.environ["AOCKPT_CONCURRENCY"] = str(concurrency)
         start = time.perf_counter()

@@ -133,9 +133,10 @@ def row(model_id: str, config, folder: Path, device: str) -> dict:
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
                 folder / "ct", quantization_config=_ct_config(mode == "dequantize")).to(device).eval()
+            on = next(loaded.parameters()).device  # dequantize=True stayed on the CPU after .to("cuda") (H200 run)
             with torch.no_grad():
-                logits = loaded(ids).logits
-                tokens = loaded.generate(ids, max_new_tokens=16, do_sample=False)
+                logits = loaded(ids.to(on)).logits.to(twin_logits.device)
+                tokens = loaded.generate(ids.to(on), max_new_tokens=16, do_sample=False).to(ao_tokens.device)
             weights = loaded.state_dict()
             same = [torch.equal(weights[n].to(w.device), w) for n, w in dequantized.items() if n in weights]
             out[mode] = {"weights_equal_torchao_dequantize": f"{sum(same)}/{len(same)}",
