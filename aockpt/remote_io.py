@@ -49,13 +49,16 @@ class RemoteFile:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def read_into(self, reads: Sequence[tuple[int, memoryview]]) -> None:
-        """Fill each buffer from its offset; several reads go out concurrently (rows of a slice)."""
-        if len(reads) <= 1:
-            for offset, view in reads:
+        """Fill each buffer from its offset; the reads (rows of a slice, a long read cut into REQUEST_BYTES
+        ranges) go out concurrently."""
+        ranges = [(offset + at, view[at:at + REQUEST_BYTES]) for offset, view in reads
+                  for at in range(0, len(view), REQUEST_BYTES)]
+        if len(ranges) <= 1:
+            for offset, view in ranges:
                 self._read(offset, view)
             return
-        with ThreadPoolExecutor(min(concurrency(), len(reads)), thread_name_prefix="aockpt-range") as pool:
-            for done in [pool.submit(self._read, offset, view) for offset, view in reads]:
+        with ThreadPoolExecutor(min(concurrency(), len(ranges)), thread_name_prefix="aockpt-range") as pool:
+            for done in [pool.submit(self._read, offset, view) for offset, view in ranges]:
                 done.result()
 
     def _read(self, offset: int, view: memoryview) -> None:
@@ -98,6 +101,7 @@ class Retry:
 
 RETRY = Retry()
 DEFAULT_CONCURRENCY = 16
+REQUEST_BYTES = 8 << 20  # the longest range one request asks for: longer reads go out as several, concurrently
 
 
 def concurrency() -> int:

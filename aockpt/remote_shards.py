@@ -18,10 +18,9 @@ import torch
 
 from .errors import CorruptCheckpointError
 from .fetch import ByteFile
-from .remote_io import concurrency
+from .remote_io import REQUEST_BYTES, concurrency
 from .safetensors_io import SafetensorsFile, TensorSlot, sha256_hex
 
-CHUNK_BYTES = 8 << 20
 
 
 class RemoteShard(SafetensorsFile):
@@ -58,7 +57,7 @@ class _Chunk:
 def fetch_parts(shards: dict[str, RemoteShard], keys: dict[str, list[str]], digests: dict[str, str]) -> int:
     """Read the given keys of each shard concurrently into one host buffer per shard; returns bytes read.
 
-    Adjacent tensors are read as one run, runs are cut into CHUNK_BYTES requests, and a tensor whose
+    Adjacent tensors are read as one run, runs are cut into REQUEST_BYTES requests, and a tensor whose
     recorded digest is in `digests` is hashed by the thread that completes it (one fetched earlier, in
     memory, by the calling thread).
 
@@ -116,12 +115,12 @@ def _runs(slots: dict[str, TensorSlot], ordered: list[str]) -> list[list[tuple[s
 
 
 def _cut(shard_name: str, shard: RemoteShard, run: list[tuple[str, TensorSlot]], buf: torch.Tensor) -> list[_Chunk]:
-    """A run as requests of at most CHUNK_BYTES, each listing the keys it overlaps."""
+    """A run as requests of at most REQUEST_BYTES, each listing the keys it overlaps."""
     base, size = run[0][1].begin, buf.numel()
     view = memoryview(buf.numpy()) if size else memoryview(b"")
     out = []
-    for lo in range(0, size, CHUNK_BYTES):
-        hi = min(size, lo + CHUNK_BYTES)
+    for lo in range(0, size, REQUEST_BYTES):
+        hi = min(size, lo + REQUEST_BYTES)
         keys = tuple(k for k, s in run if s.begin - base < hi and s.end - base > lo)
         out.append(_Chunk(shard_name, shard.data_start + base + lo, view[lo:hi], keys))
     return out

@@ -34,7 +34,8 @@ def _env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Credentials and endpoint as the AWS SDKs read them; small requests so every load makes several."""
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr("aockpt.remote_shards.CHUNK_BYTES", 4096)
+    monkeypatch.setattr("aockpt.remote_shards.REQUEST_BYTES", 4096)
+    monkeypatch.setattr("aockpt.remote_io.REQUEST_BYTES", 4096)
     monkeypatch.setattr("aockpt.remote_io.RETRY", aockpt.remote_io.Retry(attempts=4, first_wait_s=0.01))
 
 
