@@ -64,7 +64,7 @@ class S3Server:
             "name": "aockpt", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         mg, vg, fg, sg = self._grpc
-        return [shutil.which("weed") or "weed", "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        return [shutil.which("weed") or "weed", f"-logdir={self.folder}", "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-dir={data}", "-master.telemetry=false", f"-master.port={self.master}",
                 f"-master.port.grpc={mg}", f"-volume.port={self.volume}", f"-volume.port.grpc={vg}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={fg}", f"-s3.port={self.s3}",
