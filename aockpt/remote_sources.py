@@ -85,21 +85,16 @@ class UrlPath(PosixPath):
 
 def model_folder(where: Any) -> tuple[Path, Any]:
     """For load_pretrained: a local folder holding config.json (and the model's other small files), and
-    what to load the weights from. A Hub repo is one cached snapshot for both; an object-store prefix gets
-    a staging folder of its small files, removed once the returned path is no longer referenced."""
+    what to load the weights from, both from one opening: a Hub repo is one cached snapshot; an object-store
+    prefix is listed once, its small files staged beside its shards, each pinned to its version."""
     location: Location = locate(where)
     if isinstance(location, Path):
         return location, location
     if isinstance(location, HubRepo):
         folder = snapshot(location, None if hub_settings().offline else open_hub(location).files)
         return folder, folder
-    folder = open_folder(location)
-    root = UrlPath(tempfile.mkdtemp(prefix="aockpt-remote-"), folder.url)
-    weakref.finalize(root, shutil.rmtree, os.fspath(root), True)
-    listing = folder.list()
-    _shard_names(folder.url, listing, None)  # the commit marker is there before anything is read
-    _stage(folder, root, [n for n in listing if _small(n, listing[n])])
-    return root, location
+    opened = _remote_source(open_folder(location))
+    return (opened, opened) if isinstance(opened, Path) else (opened.path, opened)
 
 
 def open_remote(where: Any, *, partial: bool) -> Path | Checkpoint:
@@ -108,6 +103,8 @@ def open_remote(where: Any, *, partial: bool) -> Path | Checkpoint:
 
     `partial`: only some bytes will be read (inspect, keys=, slices), so a Hub repo is read by range.
     """
+    if isinstance(where, Checkpoint):  # opened already (load_pretrained: config and weights from one opening)
+        return where
     location: Location = locate(where)
     if isinstance(location, Path):
         return location

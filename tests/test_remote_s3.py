@@ -220,7 +220,12 @@ def test_load_pretrained_from_a_bucket_runs_exactly_like_the_local_folder(s3, tm
                                                  quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     url = aockpt.save_pretrained(model, f"s3://{BUCKET}/pretrained")
     assert url == f"s3://{BUCKET}/pretrained"
-    loaded = aockpt.load_pretrained(url, verify=True)
+    listings = []
+    real_list = aockpt.object_files.ObjectFolder.list
+    with pytest.MonkeyPatch.context() as m:  # counts aockpt's own listings; the store and server are real
+        m.setattr(aockpt.object_files.ObjectFolder, "list", lambda self: listings.append(self.url) or real_list(self))
+        loaded = aockpt.load_pretrained(url, verify=True)
+    assert listings == [url]  # config.json and the weights come from one opening: one version of the prefix
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
