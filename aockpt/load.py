@@ -5,7 +5,7 @@ name: device maps), ``aockpt.tp`` (a device and a ``Split`` per name), ``pack``/
 Plan (``aockpt.plan``) checks every record and decides cuts and re-layouts; place gives each part a home:
 a zero-copy view of the mapped file where the part goes whole to the CPU, else a slot in one allocation
 per (shard, device) that the fetch stage (``aockpt.fetch``, through ``device_load``) fills, through
-pinned staging buffers for GPUs, only the slice's bytes for a cut; build puts each tensor together through
+pinned staging buffers for GPUs, one strided read per chunk for a cut; build puts each tensor together through
 its registry row, and ``codec.rebuild`` is the one place the device is set.
 """
 

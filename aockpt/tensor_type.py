@@ -56,7 +56,7 @@ class Along(str, enum.Enum):
 class TpSplit(str, enum.Enum):
     """How a rank's slice of a tensor is read (see aockpt/tp.py and docs/distributed.md)."""
 
-    DIRECT = "direct"  # only the slice's bytes are read: rows/columns of each part
+    DIRECT = "direct"  # only the slice's bytes are asked for: rows/columns of each part
     RELAYOUT = "relayout"  # device-packed int4: the whole tensor is read, sliced in its exact canonical form, re-packed
     NONE = "none"  # not split: the layout keeps no row/column structure aockpt can cut exactly
 
