@@ -139,13 +139,15 @@ def test_a_person_watching_sees_the_bytes_being_read(packed, monkeypatch, capsys
     assert "reading" in capsys.readouterr().err  # click prints the label alone when stderr is not a terminal
 
 
-def test_file_truncated_after_opening_is_one_clear_error(tmp_path):
-    aockpt.save({"a": torch.arange(5000.0)}, tmp_path / "p")
+@pytest.mark.parametrize("span", [None, (1, 0, 50)], ids=["whole", "strided-extent"])
+def test_file_truncated_after_opening_is_one_clear_error(tmp_path, span):
+    aockpt.save({"a": torch.arange(5000.0).reshape(50, 100)}, tmp_path / "p")
     ckpt = open_checkpoint(tmp_path / "p")
-    (shard,) = ckpt.shards.values()
+    (name, shard), = ckpt.shards.items()
     os.truncate(shard.path, shard.data_start + 100)
+    wants = {"a": device_load.Want(name, "a", CPU, span)}
     with pytest.raises(CorruptCheckpointError, match="ended while reading"):
-        device_load.load_parts(ckpt.shards, _everything(ckpt), threads=2, chunk_bytes=1024)
+        device_load.load_parts(ckpt.shards, wants, threads=2, chunk_bytes=1024)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
