@@ -1,9 +1,12 @@
 """The threaded staging pipeline, run with a CPU "device": every part byte-equal to the mapped file's."""
 
+import math
 import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aockpt
 from aockpt import codec, device_load, progress
@@ -172,3 +175,25 @@ def test_a_load_the_gpu_has_no_room_for_is_one_clear_error(tmp_path):
     finally:
         del hog
         torch.cuda.empty_cache()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=3), data=st.data(),
+       chunk_bytes=st.integers(1, 300), unmapped=st.booleans())
+def test_any_span_in_any_chunking_gives_the_slice(tmp_path_factory, shape, data, chunk_bytes, unmapped):
+    """Strided reads split across chunks, rows longer than a chunk, extents: every span of every dim, exact."""
+    whole = torch.arange(math.prod(shape), dtype=torch.int16).reshape(shape)
+    path = tmp_path_factory.mktemp("span") / "p"
+    aockpt.save({"t": whole}, path)
+    ckpt = open_checkpoint(path, opener=lambda p: CountedFile(p, unmapped=unmapped))
+    (shard,) = ckpt.shards
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    start = data.draw(st.integers(0, shape[dim]))
+    stop = data.draw(st.integers(start, shape[dim]))
+    plan = device_load.plan_reads(ckpt.shards, {"s": device_load.Want(shard, "t", CPU, (dim, start, stop))},
+                                  chunk_bytes=chunk_bytes)
+    assert all(c.nbytes <= chunk_bytes and (r.rows - 1) * r.stride + r.nbytes <= chunk_bytes
+               for c in plan.chunks for r in c.reads)
+    parts = device_load.load_parts(ckpt.shards, {"s": device_load.Want(shard, "t", CPU, (dim, start, stop))},
+                                   threads=2, chunk_bytes=chunk_bytes)
+    assert torch.equal(parts["s"], whole.narrow(dim, start, stop - start))
