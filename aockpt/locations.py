@@ -3,15 +3,18 @@
 One parser for every entry point. A local path wins when it exists; ``org/name``, ``org/name@revision`` and
 ``hf://org/name[@revision][/subfolder]`` name Hub repos, read through huggingface_hub as its users know it
 (its cache, token, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``); ``s3://``, ``gs://``, ``az://``, ``http(s)://`` name
-object-store prefixes or files (aockpt/object_files.py). Anything else is one UsageError line.
+object-store prefixes or files (aockpt/object_files.py). Anything else is one UsageError line. A remote
+folder's small files are staged in a local folder that names itself by its URL (``UrlPath``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PosixPath
+from typing import Any, Iterator
 from urllib.parse import quote, unquote
 
 from .errors import UsageError
@@ -105,3 +108,54 @@ def hub_settings() -> HubSettings:
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
     return HubSettings(endpoint, offline or constants.HF_HUB_OFFLINE, cache, os.environ.get("HF_TOKEN"))
+
+
+class UrlPath(PosixPath):
+    """A path to a local staging folder that names itself by the remote URL in every message."""
+
+    url: str = ""
+
+    def __new__(cls, local: str | os.PathLike[str], url: str) -> "UrlPath":
+        self = super().__new__(cls, local)
+        self.url = url
+        return self
+
+    def __init__(self, local: str | os.PathLike[str], url: str) -> None:
+        """Python 3.12+ builds a path in __init__ from every argument: give it the local folder alone."""
+        if sys.version_info >= (3, 12):
+            super().__init__(local)
+
+    def with_segments(self, *segments: str | os.PathLike[str]) -> PosixPath:
+        """Paths derived from it (Python 3.12+: parent, resolve, ...) are plain local paths, as on 3.11."""
+        return PosixPath(*segments)
+
+    def local(self) -> PosixPath:
+        """The staging folder as a plain path (what listing it must start from: 3.12+ lists from ``str``)."""
+        return PosixPath(os.fspath(self))
+
+    def iterdir(self) -> Iterator[Path]:
+        """The staged files, as local paths."""
+        return self.local().iterdir()
+
+    def glob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
+        """Staged files matching `pattern`, as local paths."""
+        return self.local().glob(pattern, **kwargs)
+
+    def rglob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
+        """Staged files matching `pattern` at any depth, as local paths."""
+        return self.local().rglob(pattern, **kwargs)
+
+    def __str__(self) -> str:
+        return self.url or super().__str__()
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    def __fspath__(self) -> str:
+        return PosixPath.__str__(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return UrlPath, (os.fspath(self), self.url)
+
+    def __truediv__(self, name: Any) -> "UrlPath":
+        return UrlPath(PosixPath(os.fspath(self)) / name, f"{self.url}/{name}")

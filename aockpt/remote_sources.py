@@ -12,75 +12,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PosixPath
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 from .errors import CorruptCheckpointError
 from .filenames import PICKLE_SUFFIXES
 from .format import INDEX_NAME, WEIGHTS_NAME, read_index
 from .hub_files import HubFolder, OTHER_WEIGHTS, open_hub, snapshot
-from .locations import HubRepo, Location, ObjectUrl, hub_settings, locate
+from .locations import HubRepo, Location, ObjectUrl, UrlPath, hub_settings, locate
 from .object_files import ObjectFolder, open_folder
 from .remote_io import concurrency
 from .reader import Checkpoint, _assemble as join_shards
 from .remote_shards import RemoteShard, fetch_parts
 
 SMALL_FILE_LIMIT = 64 * 1024 * 1024  # a non-weight file larger than this is not staged
-
-
-class UrlPath(PosixPath):
-    """A path to a local staging folder that names itself by the remote URL in every message."""
-
-    url: str = ""
-
-    def __new__(cls, local: str | os.PathLike[str], url: str) -> "UrlPath":
-        self = super().__new__(cls, local)
-        self.url = url
-        return self
-
-    def __init__(self, local: str | os.PathLike[str], url: str) -> None:
-        """Python 3.12+ builds a path in __init__ from every argument: give it the local folder alone."""
-        if sys.version_info >= (3, 12):
-            super().__init__(local)
-
-    def with_segments(self, *segments: str | os.PathLike[str]) -> PosixPath:
-        """Paths derived from it (Python 3.12+: parent, resolve, ...) are plain local paths, as on 3.11."""
-        return PosixPath(*segments)
-
-    def local(self) -> PosixPath:
-        """The staging folder as a plain path (what listing it must start from: 3.12+ lists from ``str``)."""
-        return PosixPath(os.fspath(self))
-
-    def iterdir(self) -> Iterator[Path]:
-        """The staged files, as local paths."""
-        return self.local().iterdir()
-
-    def glob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
-        """Staged files matching `pattern`, as local paths."""
-        return self.local().glob(pattern, **kwargs)
-
-    def rglob(self, pattern: str, **kwargs: Any) -> Iterator[Path]:
-        """Staged files matching `pattern` at any depth, as local paths."""
-        return self.local().rglob(pattern, **kwargs)
-
-    def __str__(self) -> str:
-        return self.url or super().__str__()
-
-    def __repr__(self) -> str:
-        return f"UrlPath({self.url!r})"
-
-    def __fspath__(self) -> str:
-        return PosixPath.__str__(self)
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return UrlPath, (os.fspath(self), self.url)
-
-    def __truediv__(self, name: Any) -> "UrlPath":
-        return UrlPath(PosixPath(os.fspath(self)) / name, f"{self.url}/{name}")
 
 
 def model_folder(where: Any) -> tuple[Path, Any]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,22 +98,49 @@ def test_messages_lose_signed_queries_tokens_and_secrets(monkeypatch):
                     "hf_*** printed")
 
 
-def test_a_staging_folder_names_its_url_and_reads_its_local_files(tmp_path):
-    """UrlPath prints the URL and opens local files, on every Python (3.12 builds paths in __init__ and lists
-    folders from str(): a staging root once became local/s3:/bucket/...; seen on the H200 image's 3.12)."""
-    import os
-    import pickle
+URL_PATH_CONTRACT = """
+import os, pickle, sys, tempfile
+from pathlib import Path
+from aockpt.locations import UrlPath
+tmp = Path(tempfile.mkdtemp())
+(tmp / "config.json").write_text("{}")
+root = UrlPath(tmp, "s3://bucket/model")
+assert (os.fspath(root), str(root)) == (str(tmp), "s3://bucket/model"), (os.fspath(root), str(root))
+child = root / "config.json"
+assert (os.fspath(child), str(child)) == (str(tmp / "config.json"), "s3://bucket/model/config.json")
+assert child.read_text() == "{}" and os.path.isdir(root)
+assert [os.fspath(p) for p in root.iterdir()] == [str(tmp / "config.json")]
+assert [os.fspath(p) for p in root.glob("*.json")] == [str(tmp / "config.json")]
+assert os.fspath(root.parent) == str(tmp.parent)
+back = pickle.loads(pickle.dumps(root))
+assert (os.fspath(back), str(back)) == (os.fspath(root), str(root))
+print("ok", sys.version_info[:2])
+"""
 
-    from aockpt.remote_sources import UrlPath
 
-    (tmp_path / "config.json").write_text("{}")
-    root = UrlPath(tmp_path, "s3://bucket/model")
-    assert (os.fspath(root), str(root)) == (str(tmp_path), "s3://bucket/model")
-    child = root / "config.json"
-    assert (os.fspath(child), str(child)) == (str(tmp_path / "config.json"), "s3://bucket/model/config.json")
-    assert child.read_text() == "{}" and os.path.isdir(root)
-    assert [os.fspath(p) for p in root.iterdir()] == [str(tmp_path / "config.json")]
-    assert [os.fspath(p) for p in root.glob("*.json")] == [str(tmp_path / "config.json")]
-    assert os.fspath(root.parent) == str(tmp_path.parent)
-    back = pickle.loads(pickle.dumps(root))
-    assert (os.fspath(back), str(back)) == (os.fspath(root), str(root))
+def _other_pythons() -> list[str]:
+    """Working CPython 3.12+ interpreters on this machine (pyenv's too) besides the one running the tests."""
+    found = {p.resolve() for p in Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob(
+        "versions/3.1[2-9]*/bin/python3")}
+    found |= {Path(w).resolve() for n in range(12, 20) if (w := shutil.which(f"python3.{n}"))}
+    found.discard(Path(sys.executable).resolve())
+    return sorted(str(p) for p in found if subprocess.run([p, "-c", ""], capture_output=True).returncode == 0)
+
+
+OTHER_PYTHONS = _other_pythons()
+
+
+def test_a_staging_folder_names_its_url_and_reads_its_local_files():
+    """UrlPath prints the URL and opens local files (3.12 builds paths in __init__ from every argument and
+    lists folders from str(): a staging root once became local/s3:/bucket/..., seen on the H200's 3.12)."""
+    exec(URL_PATH_CONTRACT, {})
+
+
+@pytest.mark.skipif(not OTHER_PYTHONS, reason="no other CPython 3.12+ on this machine")
+@pytest.mark.parametrize("python", OTHER_PYTHONS or ["none"])
+def test_url_paths_keep_their_contract_on_other_pythons(python):
+    """aockpt.locations needs no torch, so the contract runs under each other Python this machine has."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([python, "-c", URL_PATH_CONTRACT], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tempfile.gettempdir())
+    assert out.returncode == 0, out.stderr[-2000:]
