@@ -24,7 +24,8 @@ The engine, ``fetch(files, chunks, blocks)``: worker threads take one ``Chunk`` 
 at most one staging buffer's worth) at a time, ``read_into`` one of two staging buffers (pinned when a block is on CUDA), and copy its
 ``Piece`` s into their ``blocks`` (one allocation per file and device, made by the place stage) on a side
 stream while reading the next chunk into the other buffer. Host memory stays bounded by the staging
-buffers. ``LocalFile`` is today's source: ``preadv`` for reads, a private mapping for CPU views.
+buffers. A strided slice's rows are one ``Read`` (rows, stride): a file with a mapping (local) reads the
+whole extent at once and the rows are packed in memory; one without (remote) gets each row as its own read. ``LocalFile`` is today's source: ``preadv`` for reads, a private mapping for CPU views.
 """
 
 from __future__ import annotations
