@@ -12,6 +12,7 @@ its registry row, and ``codec.rebuild`` is the one place the device is set.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -19,6 +20,7 @@ import torch
 
 from . import codec, cuts, device_load, portability
 from .errors import CorruptCheckpointError, KeyMismatchError, UsageError
+from .fetch import THREADS
 from .plan import Placement, TensorPlan, plan
 from .progress import track
 from .remote_sources import fetch_ahead
@@ -243,14 +245,16 @@ def _build(source: Source, plans: dict[str, TensorPlan], parts: dict[tuple[str, 
 
 
 def verify_digests(source: Source, names: list[str]) -> list[str]:
-    """Check recorded digests; raise one CorruptCheckpointError naming every tensor that changed."""
+    """Check recorded digests, several tensors at once (hashlib lets go of the GIL); raise one
+    CorruptCheckpointError naming every tensor that changed."""
     if source.digests is None:
         raise CorruptCheckpointError(f"{source.path} was not packed by aockpt, so it records no digests to verify")
-    bad = []
-    for name in track(names, "verifying", len(names)):
-        for inner, digest, data in source.digests(name):
-            if sha256_hex(data) != digest:
-                bad.append(f"{name} (part {inner})")
+
+    def changed(name: str) -> list[str]:
+        return [f"{name} (part {inner})" for inner, digest, data in source.digests(name) if sha256_hex(data) != digest]
+
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="aockpt-verify") as pool:
+        bad = [part for found in track(pool.map(changed, names), "verifying", len(names)) for part in found]
     if bad:
         raise CorruptCheckpointError(
             f"{source.path}: {len(bad)} tensor part(s) do not match their recorded digest: {', '.join(bad[:10])}; "

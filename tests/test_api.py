@@ -131,6 +131,21 @@ def test_verify_names_the_tensor_whose_byte_flipped(tmp_path):
         aockpt.load_quantized(tmp_path / "p", verify=True)
 
 
+def test_verify_names_every_changed_tensor_in_order(tmp_path):
+    """Tensors are hashed several at a time; the error still names every changed one, in stored order."""
+    aockpt.save({f"t{i:02d}": torch.full((4096,), float(i)) for i in range(24)}, tmp_path / "p")
+    path = tmp_path / "p" / fmt.WEIGHTS_NAME
+    with SafetensorsFile(path) as f:
+        starts = {k: f._data_start + f.slots[k].begin for k in ("t03", "t11", "t17")}
+    data = bytearray(path.read_bytes())
+    for at in starts.values():
+        data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"3 tensor part\(s\) .*: t03 \(part data\), t11 \(part data\), "
+                       r"t17 \(part data\);"):
+        aockpt.verify(tmp_path / "p")
+
+
 def test_destination_is_never_replaced_without_force(tmp_path):
     aockpt.save({"a": torch.ones(2)}, tmp_path / "p")
     with pytest.raises(UsageError, match="already exists"):
