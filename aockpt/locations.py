@@ -158,4 +158,4 @@ class UrlPath(PosixPath):
         return UrlPath, (os.fspath(self), self.url)
 
     def __truediv__(self, name: Any) -> "UrlPath":
-        return UrlPath(PosixPath(os.fspath(self)) / name, f"{self.url}/{name}")
+        return UrlPath(self.local() / name, f"{self.url}/{name}")

@@ -10,7 +10,6 @@ shards without it was not uploaded completely and is refused.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import weakref
@@ -148,7 +147,7 @@ def _other_weights(name: str) -> bool:
 def _stage(folder: HubFolder | ObjectFolder, root: UrlPath, names: list[str]) -> None:
     """Fetch files whole into the staging folder, concurrently."""
     def get(name: str) -> None:
-        with open(os.path.join(os.fspath(root), name), "wb") as f:
+        with open(root.local() / name, "wb") as f:
             f.write(folder.read(name))
 
     with ThreadPoolExecutor(min(concurrency(), max(1, len(names)))) as pool:

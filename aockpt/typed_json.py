@@ -94,7 +94,7 @@ def loads_strict(text: str | bytes, where: str, parse_int: Callable[[str], Any] 
     try:
         text = bytes(text).decode("utf-8") if isinstance(text, (bytes, bytearray, memoryview)) else text
     except UnicodeError as e:
-        raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
+        raise _invalid(where, e) from e
     bare = _STRING.sub('""', text)
     brackets = _NOT_BRACKET.sub("", bare)  # outside strings: each bracket pair is at most one Python object
     _check_budget(brackets, bare.count(","), where)
@@ -104,9 +104,14 @@ def loads_strict(text: str | bytes, where: str, parse_int: Callable[[str], Any] 
         if _SURROGATE.search(text):  # a lone "\ud800" cannot be written back as UTF-8
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError, UnicodeError) as e:
-        raise CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file") from e
+        raise _invalid(where, e) from e
     _check_depth(brackets, where)
     return value
+
+
+def _invalid(where: str, e: Exception) -> CorruptCheckpointError:
+    """The one line for bytes that are not strict JSON."""
+    return CorruptCheckpointError(f"{where}: invalid JSON ({e}); the file is damaged or not an aockpt file")
 
 
 def load_file(path: Path, where: str | None = None) -> Any:
